@@ -1,0 +1,40 @@
+"""`goosejax <command> ...`: one entry point; each command lives in its own module.
+
+Every command module exposes `main(argv: list[str]) -> int`. Modules are imported only when
+their command runs, so `goosejax --help` stays fast and a broken optional dependency of one
+command never breaks another.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command name -> (module, one-line description)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("goosejax.convert.cli", "convert checkpoints between official .pth and goosejax formats"),
+}
+
+
+def _usage() -> str:
+  width = max(len(name) for name in COMMANDS)
+  lines = ["usage: goosejax <command> [args...]", "", "commands:"]
+  lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in sorted(COMMANDS.items())]
+  lines += ["", "Run `goosejax <command> --help` for a command's options."]
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] in ("-h", "--help"):
+    print(_usage())
+    return 0 if argv else 2
+  name, rest = argv[0], argv[1:]
+  if name not in COMMANDS:
+    print(f"goosejax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+    return 2
+  module = importlib.import_module(COMMANDS[name][0])
+  return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

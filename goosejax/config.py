@@ -1,0 +1,368 @@
+"""Typed configuration: dataclasses, YAML presets and `section.key=value` overrides.
+
+Precedence, lowest first: dataclass defaults < the `base:` preset a YAML file names <
+the YAML file itself < command-line overrides (dedicated flags such as `--steps` are
+overrides under another name). Unknown keys, a key given twice in one source and
+impossible values raise `ConfigError` with a message naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+  """A configuration problem; the message names the offending key and source."""
+
+
+def suggested_lora_ranks(n_embd: int) -> tuple[int, int, int, int]:
+  """LoRA ranks (decay, iclr, value, gate) from the 2024-12 formula that reproduces the
+  released 0.1B/1.5B/2.9B models: max(32, round(coef * C^p / 32) * 32)."""
+  def rank(coef: float, power: float) -> int:
+    return max(32, round(coef * n_embd**power / 32) * 32)
+  return rank(1.8, 0.5), rank(1.8, 0.5), rank(1.3, 0.5), rank(0.6, 0.8)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 65536
+  n_layer: int = 12
+  n_embd: int = 768
+  head_size: int = 64
+  dim_ffn: int | None = None          # None: 4 * n_embd
+  decay_lora: int | None = None       # None: the suggestion formula (suggested_lora_ranks)
+  iclr_lora: int | None = None
+  value_lora: int | None = None
+  gate_lora: int | None = None
+  dtype: Literal["float32", "bfloat16"] = "float32"        # compute dtype (decay, WKV state stay fp32)
+  param_dtype: Literal["float32", "bfloat16"] = "float32"
+  wkv_impl: Literal["auto", "reference", "chunked", "associative", "pallas"] = "auto"
+  wkv_chunk_size: int | None = None
+
+  @property
+  def n_head(self) -> int:
+    return self.n_embd // self.head_size
+
+  @property
+  def ffn_dim(self) -> int:
+    return self.dim_ffn if self.dim_ffn is not None else 4 * self.n_embd
+
+  @property
+  def lora_ranks(self) -> tuple[int, int, int, int]:
+    """(decay, iclr, value, gate) ranks with the formula filling unset ones."""
+    given = (self.decay_lora, self.iclr_lora, self.value_lora, self.gate_lora)
+    return tuple(g if g is not None else s for g, s in zip(given, suggested_lora_ranks(self.n_embd)))
+
+  def validate(self) -> None:
+    _positive(self, "model", "vocab_size", "n_layer", "n_embd", "head_size", "dim_ffn",
+              "decay_lora", "iclr_lora", "value_lora", "gate_lora", "wkv_chunk_size")
+    if self.n_embd % self.head_size:
+      raise ConfigError(f"model.n_embd={self.n_embd} is not divisible by model.head_size="
+                        f"{self.head_size}; RWKV-7 needs whole heads (released models use 64)")
+    if self.wkv_chunk_size is not None and self.wkv_chunk_size not in (16, 32, 64):
+      raise ConfigError(f"model.wkv_chunk_size={self.wkv_chunk_size}: expected 16, 32 or 64")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  lr_init: float = 6e-4
+  lr_final: float = 6e-5
+  warmup_steps: int = 10
+  weight_decay: float = 0.1
+  beta1: float = 0.9
+  beta2: float = 0.99
+  eps: float = 1e-18
+  grad_clip: float = 1.0
+  l2wrap: bool = True
+  grad_accum: int = 1
+
+  def validate(self) -> None:
+    _non_negative(self, "optimizer", "lr_init", "lr_final", "warmup_steps", "weight_decay", "eps",
+                  "grad_clip")
+    _positive(self, "optimizer", "grad_accum")
+    for key in ("beta1", "beta2"):
+      value = getattr(self, key)
+      if not 0 <= value < 1:
+        raise ConfigError(f"optimizer.{key}={value}: expected 0 <= {key} < 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  source: str = "builtin"             # builtin | binidx | arrayrecord | jsonl | text
+  paths: tuple[str, ...] = ()
+  weights: tuple[float, ...] = ()     # mixture weights, one per path (empty: equal)
+  tokenizer: str = "world"            # "world", a sentencepiece .model or a tokenizer.json
+  ctx_len: int = 512
+  batch_size: int = 8                 # global batch, in sequences
+  order: Literal["shuffle", "magic_prime"] = "shuffle"
+  pack_documents: bool = False        # emit a reset mask at document starts
+  validation_fraction: float = 0.01
+  seed: int = 0
+
+  def validate(self) -> None:
+    _positive(self, "data", "ctx_len", "batch_size")
+    if self.weights and len(self.weights) != len(self.paths):
+      raise ConfigError(f"data.weights has {len(self.weights)} entries but data.paths has "
+                        f"{len(self.paths)}; give one weight per path or none")
+    if any(w < 0 for w in self.weights):
+      raise ConfigError(f"data.weights={list(self.weights)}: weights must be >= 0")
+    if not 0 <= self.validation_fraction < 1:
+      raise ConfigError(f"data.validation_fraction={self.validation_fraction}: expected [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int = -1        # -1: all devices not used by the other axes
+  fsdp: int = 1
+  tensor: int = 1
+
+  def validate(self) -> None:
+    sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+    for key, size in sizes.items():
+      if size == 0 or size < -1:
+        raise ConfigError(f"mesh.{key}={size}: expected a positive size or -1 (use what is left)")
+    if sum(size == -1 for size in sizes.values()) > 1:
+      raise ConfigError("mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+
+  def shape(self, n_devices: int) -> dict[str, int]:
+    """Axis sizes for `n_devices`, resolving the -1 axis; raises if they do not fit."""
+    sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if any(s == -1 for s in sizes.values()):
+      if n_devices % known:
+        raise ConfigError(f"mesh: {n_devices} devices are not divisible by the fixed axes' "
+                          f"product {known} ({sizes})")
+      sizes = {k: (n_devices // known if s == -1 else s) for k, s in sizes.items()}
+    elif known != n_devices:
+      raise ConfigError(f"mesh: axes {sizes} use {known} devices but {n_devices} are present")
+    return sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  steps: int = 1000
+  checkpoint_every: int = 200
+  keep_checkpoints: int = 3
+  log_every: int = 10
+  eval_every: int = 200
+  eval_batches: int = 4
+  seed: int = 0
+  remat: Literal["none", "block", "full"] = "block"
+
+  def validate(self) -> None:
+    _positive(self, "run", "steps", "checkpoint_every", "keep_checkpoints", "log_every",
+              "eval_every", "eval_batches")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = ModelConfig()
+  optimizer: OptimizerConfig = OptimizerConfig()
+  data: DataConfig = DataConfig()
+  mesh: MeshConfig = MeshConfig()
+  run: RunConfig = RunConfig()
+
+  def validate(self) -> "Config":
+    for section in dataclasses.fields(self):
+      getattr(self, section.name).validate()
+    return self
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def _positive(cfg, section: str, *keys: str) -> None:
+  for key in keys:
+    value = getattr(cfg, key)
+    if value is not None and value <= 0:
+      raise ConfigError(f"{section}.{key}={value}: expected a positive value")
+
+
+def _non_negative(cfg, section: str, *keys: str) -> None:
+  for key in keys:
+    value = getattr(cfg, key)
+    if value < 0:
+      raise ConfigError(f"{section}.{key}={value}: expected a value >= 0")
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+  """A YAML loader that rejects a mapping key given twice (PyYAML keeps the last silently)."""
+
+
+def _construct_unique_mapping(loader, node, deep=False):
+  seen = {}
+  for key_node, _ in node.value:
+    key = loader.construct_object(key_node, deep=deep)
+    if key in seen:
+      raise ConfigError(f"key {key!r} is given twice (lines {seen[key] + 1} and "
+                        f"{key_node.start_mark.line + 1}) in {node.start_mark.name}")
+    seen[key] = key_node.start_mark.line
+  return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                 _construct_unique_mapping)
+
+
+def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
+  """Check `value` against a field annotation, converting where it is lossless."""
+  origin = typing.get_origin(annotation)
+  args = typing.get_args(annotation)
+  if origin in (typing.Union, types.UnionType):
+    if value is None and type(None) in args:
+      return None
+    errors = []
+    for arg in args:
+      if arg is type(None):
+        continue
+      try:
+        return _coerce(value, arg, key, source)
+      except ConfigError as e:
+        errors.append(str(e))
+    raise errors[0] if len(errors) == 1 else ConfigError(errors[0])
+  if origin is Literal:
+    if value not in args:
+      raise ConfigError(f"{key}={value!r} ({source}): expected one of {list(args)}")
+    return value
+  if origin is tuple:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return tuple(_coerce(item, args[0], key, source) for item in items)
+  if annotation is bool:
+    if isinstance(value, bool):
+      return value
+  elif annotation is int:
+    if isinstance(value, int) and not isinstance(value, bool):
+      return value
+  elif annotation is float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    if isinstance(value, str):
+      try:
+        return float(value)  # YAML 1.1 reads "1e-18" as a string
+      except ValueError:
+        pass
+  elif annotation is str:
+    if isinstance(value, str):
+      return value
+  raise ConfigError(f"{key}={value!r} ({source}): expected {getattr(annotation, '__name__', annotation)}")
+
+
+def _field_types(cls) -> dict[str, Any]:
+  return typing.get_type_hints(cls)
+
+
+def _apply(config: Config, flat: Mapping[str, Any], source: str) -> Config:
+  """Apply {'section.key': value} to `config`, checking names and types."""
+  sections = _field_types(Config)
+  updates: dict[str, dict[str, Any]] = {}
+  for dotted, value in flat.items():
+    section, _, key = dotted.partition(".")
+    if section not in sections:
+      raise ConfigError(f"unknown config section {section!r} in {dotted!r} ({source}); "
+                        f"sections: {sorted(sections)}")
+    fields = _field_types(sections[section])
+    if not key:
+      raise ConfigError(f"{dotted!r} ({source}): expected section.key=value")
+    if key not in fields:
+      raise ConfigError(f"unknown config key {dotted!r} ({source}); keys of {section!r}: "
+                        f"{sorted(fields)}")
+    updates.setdefault(section, {})[key] = _coerce(value, fields[key], dotted, source)
+  return dataclasses.replace(config, **{
+      section: dataclasses.replace(getattr(config, section), **values)
+      for section, values in updates.items()})
+
+
+def _flatten(tree: Mapping[str, Any], source: str) -> dict[str, Any]:
+  flat = {}
+  for section, values in tree.items():
+    if not isinstance(values, Mapping):
+      raise ConfigError(f"{source}: top-level key {section!r} must be a mapping of settings, "
+                        f"got {values!r}")
+    for key, value in values.items():
+      flat[f"{section}.{key}"] = value
+  return flat
+
+
+def resolve_preset(name_or_path: str | Path, relative_to: Path | None = None) -> Path:
+  """A YAML path, or the name of a preset in configs/ (`tiny`, `rwkv7-0.1b`, ...)."""
+  candidates = [Path(name_or_path)]
+  if relative_to is not None:
+    candidates.insert(0, relative_to / name_or_path)
+  candidates += [PRESETS_DIR / f"{name_or_path}.yaml", PRESETS_DIR / str(name_or_path)]
+  for path in candidates:
+    if path.is_file():
+      return path
+  presets = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+  raise ConfigError(f"config {str(name_or_path)!r} is neither a file nor a preset; presets: {presets}")
+
+
+def _load_yaml(path: Path, config: Config, chain: tuple[Path, ...] = ()) -> Config:
+  if path in chain:
+    raise ConfigError(f"{path}: `base:` chain loops back to itself ({' -> '.join(map(str, chain))})")
+  try:
+    tree = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+  except yaml.YAMLError as e:
+    raise ConfigError(f"{path}: not valid YAML: {e}") from None
+  if not isinstance(tree, dict):
+    raise ConfigError(f"{path}: expected a mapping of sections, got {type(tree).__name__}")
+  base = tree.pop("base", None)
+  if base is not None:
+    config = _load_yaml(resolve_preset(base, path.parent), config, chain + (path,))
+  return _apply(config, _flatten(tree, str(path)), str(path))
+
+
+def parse_overrides(overrides: Sequence[str], source: str = "command line") -> dict[str, Any]:
+  """['model.n_layer=4', ...] -> {'model.n_layer': 4}; values parse as YAML scalars/lists."""
+  flat: dict[str, Any] = {}
+  for item in overrides:
+    key, eq, text = item.partition("=")
+    key = key.strip()
+    if not eq or "." not in key:
+      raise ConfigError(f"override {item!r} ({source}): expected section.key=value")
+    if key in flat:
+      raise ConfigError(f"key {key!r} is given twice on the {source}")
+    try:
+      flat[key] = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+      raise ConfigError(f"override {item!r} ({source}): value is not valid YAML: {e}") from None
+  return flat
+
+
+def load_config(config: str | Path | None = None, overrides: Sequence[str] = (),
+                flags: Mapping[str, Any] | None = None) -> Config:
+  """Defaults < YAML file or preset < `overrides` (section.key=value) and `flags`.
+
+  `flags` maps dotted keys to values from dedicated options (`{'run.steps': 10}`); None
+  values mean "flag not given". A key set both by a flag and by an override is an error.
+  """
+  result = Config()
+  if config is not None:
+    result = _load_yaml(resolve_preset(config), result)
+  flat = parse_overrides(overrides)
+  for key, value in (flags or {}).items():
+    if value is None:
+      continue
+    if key in flat:
+      raise ConfigError(f"key {key!r} is given twice: as a flag and as {key}=... on the command line")
+    flat[key] = value
+  return _apply(result, flat, "command line").validate()
+
+
+def config_from_dict(tree: Mapping[str, Any], source: str = "dict") -> Config:
+  """Rebuild a Config from `Config.to_dict()` output (e.g. a checkpoint's config.json)."""
+  return _apply(Config(), _flatten(tree, source), source).validate()
+
+
+def model_config_from_dict(tree: Mapping[str, Any], source: str = "dict") -> ModelConfig:
+  return config_from_dict({"model": dict(tree)}, source).model
