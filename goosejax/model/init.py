@@ -1,0 +1,57 @@
+"""Official RWKV-7 initialisation (RWKV-LM train_temp, since 2025-05-06; spec §3.1).
+
+Every helper returns arrays for all layers at once, stacked on a leading L axis. Orthogonal
+matrices are drawn in fp32 (bf16 QR is inaccurate) in the official [out, in] orientation and
+then transposed to goosejax's [in, out] storage.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class LayerRatios:
+  """The per-layer and per-channel ramps the official init is written in.
+
+  Shapes: layer quantities are [L, 1], channel quantities [C]; products broadcast to [L, C].
+  """
+
+  def __init__(self, n_layer: int, n_embd: int, head_size: int):
+    layer = np.arange(n_layer, dtype=np.float64)[:, None]
+    channel = np.arange(n_embd, dtype=np.float64)
+    self.r01 = layer / max(n_layer - 1, 1)        # 0 -> 1 across layers
+    self.r10 = 1.0 - layer / n_layer              # 1 -> almost 0 across layers
+    self.ddd = channel / n_embd
+    self.lin = channel / max(n_embd - 1, 1) - 0.5
+    half = (head_size - 1) / 2
+    q = ((channel % head_size) - half) / half
+    self.zz = q * np.abs(q)
+    self.www = -6 + 6 * (channel / max(n_embd - 1, 1)) ** (1 + self.r01**0.3)
+    self.n_layer = n_layer
+
+  def shift_mix(self, power_of_r10) -> np.ndarray:
+    """1 - ddd ** power, the token-shift lerp coefficients."""
+    return 1.0 - self.ddd ** power_of_r10
+
+
+def orthogonal_stack(key: jax.Array, n_layer: int, out_dim: int, in_dim: int, gain: float,
+                     dtype) -> jax.Array:
+  """[L, in, out] = transposes of L orthogonal [out, in] matrices scaled by `gain`.
+
+  As in RWKV-LM's generate_init_weight, tall matrices (out > in) get an extra sqrt(out/in).
+  """
+  if gain == 0:
+    return jnp.zeros((n_layer, in_dim, out_dim), dtype)
+  if out_dim > in_dim:
+    gain *= (out_dim / in_dim) ** 0.5
+  init = jax.nn.initializers.orthogonal(scale=gain)
+  mats = jax.vmap(lambda k: init(k, (out_dim, in_dim), jnp.float32))(jax.random.split(key, n_layer))
+  return jnp.swapaxes(mats, -1, -2).astype(dtype)
+
+
+def lora_up_stack(key: jax.Array, n_layer: int, rank: int, n_embd: int, dtype) -> jax.Array:
+  """The LoRA up-projections (w2, a2, v2, g2): [L, rank, C] with orthonormal rows, gain 0.1."""
+  init = jax.nn.initializers.orthogonal(scale=0.1)
+  mats = jax.vmap(lambda k: init(k, (rank, n_embd), jnp.float32))(jax.random.split(key, n_layer))
+  return mats.astype(dtype)

@@ -1,0 +1,120 @@
+"""The RWKV-7 (x070) language model: embedding, L stacked blocks run by `lax.scan`, head."""
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from goosejax.config import ModelConfig
+from goosejax.model import init
+from goosejax.model.channel_mix import ChannelMix
+from goosejax.model.norms import LayerNorm
+from goosejax.model.state import RWKV7State, zeros_state
+from goosejax.model.time_mix import TimeMix
+
+
+def shift_tokens(x_BTC: jax.Array, last_B1C: jax.Array, reset_BT: jax.Array | None) -> jax.Array:
+  """Each position's previous input: [last, x_0, ..., x_{T-2}], zeros where a document starts."""
+  prev_BTC = jnp.concatenate([last_B1C.astype(x_BTC.dtype), x_BTC[:, :-1]], axis=1)
+  if reset_BT is not None:
+    prev_BTC = jnp.where(reset_BT[..., None], 0, prev_BTC)
+  return prev_BTC
+
+
+class Blocks(nnx.Module):
+  """All L residual blocks; every parameter has a leading [L] axis.
+
+  Inside the layer scan the parameters are sliced to one layer and `__call__` runs that
+  layer: x + TimeMix(ln1(x)), then + ChannelMix(ln2(x)).
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    ratios = init.LayerRatios(cfg.n_layer, cfg.n_embd, cfg.head_size)
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.ln1 = LayerNorm(cfg.n_embd, stack=(cfg.n_layer,), param_dtype=pdt)
+    self.att = TimeMix(cfg, ratios, rngs=rngs)
+    self.ln2 = LayerNorm(cfg.n_embd, stack=(cfg.n_layer,), param_dtype=pdt)
+    self.ffn = ChannelMix(cfg, ratios, rngs=rngs)
+
+  def __call__(self, x_BTC, v_first_BTC, att_shift_BC, wkv_BHNN, ffn_shift_BC, is_first_layer,
+               reset_BT):
+    xa_BTC = self.ln1(x_BTC)
+    prev_BTC = shift_tokens(xa_BTC, att_shift_BC[:, None], reset_BT)
+    dx_BTC, wkv_BHNN, v_first_BTC = self.att(xa_BTC, prev_BTC, wkv_BHNN, v_first_BTC,
+                                             is_first_layer, reset_BT)
+    x_BTC = x_BTC + dx_BTC
+    xf_BTC = self.ln2(x_BTC)
+    x_BTC = x_BTC + self.ffn(xf_BTC, shift_tokens(xf_BTC, ffn_shift_BC[:, None], reset_BT))
+    return x_BTC, v_first_BTC, (xa_BTC[:, -1], wkv_BHNN, xf_BTC[:, -1])
+
+
+class RWKV7(nnx.Module):
+  """RWKV-7 "Goose": `model(tokens_BT, state=None, *, reset_BT=None) -> (logits_BTV, state)`.
+
+  T = 1 is RNN mode; splitting a sequence across calls with the returned state gives the same
+  logits as one call. `reset_BT` marks document starts: there the WKV state and both token
+  shifts see zeros, exactly as at the start of a fresh sequence. Logits are fp32.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs,
+               remat: Literal["none", "block", "full"] = "none"):
+    cfg.validate()
+    self.config = cfg
+    self.remat = remat
+    V, C = cfg.vocab_size, cfg.n_embd
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.emb = nnx.Param(jax.random.uniform(rngs.params(), (V, C), jnp.float32, -1e-4, 1e-4).astype(pdt))
+    self.ln0 = LayerNorm(C, param_dtype=pdt)
+    self.blocks = Blocks(cfg, rngs=rngs)
+    self.ln_out = LayerNorm(C, param_dtype=pdt)
+    # Official gain 0.5 * sqrt(V/C) when V > C: orthogonal_stack adds the sqrt for tall matrices.
+    self.head = nnx.Param(init.orthogonal_stack(rngs.params(), 1, V, C, 0.5, pdt)[0])
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.config.dtype)
+
+  def init_state(self, batch_size: int) -> RWKV7State:
+    cfg = self.config
+    return zeros_state(cfg.n_layer, batch_size, cfg.n_embd, cfg.n_head, cfg.head_size,
+                       self.compute_dtype)
+
+  def __call__(self, tokens_BT: jax.Array, state: RWKV7State | None = None, *,
+               reset_BT: jax.Array | None = None) -> tuple[jax.Array, RWKV7State]:
+    cfg = self.config
+    if tokens_BT.ndim != 2:
+      raise ValueError(f"RWKV7: tokens must be [batch, time], got shape {tokens_BT.shape}")
+    B, T = tokens_BT.shape
+    if state is None:
+      state = self.init_state(B)
+    if reset_BT is not None:
+      if reset_BT.shape != (B, T):
+        raise ValueError(f"RWKV7: reset_BT has shape {reset_BT.shape}, expected {(B, T)}")
+      reset_BT = reset_BT.astype(bool)
+    dtype = self.compute_dtype
+    x_BTC = self.ln0(jnp.take(self.emb[...], tokens_BT, axis=0).astype(dtype))
+
+    graphdef, params = nnx.split(self.blocks)
+
+    def layer(carry, xs):
+      x_BTC, v_first_BTC = carry
+      layer_params, att_shift_BC, wkv_BHNN, ffn_shift_BC, layer_index = xs
+      block = nnx.merge(graphdef, layer_params)
+      x_BTC, v_first_BTC, new_state = block(x_BTC, v_first_BTC, att_shift_BC, wkv_BHNN,
+                                            ffn_shift_BC, layer_index == 0, reset_BT)
+      return (x_BTC, v_first_BTC), new_state
+
+    if self.remat != "none":
+      policy = None if self.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+      layer = jax.checkpoint(layer, policy=policy)
+    v_first_BTC = jnp.zeros_like(x_BTC)
+    (x_BTC, _), (att_shift, wkv, ffn_shift) = jax.lax.scan(
+        layer, (x_BTC, v_first_BTC),
+        (params, state.att_shift_LBC.astype(dtype), state.wkv_LBHNN.astype(jnp.float32),
+         state.ffn_shift_LBC.astype(dtype), jnp.arange(cfg.n_layer)))
+    x_BTC = self.ln_out(x_BTC)
+    logits_BTV = jnp.matmul(x_BTC, self.head[...].astype(dtype), precision=jax.lax.Precision.HIGHEST,
+                            preferred_element_type=jnp.float32)
+    return logits_BTV, RWKV7State(att_shift, wkv, ffn_shift)
