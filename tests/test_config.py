@@ -1,0 +1,115 @@
+"""Config: presets, precedence, and clear errors for unknown/duplicate keys and bad values."""
+import pytest
+
+from goosejax.config import (Config, ConfigError, MeshConfig, load_config, config_from_dict,
+                             suggested_lora_ranks)
+
+RELEASED = {  # preset: (L, C, H, lora ranks) from spec §1.1
+    "rwkv7-0.1b": (12, 768, 12, (64, 64, 32, 128)),
+    "rwkv7-0.4b": (24, 1024, 16, (64, 64, 32, 128)),
+    "rwkv7-1.5b": (24, 2048, 32, (96, 96, 64, 256)),
+    "rwkv7-2.9b": (32, 2560, 40, (96, 96, 64, 320)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_released_presets_have_the_published_shapes(name):
+  cfg = load_config(name)
+  L, C, H, ranks = RELEASED[name]
+  assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head) == (L, C, H)
+  assert cfg.model.head_size == 64 and cfg.model.vocab_size == 65536
+  assert cfg.model.lora_ranks == ranks
+  assert cfg.model.ffn_dim == 4 * C
+  assert cfg.optimizer.eps == 1e-18 and (cfg.optimizer.beta1, cfg.optimizer.beta2) == (0.9, 0.99)
+
+
+def test_suggestion_formula_reproduces_released_ranks():
+  # The 2024-12 formula gives the released 0.1B, 1.5B and 2.9B ranks (0.4B's gate is 128, not 160).
+  assert suggested_lora_ranks(768) == (64, 64, 32, 128)
+  assert suggested_lora_ranks(2048) == (96, 96, 64, 256)
+  assert suggested_lora_ranks(2560) == (96, 96, 64, 320)
+  assert suggested_lora_ranks(1024)[3] == 160
+
+
+def test_tiny_preset_loads_and_is_small():
+  cfg = load_config("tiny")
+  assert cfg.model.n_layer <= 4 and cfg.model.n_embd <= 256
+
+
+def test_overrides_beat_yaml_and_flags_are_overrides(tmp_path):
+  path = tmp_path / "run.yaml"
+  path.write_text("base: tiny\nmodel:\n  n_layer: 3\nrun:\n  steps: 50\n")
+  cfg = load_config(path, ["model.n_layer=4", "optimizer.lr_init=1e-3"], flags={"run.checkpoint_every": 7})
+  assert cfg.model.n_layer == 4
+  assert cfg.model.n_embd == 128            # from the tiny base
+  assert cfg.run.steps == 50                # from the file
+  assert cfg.run.checkpoint_every == 7      # from the flag
+  assert cfg.optimizer.lr_init == 1e-3
+
+
+def test_yaml_float_strings_are_accepted(tmp_path):
+  path = tmp_path / "run.yaml"
+  path.write_text("optimizer:\n  eps: 1e-18\n")   # YAML 1.1 reads this as a string
+  assert load_config(path).optimizer.eps == 1e-18
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("model.n_layers=3", "unknown config key 'model.n_layers'"),
+    ("modle.n_layer=3", "unknown config section 'modle'"),
+    ("model.n_embd=100", "model.n_embd=100 is not divisible by model.head_size=64"),
+    ("model.n_layer=-2", "model.n_layer=-2: expected a positive value"),
+    ("model.n_layer=two", "model.n_layer='two'"),
+    ("model.dtype=float16", "model.dtype='float16'"),
+    ("optimizer.beta2=1.5", "optimizer.beta2=1.5"),
+    ("mesh.data=0", "mesh.data=0"),
+    ("n_layer=3", "expected section.key=value"),
+])
+def test_bad_overrides_name_the_key(override, fragment):
+  with pytest.raises(ConfigError) as e:
+    load_config("tiny", [override])
+  assert fragment in str(e.value)
+
+
+def test_key_given_twice_on_the_command_line():
+  with pytest.raises(ConfigError, match="'model.n_layer' is given twice"):
+    load_config("tiny", ["model.n_layer=2", "model.n_layer=3"])
+
+
+def test_key_given_as_flag_and_override():
+  with pytest.raises(ConfigError, match="'run.steps' is given twice"):
+    load_config("tiny", ["run.steps=5"], flags={"run.steps": 6})
+
+
+def test_key_given_twice_in_yaml(tmp_path):
+  path = tmp_path / "dup.yaml"
+  path.write_text("model:\n  n_layer: 2\n  n_layer: 3\n")
+  with pytest.raises(ConfigError, match="'n_layer' is given twice"):
+    load_config(path)
+
+
+def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
+  path = tmp_path / "bad.yaml"
+  path.write_text("model:\n  n_lyer: 2\n")
+  with pytest.raises(ConfigError) as e:
+    load_config(path)
+  assert "model.n_lyer" in str(e.value) and str(path) in str(e.value)
+
+
+def test_missing_preset_lists_presets():
+  with pytest.raises(ConfigError, match="neither a file nor a preset.*tiny"):
+    load_config("no-such-preset")
+
+
+def test_mesh_shapes():
+  assert MeshConfig(data=-1, fsdp=2).shape(8) == {"data": 4, "fsdp": 2, "tensor": 1}
+  assert MeshConfig(data=2, fsdp=2, tensor=2).shape(8) == {"data": 2, "fsdp": 2, "tensor": 2}
+  with pytest.raises(ConfigError, match="not divisible"):
+    MeshConfig(data=-1, fsdp=3).shape(8)
+  with pytest.raises(ConfigError, match="at most one"):
+    load_config("tiny", ["mesh.data=-1", "mesh.fsdp=-1"])
+
+
+def test_round_trip_through_dict():
+  cfg = load_config("rwkv7-0.4b")
+  assert config_from_dict(cfg.to_dict()) == cfg
+  assert Config().validate() == Config()
