@@ -1,0 +1,6 @@
+"""The one error type of the data layer: bad files, bad tokens, datasets too small."""
+from __future__ import annotations
+
+
+class DataError(ValueError):
+  """A data or tokenizer problem; the message names the file (or key) and what was expected."""
