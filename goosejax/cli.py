@@ -12,6 +12,7 @@ import sys
 # command name -> (module, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("goosejax.convert.cli", "convert checkpoints between official .pth and goosejax formats"),
+    "prepare-data": ("goosejax.data.prepare", "tokenize text into binidx (.bin/.idx); train SentencePiece models"),
 }
 
 
