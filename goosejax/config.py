@@ -106,9 +106,15 @@ class DataConfig:
   pack_documents: bool = False        # emit a reset mask at document starts
   validation_fraction: float = 0.01
   seed: int = 0
+  magic_prime: int | None = None      # order=magic_prime: None computes RWKV-LM's prime per dataset
 
   def validate(self) -> None:
-    _positive(self, "data", "ctx_len", "batch_size")
+    _positive(self, "data", "ctx_len", "batch_size", "magic_prime")
+    sources = ("builtin", "binidx", "arrayrecord", "jsonl", "text")
+    if self.source not in sources:
+      raise ConfigError(f"data.source={self.source!r}: expected one of {list(sources)}")
+    if not 0 <= self.seed < 2**32:
+      raise ConfigError(f"data.seed={self.seed}: expected 0 <= seed < 2**32")
     if self.weights and len(self.weights) != len(self.paths):
       raise ConfigError(f"data.weights has {len(self.weights)} entries but data.paths has "
                         f"{len(self.paths)}; give one weight per path or none")

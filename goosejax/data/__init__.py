@@ -45,7 +45,7 @@ _LAZY = {
     "make_validation_iterator": "goosejax.data.pipeline",
     "make_global_batch": "goosejax.data.pipeline",
     "BatchIterator": "goosejax.data.pipeline",
-    "magic_prime": "goosejax.data.pipeline",
+    "magic_prime": "goosejax.data.order",
 }
 
 __all__ = ["DataError", "Tokenizer", "load_tokenizer", *_LAZY]
