@@ -1,0 +1,66 @@
+"""The Pallas WKV-7 kernels lower, forward and backward, for TPU (Mosaic) and CUDA (Triton) from a CPU-only
+machine, one platform per lowering call. This checks the JAX -> Mosaic / Triton IR lowering; Mosaic's
+layout passes and the Triton compiler run only on the hardware."""
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import lax
+
+from goosejax.wkv import wkv7_reference
+from pallas_kernels import platform_callables, wkv7_pallas
+
+KERNEL_CALL = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
+BACKEND = {"tpu": "tpu", "cuda": "triton"}
+B, T, H, N = 2, 37, 4, 64  # T is not a multiple of any chunk size
+
+
+def _inputs(dtype, with_extras=True):
+  sequence = jax.ShapeDtypeStruct((B, T, H, N), dtype)
+  state = jax.ShapeDtypeStruct((B, H, N, N), jnp.float32) if with_extras else None
+  reset = jax.ShapeDtypeStruct((B, T), jnp.bool_) if with_extras else None
+  return [sequence] * 6, state, reset
+
+
+def _lowered_text(fn, args, platform):
+  return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_forward_and_backward_lower(platform, dtype):
+  sequences, state, reset = _inputs(dtype)
+
+  def loss(r, log_w, k, v, a, b, state, reset):
+    y, state_end = wkv7_pallas(r, log_w, k, v, a, b, state, reset=reset, backend=BACKEND[platform],
+                               interpret=False)
+    return jnp.sum(y.astype(jnp.float32)) + jnp.sum(state_end)
+
+  text = _lowered_text(jax.grad(loss, argnums=tuple(range(7))), (*sequences, state, reset), platform)
+  assert text.count(KERNEL_CALL[platform]) == 2
+  assert f"wkv7_forward_{BACKEND[platform]}" in text
+  assert f"wkv7_backward_{BACKEND[platform]}" in text
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_forward_lowers_at_chunk_64_without_state(platform):
+  sequences, _, _ = _inputs(jnp.bfloat16, with_extras=False)
+  fn = lambda *x: wkv7_pallas(*x, chunk_size=64, backend=BACKEND[platform], interpret=False)
+  text = _lowered_text(fn, sequences, platform)
+  assert text.count(KERNEL_CALL[platform]) == 1
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda", "cpu"])
+def test_platform_dependent_lowers_only_its_platforms_kernel(platform):
+  kernels = platform_callables()
+
+  def reference(r, log_w, k, v, a, b, state, reset):
+    return wkv7_reference(r, log_w, k, v, a, b, state, reset=reset)
+
+  def loss(*args):
+    y, state_end = lax.platform_dependent(*args, default=reference, **kernels)
+    return jnp.sum(y.astype(jnp.float32)) + jnp.sum(state_end)
+
+  sequences, state, reset = _inputs(jnp.bfloat16)
+  text = _lowered_text(jax.grad(loss, argnums=tuple(range(7))), (*sequences, state, reset), platform)
+  for other, call in KERNEL_CALL.items():
+    assert text.count(call) == (2 if other == platform else 0)
