@@ -82,6 +82,9 @@ class WorldTokenizer:
     self.vocab_size = len(self.id_to_bytes)
     self._automaton, self._latin1_to_id = _build_automaton(self.id_to_bytes)
     self.backend = "python" if self._automaton is None else "ahocorasick_rs"
+    if self._automaton is not None:  # bound once: encode is called per document
+      self._find = self._automaton.find_matches_as_strings
+      self._piece_id = self._latin1_to_id.__getitem__
 
   def __reduce__(self):
     return (WorldTokenizer, (self.vocab_path,))
@@ -90,7 +93,14 @@ class WorldTokenizer:
     return f"WorldTokenizer({str(self.vocab_path)!r}, vocab_size={self.vocab_size}, backend={self.backend!r})"
 
   def encode(self, text: str) -> list[int]:
-    return self.encode_bytes(_utf8(text))
+    if self._automaton is None:
+      return self.encode_reference(_utf8(text))
+    try:  # ASCII text is its own Latin-1 view of its UTF-8 bytes: skip two copies
+      latin1 = text if text.isascii() else text.encode("utf-8").decode("latin-1")
+      return list(map(self._piece_id, self._find(latin1)))
+    except (AttributeError, TypeError, UnicodeEncodeError):
+      _utf8(text)  # raises the descriptive error for non-str or unencodable text
+      raise
 
   def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
     return [self.encode(text) for text in texts]
@@ -98,8 +108,7 @@ class WorldTokenizer:
   def encode_bytes(self, data: bytes) -> list[int]:
     if self._automaton is None:
       return self.encode_reference(data)
-    pieces = self._automaton.find_matches_as_strings(data.decode("latin-1"))
-    return list(map(self._latin1_to_id.__getitem__, pieces))
+    return list(map(self._piece_id, self._find(data.decode("latin-1"))))
 
   def encode_reference(self, data: bytes | str) -> list[int]:
     """Greedy longest match with a pure-Python byte trie (the reference for the fast path)."""
@@ -160,5 +169,6 @@ def _build_automaton(id_to_bytes: list[bytes]):
     return None, {}
   pieces = [token.decode("latin-1") for token in id_to_bytes[1:]]
   automaton = ahocorasick_rs.AhoCorasick(
-      pieces, matchkind=ahocorasick_rs.MatchKind.LeftmostLongest, store_patterns=True)
+      pieces, matchkind=ahocorasick_rs.MatchKind.LeftmostLongest, store_patterns=True,
+      implementation=ahocorasick_rs.Implementation.ContiguousNFA)
   return automaton, {piece: token_id for token_id, piece in enumerate(pieces, 1)}
