@@ -201,20 +201,26 @@ def test_bad_data_is_reported_not_batched(stream_a, tmp_path):
     make_train_iterator(config(stream_a, source="csv"), 0, 1)
 
 
-def test_jsonl_and_text_sources_equal_their_prepared_binidx(tmp_path):
+def test_text_sources_equal_their_prepared_binidx(tmp_path):
   from goosejax import cli
   texts = [f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * (i % 5 + 1) for i in range(30)]
   (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
   for i, text in enumerate(texts):
     (tmp_path / f"doc{i:02d}.txt").write_text(text)
+  from array_record.python.array_record_module import ArrayRecordWriter
+  writer = ArrayRecordWriter(str(tmp_path / "docs.array_record"), "group_size:1")
+  for text in texts:
+    writer.write(text.encode())
+  writer.close()
   assert cli.main(["prepare-data", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "ds"), "--quiet"]) == 0
   common = dict(ctx_len=T, batch_size=4, validation_fraction=0.05, pack_documents=True)
   batches = {}
   for source, path in [("binidx", tmp_path / "ds"), ("jsonl", tmp_path / "docs.jsonl"),
-                       ("text", tmp_path / "doc*.txt")]:
+                       ("text", tmp_path / "doc*.txt"), ("arrayrecord", tmp_path / "docs.array_record")]:
     cfg = DataConfig(source=source, paths=(str(path),), **common)
     batches[source] = take(make_train_iterator(cfg, 0, 1), 3) + list(make_validation_iterator(cfg, 0, 1))
-  for source in ("jsonl", "text"):
+  for source in ("jsonl", "text", "arrayrecord"):
+    assert len(batches[source]) == len(batches["binidx"]) > 3
     for a, b in zip(batches["binidx"], batches[source]):
       assert all(np.array_equal(a[k], b[k]) for k in a)
 
