@@ -256,7 +256,14 @@ def _prepare(config: DataConfig):
 
 
 class BatchIterator:
-  """Batches of one process, checkpointable: `get_state()` / `set_state(state)`."""
+  """Batches of one process, checkpointable: `get_state()` / `set_state(state)`.
+
+  The state is a small JSON-serializable dict (format, global step, global batch size,
+  process index/count, data fingerprint). Its step is global, so every process holds the
+  same state up to `process_index`, and one saved copy (e.g. Orbax `args.JsonSave`)
+  restores any process count. It is not a `grain.DatasetIterator`: Grain's own checkpoint
+  handler, which writes one file per process index, is not needed.
+  """
 
   def __init__(self, batched: grain.MapDataset, *, fingerprint: str, global_batch_size: int,
                process_index: int, process_count: int):
@@ -283,9 +290,10 @@ class BatchIterator:
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Resume after `state["step"]` global batches; any process count works."""
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-      raise DataError(f"data iterator state: expected a dict with format {STATE_FORMAT!r}, got "
-                      f"{str(state)[:120]}")
+    keys = ("format", "step", "global_batch_size", "fingerprint")
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or any(k not in state for k in keys):
+      raise DataError(f"data iterator state: expected a dict with format {STATE_FORMAT!r} and keys "
+                      f"{list(keys)}, got {str(state)[:120]}")
     if state["fingerprint"] != self.fingerprint:
       raise DataError("data iterator state was saved for different data or data settings "
                       f"(fingerprint {state['fingerprint']} != {self.fingerprint}: paths, sizes, "
