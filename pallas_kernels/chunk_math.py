@@ -46,6 +46,7 @@ class ChunkLayout:
   value_lanes: int     # lanes of v, y and the state's rows (G*N, or a value tile when G == 1)
   has_reset: bool
   bf16_mxu: bool       # single-pass bf16 operands for the products the precision analysis allows
+  fp32_dot: str = "highest"  # the fp32 products: "highest" (6-pass MXU / IEEE) or "tf32x3" (GPU)
 
   @property
   def key_lanes(self) -> int:
@@ -88,22 +89,26 @@ def chunk_constants(layout: ChunkLayout) -> ChunkConsts:
   )
 
 
-class _Products:
-  """Matmuls with the precision policy: `exact` keeps fp32 (6-pass on TPU, IEEE on GPU); `fast` rounds
-  operands to bf16 and accumulates in fp32 when the bf16-MXU mode is on. The rounding is explicit (and
-  straight-through for gradients) so interpret mode on CPU reproduces the operand precision of hardware;
-  a Precision.DEFAULT fp32 dot is a single bf16 MXU pass on TPU and a TF32 tensor-core dot on GPU, which
-  is exact on bf16-rounded operands."""
+FP32_DOTS = {"highest": lax.Precision.HIGHEST, "tf32x3": lax.DotAlgorithmPreset.TF32_TF32_F32_X3}
 
-  def __init__(self, bf16_mxu: bool):
+
+class _Products:
+  """Matmuls with the precision policy: `exact` keeps fp32 (6-pass on TPU, IEEE or 3-pass TF32 on GPU);
+  `fast` rounds operands to bf16 and accumulates in fp32 when the bf16-MXU mode is on. The rounding is
+  explicit (and straight-through for gradients) so interpret mode on CPU reproduces the operand precision
+  of hardware; a Precision.DEFAULT fp32 dot is a single bf16 MXU pass on TPU and a TF32 tensor-core dot
+  on GPU, which is exact on bf16-rounded operands."""
+
+  def __init__(self, bf16_mxu: bool, fp32_dot: str = "highest"):
     self.bf16_mxu = bf16_mxu
+    self.fp32_precision = FP32_DOTS[fp32_dot]
 
   @staticmethod
   def _dot(x, y, dims, precision):
     return lax.dot_general(x, y, dims, precision=precision, preferred_element_type=jnp.float32)
 
   def exact(self, x, y, dims):
-    return self._dot(x, y, dims, lax.Precision.HIGHEST)
+    return self._dot(x, y, dims, self.fp32_precision)
 
   def fast(self, x, y, dims):
     if not self.bf16_mxu:
@@ -122,10 +127,10 @@ class ResetMasks(NamedTuple):
   keeps_start: jax.Array   # [1, 1] 1 where the chunk has no reset (S0 survives to the end)
 
 
-def reset_masks(reset_C1, consts: ChunkConsts) -> ResetMasks:
+def reset_masks(reset_C1, consts: ChunkConsts, fp32_dot: str = "highest") -> ResetMasks:
   """Reset masks from the chunk's reset column [C, 1] (1.0 = zero the state before that token). Sums of
-  at most C small integers: exact in any precision."""
-  exact = _Products(False).exact
+  at most C small integers: exact in any of the fp32 precisions."""
+  exact = _Products(False, fp32_dot).exact
   ones_CC = consts.tri_incl + consts.triu_strict
   resets_between = exact(consts.tri_incl, reset_C1 * consts.tri_strict, _NN)  # resets in (s, t]
   resets_upto = exact(consts.tri_incl, reset_C1 * ones_CC, _NN)              # resets in [0, t], every column
@@ -138,11 +143,11 @@ def reset_masks(reset_C1, consts: ChunkConsts) -> ResetMasks:
   )
 
 
-def unit_lower_inverse(A_CC, consts: ChunkConsts):
+def unit_lower_inverse(A_CC, consts: ChunkConsts, fp32_dot: str = "highest"):
   """(I - A)^{-1} for strictly lower A by the Schur ladder: block-diagonal inverses of block size b give
   those of size 2b as X + X (A * E_b) X, where E_b keeps the lower-left half-blocks. Exact algebra, fp32
   products, no long products of A (the doubling product form loses all precision at C = 64)."""
-  exact = _Products(False).exact
+  exact = _Products(False, fp32_dot).exact
   inverse = consts.tri_incl - consts.tri_strict  # identity: the diagonal blocks of size 1
   for level_mask in consts.ladder:
     inverse = inverse + exact(exact(inverse, A_CC * level_mask, _NN), inverse, _NN)
@@ -156,7 +161,7 @@ def _masked(mask, x):
 def _stage_before_inverse(state, r, log_w, k, v, a, b, consts: ChunkConsts, resets: ResetMasks | None,
                           layout: ChunkLayout):
   """Everything up to the triangular systems. Returns ([A_ab per head], rest for `_stage_after_inverse`)."""
-  mm = _Products(layout.bf16_mxu)
+  mm = _Products(layout.bf16_mxu, layout.fp32_dot)
   G = layout.heads_packed
   g = mm.exact(consts.tri_incl, log_w, _NN)      # [C, K] inclusive
   g_end = jnp.sum(log_w, axis=0, keepdims=True)  # [1, K]
@@ -210,7 +215,7 @@ def _block_diag(x, consts: ChunkConsts, G: int):
 
 def _stage_after_inverse(rest, inverses, consts: ChunkConsts, layout: ChunkLayout):
   """Solve for U = S_{t-1} a_t, then the outputs and the end state."""
-  mm = _Products(layout.bf16_mxu)
+  mm = _Products(layout.bf16_mxu, layout.fp32_dot)
   rhs_heads, A_rb_heads, out, state_partial, b_end = rest
   removal = None
   for inverse, rhs, A_rb in zip(inverses, rhs_heads, A_rb_heads):
@@ -225,20 +230,20 @@ def chunk_forward(state, r, log_w, k, v, a, b, consts: ChunkConsts, resets: Rese
                   layout: ChunkLayout):
   """(y [C, V], end state [V, K]) of one chunk; all inputs fp32."""
   A_ab_heads, rest = _stage_before_inverse(state, r, log_w, k, v, a, b, consts, resets, layout)
-  inverses = [unit_lower_inverse(A_ab, consts) for A_ab in A_ab_heads]
+  inverses = [unit_lower_inverse(A_ab, consts, layout.fp32_dot) for A_ab in A_ab_heads]
   return _stage_after_inverse(rest, inverses, consts, layout)
 
 
 def chunk_backward(state, r, log_w, k, v, a, b, dy, dstate_end, consts: ChunkConsts,
                    resets: ResetMasks | None, layout: ChunkLayout):
   """Gradients (dstate, dr, dlog_w, dk, dv, da, db) of one chunk, recomputing it from its start state."""
-  exact = _Products(False).exact
+  exact = _Products(False, layout.fp32_dot).exact
 
   def before(*primals):
     return _stage_before_inverse(*primals, consts, resets, layout)
 
   (A_ab_heads, rest), pull_before = jax.vjp(before, state, r, log_w, k, v, a, b)
-  inverses = [unit_lower_inverse(A_ab, consts) for A_ab in A_ab_heads]
+  inverses = [unit_lower_inverse(A_ab, consts, layout.fp32_dot) for A_ab in A_ab_heads]
   _, pull_after = jax.vjp(lambda rest_, inv_: _stage_after_inverse(rest_, inv_, consts, layout),
                           rest, inverses)
   drest, dinverses = pull_after((dy, dstate_end))

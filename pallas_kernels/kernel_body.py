@@ -30,7 +30,9 @@ def load_consts(refs: dict, layout: ChunkLayout) -> ChunkConsts:
 def _load_chunk(refs: dict, i, layout: ChunkLayout):
   inputs = [refs[name][i].astype(jnp.float32) for name in INPUT_NAMES]
   consts = load_consts(refs, layout)
-  resets = reset_masks(refs["reset"][i].astype(jnp.float32), consts) if layout.has_reset else None
+  resets = None
+  if layout.has_reset:
+    resets = reset_masks(refs["reset"][i].astype(jnp.float32), consts, layout.fp32_dot)
   return inputs, consts, resets
 
 

@@ -3,7 +3,8 @@
 
 Grid (batch, head, value tile). Each program owns the rows of one head's state that belong to its value
 tile, keeps them in registers as a fori_loop carry ([value tile, N] fp32), and walks all chunks of the
-sequence. Value tiles are independent in the forward (u, y and the state rows all split by value
+sequence. The backward uses 8 warps by default (more live [N, N] tensors: state, its cotangent, and
+their products); both warp counts are untuned guesses until measured on hardware. Value tiles are independent in the forward (u, y and the state rows all split by value
 channel); in the backward the key-side gradients (r, log_w, k, a, b) are partial sums per tile, written
 in fp32 and summed by the caller. Triton needs power-of-two arrays: C, N and the tile are powers of two
 (the caller pads N).
@@ -102,7 +103,7 @@ def forward(r, log_w, k, v, a, b, state, reset, *, layout: ChunkLayout, interpre
 
 
 def backward(r, log_w, k, v, a, b, reset, checkpoint, dy, dstate_end, *, layout: ChunkLayout,
-             interpret: bool, num_warps: int = 4):
+             interpret: bool, num_warps: int = 8):
   """Returns (dr, dlog_w, dk, dv, da, db in their inputs' dtypes, dstate_start [B, H*N, N] fp32)."""
   B, H, value_tiles, num_chunks = _check(r, layout)
   key_seq, value_seq, reset_spec, state_spec, checkpoint_spec = _specs(layout, num_chunks, value_tiles)

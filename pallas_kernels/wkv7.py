@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import mosaic_tpu, triton_gpu
-from pallas_kernels.chunk_math import ChunkLayout
+from pallas_kernels.chunk_math import FP32_DOTS, ChunkLayout
 
 BACKENDS = ("tpu", "triton")
 CHUNK_SIZES = (16, 32, 64, 128)
@@ -77,12 +77,26 @@ def _tpu_heads_per_group(H: int, N: int) -> tuple[int, int]:
   return minimal, -(-H // minimal) * minimal
 
 
+def _resolve_fp32_dot(fp32_dot: str | None, backend: str, interpret: bool) -> str:
+  compiled_triton = backend == "triton" and not interpret
+  if fp32_dot is None:
+    return "tf32x3" if compiled_triton else "highest"
+  if fp32_dot not in FP32_DOTS:
+    raise PallasWKVError(f"wkv7_pallas: fp32_dot={fp32_dot!r}; expected None or one of {tuple(FP32_DOTS)}")
+  if fp32_dot == "tf32x3" and not compiled_triton:
+    raise PallasWKVError("wkv7_pallas: fp32_dot='tf32x3' needs backend='triton' compiled for a GPU "
+                         "(Mosaic TPU and the CPU interpreter have no TF32 dots)")
+  return fp32_dot
+
+
 def plan_kernels(shape, dtype, *, chunk_size: int, backend: str | None, interpret: bool | None,
-                 mxu_dtype, has_reset: bool, value_block: int | None = None) -> KernelPlan:
+                 mxu_dtype, has_reset: bool, value_block: int | None = None,
+                 fp32_dot: str | None = None) -> KernelPlan:
   B, T, H, N = shape
   backend = _resolve_backend(backend)
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
+  fp32_dot = _resolve_fp32_dot(fp32_dot, backend, interpret)
   if chunk_size not in CHUNK_SIZES:
     raise PallasWKVError(f"wkv7_pallas: chunk_size={chunk_size}; expected one of {CHUNK_SIZES}")
   bf16_mxu = _resolve_bf16_mxu(mxu_dtype, dtype)
@@ -93,14 +107,14 @@ def plan_kernels(shape, dtype, *, chunk_size: int, backend: str | None, interpre
     G, heads = _tpu_heads_per_group(H, N)
     chunks_per_block = min(chunks, max(1, _TPU_BLOCK_TOKENS // chunk_size))
     chunks = -(-chunks // chunks_per_block) * chunks_per_block
-    layout = ChunkLayout(chunk_size, G, N, G * N, has_reset, bf16_mxu)
+    layout = ChunkLayout(chunk_size, G, N, G * N, has_reset, bf16_mxu, fp32_dot)
     return KernelPlan(backend, interpret, layout, heads, N, chunks, chunks_per_block)
   head_size = max(16, _next_power_of_two(N))
   value_lanes = head_size if value_block is None else value_block
   if value_lanes < 16 or value_lanes & (value_lanes - 1) or head_size % value_lanes:
     raise PallasWKVError(f"wkv7_pallas: value_block={value_block}; expected a power of two >= 16 "
                          f"dividing the (padded) head size {head_size}")
-  layout = ChunkLayout(chunk_size, 1, head_size, value_lanes, has_reset, bf16_mxu)
+  layout = ChunkLayout(chunk_size, 1, head_size, value_lanes, has_reset, bf16_mxu, fp32_dot)
   return KernelPlan(backend, interpret, layout, H, head_size, chunks, chunks)
 
 
@@ -202,7 +216,7 @@ _wkv7_kernels.defvjp(_wkv7_kernels_fwd, _wkv7_kernels_bwd)
 
 def wkv7_pallas(r, log_w, k, v, a, b, state=None, *, reset=None, chunk_size: int = 16,
                 backend: str | None = None, interpret: bool | None = None, mxu_dtype=None,
-                value_block: int | None = None):
+                value_block: int | None = None, fp32_dot: str | None = None):
   """WKV-7 on Pallas kernels: returns (y [B,T,H,N] in r.dtype, final state [B,H,N,N] fp32).
 
   r, k, v, a, b, log_w: [B,T,H,N] float32/bfloat16/float16; state: [B,H,N,N] or None (zeros);
@@ -215,12 +229,16 @@ def wkv7_pallas(r, log_w, k, v, a, b, state=None, *, reset=None, chunk_size: int
     bfloat16 for 16-bit inputs and float32 for float32 inputs.
   value_block: Triton only, split each head's value rows over this many lanes per program (more programs
     when B*H is small).
+  fp32_dot: how the fp32 products run: "highest" (6-pass bf16 on TPU, IEEE fp32 on GPU) or "tf32x3"
+    (3-pass TF32 tensor-core dots, about fp32 accuracy; compiled Triton only). None: "tf32x3" for
+    compiled Triton, else "highest".
   """
   _check_inputs(r, log_w, k, v, a, b, state, reset)
   shape = r.shape
   B, T, H, N = shape
   plan = plan_kernels(shape, r.dtype, chunk_size=chunk_size, backend=backend, interpret=interpret,
-                      mxu_dtype=mxu_dtype, has_reset=reset is not None, value_block=value_block)
+                      mxu_dtype=mxu_dtype, has_reset=reset is not None, value_block=value_block,
+                      fp32_dot=fp32_dot)
   inputs = [_to_chunks(x, plan) for x in (r, log_w, k, v, a, b)]
   if state is None:
     state = jnp.zeros((B, H, N, N), jnp.float32)

@@ -85,16 +85,17 @@ def test_bf16_mxu_mode_within_its_measured_tolerance():
 
 
 def test_bf16_inputs_give_bf16_outputs_and_gradients():
+  """As the model calls it: bf16 r, k, v, a, b with an fp32 log decay."""
   r, log_w, k, v, a, b, state, reset = rwkv7_inputs(3, 1, 20, 2, 16, reset_every=0)
-  bf16 = [jnp.asarray(x, jnp.bfloat16) for x in (r, log_w, k, v, a, b)]
-  y, state_end = _forward(backend="triton")(*bf16, state, reset=None)
+  inputs = [jnp.asarray(x, jnp.float32 if x is log_w else jnp.bfloat16) for x in (r, log_w, k, v, a, b)]
+  y, state_end = _forward(backend="triton")(*inputs, state, reset=None)
   assert y.dtype == jnp.bfloat16 and state_end.dtype == jnp.float32
-  y_want, state_want = recurrence_f64(*[np.asarray(x, np.float32) for x in bf16], state)
+  y_want, state_want = recurrence_f64(*[np.asarray(x, np.float32) for x in inputs], state)
   assert relative_error(y, y_want) < BF16_MXU_TOLERANCE
   assert relative_error(state_end, state_want) < BF16_MXU_TOLERANCE
   grads = jax.grad(lambda *x: jnp.sum(wkv7_pallas(*x, backend="triton")[0].astype(jnp.float32)),
-                   argnums=tuple(range(7)))(*bf16, jnp.asarray(state))
-  assert [g.dtype for g in grads] == [jnp.bfloat16] * 6 + [jnp.float32]
+                   argnums=tuple(range(7)))(*inputs, jnp.asarray(state))
+  assert [g.dtype for g in grads] == [x.dtype for x in inputs] + [jnp.float32]
 
 
 @pytest.mark.parametrize("change,message", [
@@ -107,6 +108,8 @@ def test_bf16_inputs_give_bf16_outputs_and_gradients():
     (dict(mxu_dtype=jnp.float16), "mxu_dtype"),
     (dict(backend="tpu", value_block=16), "value_block"),
     (dict(backend="triton", value_block=8), "value_block=8"),
+    (dict(backend="tpu", fp32_dot="tf32x3"), "fp32_dot='tf32x3' needs"),
+    (dict(fp32_dot="ieee"), "fp32_dot='ieee'"),
 ])
 def test_bad_arguments_raise_clear_errors(change, message):
   args = dict(zip(("r", "log_w", "k", "v", "a", "b"), [np.zeros((1, 8, 1, 16), np.float32)] * 6))

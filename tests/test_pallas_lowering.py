@@ -41,6 +41,14 @@ def test_forward_and_backward_lower(platform, dtype):
   assert f"wkv7_backward_{BACKEND[platform]}" in text
 
 
+def test_triton_lowers_with_ieee_fp32_dots():
+  sequences, state, reset = _inputs(jnp.float32)
+  fn = lambda *x, reset: wkv7_pallas(*x, reset=reset, backend="triton", interpret=False,
+                                     fp32_dot="highest")
+  text = _lowered_text(lambda *x: fn(*x[:7], reset=x[7]), (*sequences, state, reset), "cuda")
+  assert text.count(KERNEL_CALL["cuda"]) == 1
+
+
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_forward_lowers_at_chunk_64_without_state(platform):
   sequences, _, _ = _inputs(jnp.bfloat16, with_extras=False)
