@@ -1,18 +1,18 @@
-"""Intra-chunk WKV-7 math: everything about a chunk that does not depend on its incoming state.
+"""Intra-chunk WKV-7 math: the chunk terms that do not depend on the incoming state, and the
+per-chunk forward and backward given that state.
 
 Per head, a chunk of C tokens entering with state S0 (value x key) is affine in S0
 (see ../shared/spec/wkv7-kernels.md §1.2; time runs along rows, g is the inclusive
 cumulative log decay inside the chunk, ge = g - log_w the exclusive one):
 
-    U  = W S0^T + U0                 U_t = S_{t-1} a_t, the removal read-outs
-    Y  = Q S0^T + Y0                 the chunk's outputs
-    S_end = S0 diag(gamma) + U^T Bbar + V^T Kbar = S0 M + Baff,
-    M  = diag(gamma) + W^T Bbar      (diagonal plus rank <= C)
+    U     = W S0^T + U0                      U_t = S_{t-1} a_t, the removal read-outs
+    Y     = Rtilde S0^T + A_rb U + A_rk V    the chunk's outputs
+    S_end = S0 diag(gamma) + U^T Bbar + V^T Kbar = S0 M + Baff
 
 with  Atilde = a e^{ge}, Rtilde = r e^{g}, Bbar = b e^{g_C - g}, Kbar = k e^{g_C - g},
 gamma = e^{g_C}, the decayed products A_xy[t, s] = sum_j x_t[j] y_s[j] e^{g(e)_t[j] - g_s[j]}
-(strictly lower for rows from a, inclusive for rows from r), T = (I - A_ab)^{-1} and
-W = T Atilde, U0 = T A_ak V, Q = Rtilde + A_rb W, Y0 = A_rb U0 + A_rk V,
+(strictly lower for rows from a, inclusive for rows from r), T = (I - A_ab)^{-1},
+W = T Atilde, U0 = T A_ak V, and the affine summary M = diag(gamma) + W^T Bbar,
 Baff = U0^T Bbar + V^T Kbar.
 
 The four C x C products are plain matmuls through the centred factorisation
@@ -39,17 +39,28 @@ PRECISION = jax.lax.Precision.HIGHEST
 
 
 class ChunkTerms(NamedTuple):
-  """The state-independent terms of every chunk (leading dims ..., C tokens, N = head size)."""
-  q: jax.Array      # [..., C, N]  Y = Q S0^T + Y0
-  y0: jax.Array     # [..., C, N]
-  w: jax.Array      # [..., C, N]  U = W S0^T + U0
-  bbar: jax.Array   # [..., C, N]  b decayed to the chunk end
-  gamma: jax.Array  # [..., N]     the whole chunk's decay
-  baff: jax.Array   # [..., N, N]  the state the chunk produces from a zero state
+  """The state-independent terms of a chunk (leading dims ..., C tokens, N = head size)."""
+  w: jax.Array        # [..., C, N]  U = W S0^T + U0
+  u0: jax.Array       # [..., C, N]
+  r_tilde: jax.Array  # [..., C, N]  r decayed from the chunk start
+  a_rb: jax.Array     # [..., C, C]  decayed <r_t, b_s>, s <= t
+  a_rk: jax.Array     # [..., C, C]  decayed <r_t, k_s>, s <= t
+  v: jax.Array        # [..., C, N]
+  bbar: jax.Array     # [..., C, N]  b decayed to the chunk end
+  kbar: jax.Array     # [..., C, N]  k decayed to the chunk end
+  gamma: jax.Array    # [..., N]     the whole chunk's decay
 
 
 def _einsum(spec, *operands):
   return jnp.einsum(spec, *operands, precision=PRECISION)
+
+
+def _matmul(x, y):
+  return jnp.matmul(x, y, precision=PRECISION)
+
+
+def _t(x):
+  return jnp.swapaxes(x, -1, -2)
 
 
 def chunk_terms(r, log_w, k, v, a, b, segment=None) -> ChunkTerms:
@@ -67,13 +78,10 @@ def chunk_terms(r, log_w, k, v, a, b, segment=None) -> ChunkTerms:
   centre = g[..., size // 2 - 1:size // 2, :]
 
   # Centred factors for the products (each bounded, see the module docstring).
-  a_centred = a * jnp.exp(ge - centre)
-  r_centred = r * jnp.exp(g - centre)
-  b_centred = b * jnp.exp(centre - g)
-  k_centred = k * jnp.exp(centre - g)
-  rows = jnp.concatenate([a_centred, r_centred], axis=-2)          # [..., 2C, N]
-  cross_ab_ak = _einsum("...tn,...sn->...ts", rows, b_centred)     # [..., 2C, C]
-  cross_rb_rk = _einsum("...tn,...sn->...ts", rows, k_centred)
+  rows = jnp.concatenate([a * jnp.exp(ge - centre), r * jnp.exp(g - centre)], axis=-2)
+  from_centre = jnp.exp(centre - g)
+  cross_b = _matmul(rows, _t(b * from_centre))    # [..., 2C, C]: rows a then r
+  cross_k = _matmul(rows, _t(k * from_centre))
   strict = jnp.tril(jnp.ones((size, size), bool), -1)
   inclusive = jnp.tril(jnp.ones((size, size), bool))
   if segment is not None:
@@ -81,10 +89,10 @@ def chunk_terms(r, log_w, k, v, a, b, segment=None) -> ChunkTerms:
     strict = strict & same_segment
     inclusive = inclusive & same_segment
   zero = jnp.zeros((), dtype)
-  a_ab = jnp.where(strict, cross_ab_ak[..., :size, :], zero)
-  a_rb = jnp.where(inclusive, cross_ab_ak[..., size:, :], zero)
-  a_ak = jnp.where(strict, cross_rb_rk[..., :size, :], zero)
-  a_rk = jnp.where(inclusive, cross_rb_rk[..., size:, :], zero)
+  a_ab = jnp.where(strict, cross_b[..., :size, :], zero)
+  a_ak = jnp.where(strict, cross_k[..., :size, :], zero)
+  a_rb = jnp.where(inclusive, cross_b[..., size:, :], zero)
+  a_rk = jnp.where(inclusive, cross_k[..., size:, :], zero)
 
   a_tilde = a * jnp.exp(ge)
   r_tilde = r * jnp.exp(g)
@@ -102,19 +110,50 @@ def chunk_terms(r, log_w, k, v, a, b, segment=None) -> ChunkTerms:
     gamma = gamma * first[..., -1, :]
 
   inverse = unit_lower_inverse(a_ab, PRECISION)
-  w = _einsum("...ts,...sn->...tn", inverse, a_tilde)
-  u0 = _einsum("...ts,...sn->...tn", inverse, _einsum("...ts,...sn->...tn", a_ak, v))
-  q = r_tilde + _einsum("...ts,...sn->...tn", a_rb, w)
-  y0 = _einsum("...ts,...sn->...tn", a_rb, u0) + _einsum("...ts,...sn->...tn", a_rk, v)
-  baff = _einsum("...ti,...tj->...ij", u0, b_bar) + _einsum("...ti,...tj->...ij", v, k_bar)
-  return ChunkTerms(q, y0, w, b_bar, gamma, baff)
+  w = _matmul(inverse, a_tilde)
+  u0 = _matmul(inverse, _matmul(a_ak, v))
+  return ChunkTerms(w, u0, r_tilde, a_rb, a_rk, v, b_bar, k_bar, gamma)
+
+
+def chunk_forward(state, terms: ChunkTerms):
+  """(Y [..., C, N], S_end [..., N, N]) for the chunk entered with `state` [..., N, N]."""
+  u = _matmul(terms.w, _t(state)) + terms.u0
+  y = _matmul(terms.r_tilde, _t(state)) + _matmul(terms.a_rb, u) + _matmul(terms.a_rk, terms.v)
+  end = (state * terms.gamma[..., None, :] + _matmul(_t(u), terms.bbar)
+         + _matmul(_t(terms.v), terms.kbar))
+  return y, end
+
+
+def chunk_backward(state, terms: ChunkTerms, d_y, d_end):
+  """Cotangents of `chunk_forward`: (d terms, d state) from d Y and d S_end (same shapes)."""
+  u = _matmul(terms.w, _t(state)) + terms.u0
+  d_u = _matmul(_t(terms.a_rb), d_y) + _matmul(terms.bbar, _t(d_end))
+  d_state = (_matmul(_t(d_y), terms.r_tilde) + d_end * terms.gamma[..., None, :]
+             + _matmul(_t(d_u), terms.w))
+  d_terms = ChunkTerms(
+      w=_matmul(d_u, state),
+      u0=d_u,
+      r_tilde=_matmul(d_y, state),
+      a_rb=_matmul(d_y, _t(u)),
+      a_rk=_matmul(d_y, _t(terms.v)),
+      v=_matmul(_t(terms.a_rk), d_y) + _matmul(terms.kbar, _t(d_end)),
+      bbar=_matmul(u, d_end),
+      kbar=_matmul(terms.v, d_end),
+      gamma=jnp.sum(d_end * state, axis=-2))
+  return d_terms, d_state
 
 
 def chunk_summary(terms: ChunkTerms):
   """The chunk as an affine map of its incoming state, S_end = S0 M + Baff: returns (M, Baff)."""
-  m = _einsum("...ti,...tj->...ij", terms.w, terms.bbar)
+  m = _matmul(_t(terms.w), terms.bbar)
   m = m + terms.gamma[..., :, None] * jnp.eye(m.shape[-1], dtype=m.dtype)
-  return m, terms.baff
+  baff = _matmul(_t(terms.u0), terms.bbar) + _matmul(_t(terms.v), terms.kbar)
+  return m, baff
+
+
+def output_cotangent_to_state(terms: ChunkTerms, d_y):
+  """The part of d S0 that comes from the chunk's own outputs: d Y^T (Rtilde + A_rb W)."""
+  return _matmul(_t(d_y), terms.r_tilde + _matmul(terms.a_rb, terms.w))
 
 
 def combine_affine(first, second):
@@ -124,23 +163,10 @@ def combine_affine(first, second):
   """
   m1, b1 = first
   m2, b2 = second
-  return (_einsum("...ij,...jk->...ik", m1, m2),
-          _einsum("...ij,...jk->...ik", b1, m2) + b2)
+  return _matmul(m1, m2), _matmul(b1, m2) + b2
 
 
 def apply_affine(state, summary):
   """S -> S M + B."""
   m, b = summary
-  return _einsum("...ij,...jk->...ik", state, m) + b
-
-
-def advance_state(state, terms: ChunkTerms):
-  """S_end = S0 diag(gamma) + (S0 W^T) Bbar + Baff, without forming M (2 C N^2 per chunk)."""
-  s_w = _einsum("...ij,...tj->...it", state, terms.w)
-  return (state * terms.gamma[..., None, :] + _einsum("...it,...tj->...ij", s_w, terms.bbar)
-          + terms.baff)
-
-
-def chunk_outputs(state, terms: ChunkTerms):
-  """Y = Q S0^T + Y0 for the chunk entered with `state`."""
-  return _einsum("...tj,...ij->...ti", terms.q, state) + terms.y0
+  return _matmul(state, m) + b
