@@ -57,9 +57,10 @@ def init_carry(logits_BV: jax.Array, state: RWKV7State, max_new_tokens: int,
 
 
 def decode_loop(weights: DecodeWeights, carry: DecodeCarry, stop_at: jax.Array, cfg: SamplingConfig,
-                stop_ids: jax.Array, banned_V: jax.Array | None,
-                occurrence_weight_V: jax.Array) -> DecodeCarry:
+                stop_V: jax.Array, banned_V: jax.Array, occurrence_weight_V: jax.Array) -> DecodeCarry:
   """Sample tokens until `carry.step == stop_at` or every row is done (pure, jittable).
+
+  stop_V / banned_V: [V] bool masks of the stop and banned tokens; occurrence_weight_V: [V].
 
   Each iteration samples from the carried logits, records the token, and runs the one-token
   step only if another token can follow (within the buffer, some row still live), so no
@@ -74,7 +75,7 @@ def decode_loop(weights: DecodeWeights, carry: DecodeCarry, stop_at: jax.Array, 
     logits_BV = apply_penalties(c.logits_BV, c.seen_BV, c.counts_BV, banned_V, cfg)
     uniform_B = jax.random.uniform(jax.random.fold_in(c.key, c.step), (logits_BV.shape[0],))
     token_B = sample(logits_BV, uniform_B, cfg)
-    stopped_B = jnp.isin(token_B, stop_ids)
+    stopped_B = stop_V[token_B]
     emit_B = ~c.done_B & ~stopped_B
     tokens_BN = jax.lax.dynamic_update_slice(
         c.tokens_BN, jnp.where(emit_B, token_B, PAD_ID)[:, None], (0, c.step))
@@ -163,10 +164,8 @@ class Generator:
                            float(frequency_penalty), float(penalty_decay)).validate()
     except ValueError as e:
       raise GenerationError(str(e)) from None
-    stop = jnp.asarray(_check_ids("stop_ids", stop_ids, V), jnp.int32)
-    banned = None
-    if len(banned_ids):
-      banned = jnp.zeros((V,), bool).at[jnp.asarray(_check_ids("banned_ids", banned_ids, V))].set(True)
+    stop = _mask("stop_ids", stop_ids, V)
+    banned = _mask("banned_ids", banned_ids, V)
     weight_V = _occurrence_weights(occurrence_weights, V)
 
     logits_BV, prompt_state = self.prefill(prompts, state)
@@ -176,7 +175,7 @@ class Generator:
     carry = init_carry(logits_BV, prompt_state, int(max_new_tokens), seed)
     if return_state:   # the carry is donated to the loop; keep the post-prompt state apart
       prompt_state = jax.tree.map(jnp.copy, prompt_state)
-    run = functools.partial(_decode_loop_jit, self.weights, cfg=cfg, stop_ids=stop,
+    run = functools.partial(_decode_loop_jit, self.weights, cfg=cfg, stop_V=stop,
                             banned_V=banned, occurrence_weight_V=weight_V)
     if callback is None:
       carry = run(carry, stop_at=jnp.int32(max_new_tokens))
@@ -230,6 +229,12 @@ def _check_ids(name: str, ids: Sequence[int], vocab_size: int) -> list[int]:
   if bad:
     raise GenerationError(f"{name} contains ids outside [0, {vocab_size}): {bad[:8]}")
   return ids
+
+
+def _mask(name: str, ids: Sequence[int], vocab_size: int) -> jax.Array:
+  mask = np.zeros(vocab_size, bool)
+  mask[_check_ids(name, ids, vocab_size)] = True
+  return jnp.asarray(mask)
 
 
 def _occurrence_weights(weights, vocab_size: int) -> jax.Array:

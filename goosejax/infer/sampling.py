@@ -56,11 +56,9 @@ class SamplingConfig:
 
 
 def apply_penalties(logits_BV: jax.Array, seen_BV: jax.Array, counts_BV: jax.Array,
-                    banned_V: jax.Array | None, cfg: SamplingConfig) -> jax.Array:
+                    banned_V: jax.Array, cfg: SamplingConfig) -> jax.Array:
   """Steps 1-2: banned tokens to -inf, presence/frequency penalties on generated tokens."""
-  logits_BV = logits_BV.astype(jnp.float32)
-  if banned_V is not None:
-    logits_BV = jnp.where(banned_V, -jnp.inf, logits_BV)
+  logits_BV = jnp.where(banned_V, -jnp.inf, logits_BV.astype(jnp.float32))
   if cfg.uses_penalties:
     penalty_BV = cfg.presence_penalty + counts_BV * cfg.frequency_penalty
     logits_BV = logits_BV - jnp.where(seen_BV, penalty_BV, 0.0)
