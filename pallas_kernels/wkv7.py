@@ -97,8 +97,10 @@ def plan_kernels(shape, dtype, *, chunk_size: int, backend: str | None, interpre
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
   fp32_dot = _resolve_fp32_dot(fp32_dot, backend, interpret)
-  if chunk_size not in CHUNK_SIZES:
-    raise PallasWKVError(f"wkv7_pallas: chunk_size={chunk_size}; expected one of {CHUNK_SIZES}")
+  allowed = triton_gpu.CHUNK_SIZES if backend == "triton" else CHUNK_SIZES
+  if chunk_size not in allowed:
+    raise PallasWKVError(f"wkv7_pallas: chunk_size={chunk_size} with backend={backend!r}; expected one "
+                         f"of {allowed} (Triton's backward needs too much shared memory above 32)")
   bf16_mxu = _resolve_bf16_mxu(mxu_dtype, dtype)
   chunks = -(-T // chunk_size)
   if backend == "tpu":
@@ -221,7 +223,8 @@ def wkv7_pallas(r, log_w, k, v, a, b, state=None, *, reset=None, chunk_size: int
 
   r, k, v, a, b, log_w: [B,T,H,N] float32/bfloat16/float16; state: [B,H,N,N] or None (zeros);
   reset: [B,T] bool or None. Differentiable in all of r, log_w, k, v, a, b and state.
-  chunk_size: 16, 32, 64 or 128 tokens per chunk (the kernels pad T with identity steps).
+  chunk_size: tokens per chunk, 16, 32, 64 or 128 on TPU and 16 or 32 with Triton (the kernels pad T
+    with identity steps).
   backend: "tpu" (Mosaic), "triton" (GPU) or None for the default platform's (TPU layout on CPU).
   interpret: run the kernel in the Pallas interpreter; None means "when running on CPU".
   mxu_dtype: operands of the matmuls the precision analysis allows in bf16 (the readout and the state

@@ -104,6 +104,7 @@ def test_bf16_inputs_give_bf16_outputs_and_gradients():
     (dict(state=np.zeros((1, 1, 16, 8), np.float32)), "state has shape"),
     (dict(reset=np.zeros((1, 7), bool)), "reset has shape"),
     (dict(chunk_size=24), "chunk_size=24"),
+    (dict(backend="triton", chunk_size=64), "chunk_size=64 with backend='triton'"),
     (dict(backend="cuda"), "backend='cuda'"),
     (dict(mxu_dtype=jnp.float16), "mxu_dtype"),
     (dict(backend="tpu", value_block=16), "value_block"),

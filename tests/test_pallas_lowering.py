@@ -49,10 +49,10 @@ def test_triton_lowers_with_ieee_fp32_dots():
   assert text.count(KERNEL_CALL["cuda"]) == 1
 
 
-@pytest.mark.parametrize("platform", ["tpu", "cuda"])
-def test_forward_lowers_at_chunk_64_without_state(platform):
+@pytest.mark.parametrize("platform,chunk_size", [("tpu", 64), ("cuda", 32)])
+def test_forward_lowers_at_larger_chunks_without_state(platform, chunk_size):
   sequences, _, _ = _inputs(jnp.bfloat16, with_extras=False)
-  fn = lambda *x: wkv7_pallas(*x, chunk_size=64, backend=BACKEND[platform], interpret=False)
+  fn = lambda *x: wkv7_pallas(*x, chunk_size=chunk_size, backend=BACKEND[platform], interpret=False)
   text = _lowered_text(fn, sequences, platform)
   assert text.count(KERNEL_CALL[platform]) == 1
 
