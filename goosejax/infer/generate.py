@@ -189,8 +189,8 @@ class Generator:
         tokens, lengths = np.asarray(carry.tokens_BN), np.asarray(carry.lengths_B)
         new = [tokens[row, emitted[row]:lengths[row]].tolist() for row in range(len(prompts))]
         emitted[:] = lengths
-        if any(new):
-          callback(new[0] if single else new)
+        if any(new) and callback(new[0] if single else new) is True:
+          break      # the caller saw enough (e.g. a stop string in the decoded text)
     tokens, lengths = np.asarray(carry.tokens_BN), np.asarray(carry.lengths_B)
     out = [tokens[row, :lengths[row]].tolist() for row in range(len(prompts))]
     result = out[0] if single else out
@@ -287,7 +287,8 @@ def generate(model: RWKV7, prompt_ids, max_new_tokens: int, temperature: float =
   stop_ids end a row (not emitted); banned_ids are never sampled. seed: an int or a PRNG key.
   state: initial recurrent state (batch 1 is shared by all prompts), e.g. a cached prompt.
   callback: streaming; called with each block's new ids (same form as the result) every
-    `block_size` tokens. return_state: also return the state right after the prompts.
+    `block_size` tokens; returning True stops generation after that block.
+  return_state: also return the state right after the prompts (prompt caching).
   """
   return generator_for(model).generate(
       prompt_ids, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,

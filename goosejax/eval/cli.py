@@ -1,0 +1,111 @@
+"""`goosejax eval ppl|lambada|lm-eval`: perplexity / bits per byte, LAMBADA, lm-eval tasks.
+
+  goosejax eval ppl --model PATH --data FILE          (.txt, .jsonl or binidx .bin/.idx/prefix)
+  goosejax eval lambada --model PATH --data lambada_test.jsonl
+  goosejax eval lm-eval --model PATH --tasks lambada_openai,piqa   (needs the `lmeval` extra)
+
+PATH is an official .pth, a goosejax checkpoint or run directory, or an HF/FLA directory.
+Results print as one line of text, or as JSON with --json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--model", required=True,
+                 help="official .pth, goosejax checkpoint / run directory, or HF/FLA directory")
+  p.add_argument("--tokenizer", default="world",
+                 help="'world', a SentencePiece .model, a tokenizer.json or an rwkv_vocab .txt")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--batch-size", type=int, default=4, help="sequences run side by side")
+  p.add_argument("--chunk-len", type=int, default=256,
+                 help="tokens per step (memory ~ batch * chunk * vocab floats)")
+  p.add_argument("--json", action="store_true", help="print the result as JSON")
+  p.add_argument("--quiet", action="store_true", help="no progress line")
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="goosejax eval", description=__doc__.split("\n\n")[0])
+  sub = p.add_subparsers(dest="task", required=True)
+  ppl = sub.add_parser("ppl", help="perplexity and bits per byte of documents")
+  _common(ppl)
+  ppl.add_argument("--data", required=True, help=".txt (one document), .jsonl or binidx")
+  ppl.add_argument("--text-field", default="text", help="jsonl field holding the text")
+  ppl.add_argument("--max-documents", type=int, help="evaluate only the first N documents")
+  lambada = sub.add_parser("lambada", help="LAMBADA accuracy and perplexity (official protocol)")
+  _common(lambada)
+  lambada.add_argument("--data", required=True, help="LAMBADA jsonl ({'text': ...} per line)")
+  lm_eval = sub.add_parser("lm-eval", help="run lm-evaluation-harness tasks")
+  _common(lm_eval)
+  lm_eval.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+  lm_eval.add_argument("--num-fewshot", type=int)
+  lm_eval.add_argument("--limit", type=float, help="documents per task (or a fraction)")
+  lm_eval.add_argument("--include-path", help="extra folder of task YAML files")
+  return p
+
+
+def _report(task: str, result: dict, as_json: bool) -> None:
+  if as_json:
+    print(json.dumps({"task": task, **result}))
+    return
+  print(f"{task}: " + "  ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"
+                                for k, v in result.items()))
+
+
+def main(argv: list[str]) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    from goosejax.data.tokenizer import load_tokenizer
+    from goosejax.eval.scoring import Progress
+    from goosejax.infer.loading import load_model
+
+    if args.task == "lm-eval":
+      return _run_lm_eval(args)
+    tokenizer = load_tokenizer(args.tokenizer)
+    model = load_model(args.model, args.dtype)
+    if tokenizer.vocab_size > model.config.vocab_size:
+      raise ValueError(f"tokenizer {args.tokenizer!r} has {tokenizer.vocab_size} ids but the model "
+                       f"only {model.config.vocab_size}; pass the model's tokenizer")
+    if args.task == "ppl":
+      from goosejax.eval.ppl import load_documents, perplexity
+      docs, n_bytes = load_documents(args.data, tokenizer, text_field=args.text_field,
+                                     max_documents=args.max_documents)
+      bar = Progress("eval ppl", enabled=not args.quiet)
+      result = perplexity(model, docs, n_bytes, batch_size=args.batch_size,
+                          chunk_len=args.chunk_len, progress=bar.update)
+    else:
+      from goosejax.eval.lambada import evaluate_lambada, read_lambada
+      texts = read_lambada(args.data)
+      bar = Progress("eval lambada", enabled=not args.quiet)
+      result = evaluate_lambada(model, tokenizer, texts, batch_size=args.batch_size,
+                                chunk_len=args.chunk_len, progress=bar.update)
+    bar.close()
+    _report(args.task, result.as_dict(), args.json)
+  except (ValueError, OSError) as e:
+    print(f"goosejax eval: error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+def _run_lm_eval(args) -> int:
+  try:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+  except ImportError:
+    print("goosejax eval lm-eval: error: lm-evaluation-harness is not installed; "
+          "pip install 'goosejax[lmeval]'", file=sys.stderr)
+    return 1
+  from goosejax.eval.lm_eval_adapter import GoosejaxLM
+
+  lm = GoosejaxLM(pretrained=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
+                  batch_size=args.batch_size, chunk_len=args.chunk_len)
+  manager = TaskManager(include_path=args.include_path) if args.include_path else TaskManager()
+  results = lm_eval.simple_evaluate(model=lm, tasks=args.tasks.split(","),
+                                    num_fewshot=args.num_fewshot, limit=args.limit,
+                                    task_manager=manager)
+  for task, metrics in results["results"].items():
+    _report(task, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, args.json)
+  return 0

@@ -1,0 +1,91 @@
+"""LAMBADA with the official RWKV protocol (spec §6.2, RWKV-LM's lambada_test.jsonl).
+
+Each text is split at its last space: context = the text before it, target = " " + the last
+word. Input = [0] + encode(context) + encode(target). A document is correct when every
+target token is the argmax; perplexity = exp(-mean over documents of the summed target
+log-probabilities). This is lm-eval's lambada_openai definition up to the leading 0.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from goosejax.eval.ppl import DOCUMENT_START, EvalDataError
+from goosejax.eval.scoring import score_sequences
+from goosejax.model.rwkv7 import RWKV7
+
+
+@dataclasses.dataclass(frozen=True)
+class LambadaResult:
+  documents: int
+  correct: int
+  logprob_sum: float       # sum over documents of the target log-probability
+
+  @property
+  def accuracy(self) -> float:
+    return self.correct / self.documents
+
+  @property
+  def perplexity(self) -> float:
+    return math.exp(-self.logprob_sum / self.documents)
+
+  def as_dict(self) -> dict:
+    return {"documents": self.documents, "accuracy": self.accuracy, "perplexity": self.perplexity}
+
+
+def split_last_word(text: str) -> tuple[str, str]:
+  """(context, " " + last word): the official split at the last space."""
+  if " " not in text:
+    raise EvalDataError(f"LAMBADA text has no space to split the last word off: {text[:60]!r}")
+  context, word = text.rsplit(" ", 1)
+  return context, " " + word
+
+
+def read_lambada(path: str | Path, text_field: str = "text") -> list[str]:
+  """The texts of a LAMBADA jsonl file (one {"text": ...} object per line)."""
+  path = Path(path)
+  if not path.is_file():
+    raise EvalDataError(f"{path}: file not found (expected LAMBADA jsonl, e.g. RWKV-LM's "
+                        "RWKV-v7/misc/lambada_test.jsonl)")
+  texts = []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+        text = record[text_field]
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise EvalDataError(f"{path}:{number}: expected a JSON object with a string "
+                            f"{text_field!r} field ({e})") from None
+      if not isinstance(text, str):
+        raise EvalDataError(f"{path}:{number}: field {text_field!r} is not a string")
+      texts.append(text)
+  if not texts:
+    raise EvalDataError(f"{path}: no documents")
+  return texts
+
+
+def evaluate_lambada(model: RWKV7, tokenizer, texts: Sequence[str], *, batch_size: int = 4,
+                     chunk_len: int = 256, progress: Callable[[int, int], None] | None = None
+                     ) -> LambadaResult:
+  sequences, target_lengths = [], []
+  for text in texts:
+    context, target = split_last_word(text)
+    target_ids = tokenizer.encode(target)
+    if not target_ids:
+      raise EvalDataError(f"LAMBADA target {target!r} encodes to no tokens")
+    sequences.append([DOCUMENT_START] + tokenizer.encode(context) + target_ids)
+    target_lengths.append(len(target_ids))
+  scores = score_sequences(model, sequences, batch_size=batch_size, chunk_len=chunk_len,
+                           progress=progress)
+  correct, logprob_sum = 0, 0.0
+  for score, n in zip(scores, target_lengths):
+    logprob_sum += float(np.sum(score.logprobs[-n:]))
+    correct += bool(np.all(score.greedy[-n:]))
+  return LambadaResult(len(texts), correct, logprob_sum)

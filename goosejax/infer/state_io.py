@@ -1,0 +1,57 @@
+"""Recurrent states on disk (`goosejax generate --state-in/--state-out`): one .npz file.
+
+Arrays `att_shift_LBC`, `wkv_LBHNN` (fp32, [value, key] as the official runtime) and
+`ffn_shift_LBC` in goosejax's layout, plus `format` = "goosejax-rwkv7-state-v1". A state is
+tied to a model's shape (layers, width, heads); loading checks it against the model.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from goosejax.model.state import RWKV7State
+
+FORMAT = "goosejax-rwkv7-state-v1"
+
+
+class StateFileError(ValueError):
+  """A state file is missing, malformed or does not fit the model."""
+
+
+def save_state(path: str | os.PathLike, state: RWKV7State) -> None:
+  path = Path(path)
+  with open(path, "wb") as f:   # a file object: np.savez would otherwise append ".npz"
+    np.savez(f, format=np.array(FORMAT), att_shift_LBC=np.asarray(state.att_shift_LBC, np.float32),
+             wkv_LBHNN=np.asarray(state.wkv_LBHNN, np.float32),
+             ffn_shift_LBC=np.asarray(state.ffn_shift_LBC, np.float32))
+
+
+def load_state(path: str | os.PathLike, model) -> RWKV7State:
+  """The state in `path`, checked against `model` and cast to its compute dtype."""
+  path = Path(path)
+  if not path.is_file():
+    raise StateFileError(f"{path}: state file not found")
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      arrays = {k: data[k] for k in data.files}
+  except (OSError, ValueError) as e:
+    raise StateFileError(f"{path}: not a goosejax state file ({e})") from None
+  if str(arrays.get("format")) != FORMAT:
+    raise StateFileError(f"{path}: not a goosejax state file (format {arrays.get('format')!r}, "
+                         f"expected {FORMAT!r})")
+  cfg = model.config
+  L, C, H, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size
+  att, wkv, ffn = (arrays.get(k) for k in ("att_shift_LBC", "wkv_LBHNN", "ffn_shift_LBC"))
+  if att is None or wkv is None or ffn is None:
+    raise StateFileError(f"{path}: missing att_shift_LBC / wkv_LBHNN / ffn_shift_LBC")
+  B = att.shape[1] if att.ndim == 3 else -1
+  expected = {"att_shift_LBC": (L, B, C), "wkv_LBHNN": (L, B, H, N, N), "ffn_shift_LBC": (L, B, C)}
+  for name, array in (("att_shift_LBC", att), ("wkv_LBHNN", wkv), ("ffn_shift_LBC", ffn)):
+    if array.shape != expected[name]:
+      raise StateFileError(f"{path}: {name} has shape {array.shape}, but this model (L={L}, C={C}, "
+                           f"H={H}, N={N}) needs {expected[name]}")
+  dtype = model.compute_dtype
+  return RWKV7State(jnp.asarray(att, dtype), jnp.asarray(wkv, jnp.float32), jnp.asarray(ffn, dtype))
