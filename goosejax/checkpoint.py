@@ -16,8 +16,11 @@ One checkpoint (format version 1):
                     "opt_state"), read back with `restore_item`
 
 A training run keeps its checkpoints as RUN/checkpoints/<step>/ (the step as a plain
-integer), each a checkpoint directory as above; `resolve_checkpoint(RUN)` and
-`load_pretrained(RUN)` take the highest complete step.
+integer); `resolve_checkpoint(RUN)` and `load_pretrained(RUN)` take the highest complete step.
+A step directory may be a checkpoint directory as above, or one written by an Orbax
+CheckpointManager with the items params/ (the same parameter names, nested or as a flat
+{dotted name: array} dict) and meta/ (a JsonSave item: meta/metadata holds
+{"format_version": 1, "step": int, "model": {ModelConfig fields}, ...}); both read the same.
 
 Writing is crash-safe: everything is written into CKPT's sibling `.CKPT.tmp/` (Orbax items
 first, config.json last) and that folder is renamed to CKPT only when complete, so a
@@ -42,6 +45,7 @@ from goosejax.config import ConfigError, ModelConfig, model_config_from_dict
 FORMAT_NAME = "goosejax-checkpoint"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
+MANAGER_META_FILE = os.path.join("meta", "metadata")   # an Orbax CheckpointManager JsonSave item
 PARAMS_ITEM = "params"
 RUN_CHECKPOINTS = "checkpoints"
 
@@ -93,9 +97,16 @@ def flatten_params(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any
 # ----------------------------------------------------------------------------- finding
 
 
+def _metadata_file(path: Path) -> Path | None:
+  for name in (CONFIG_FILE, MANAGER_META_FILE):
+    if (path / name).is_file():
+      return path / name
+  return None
+
+
 def is_checkpoint(path: str | os.PathLike) -> bool:
   path = Path(path)
-  return (path / CONFIG_FILE).is_file() and (path / PARAMS_ITEM).is_dir()
+  return _metadata_file(path) is not None and (path / PARAMS_ITEM).is_dir()
 
 
 def checkpoint_steps(run_dir: str | os.PathLike) -> list[int]:
@@ -129,18 +140,21 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def read_info(path: str | os.PathLike) -> CheckpointInfo:
-  """config.json of a checkpoint directory, validated."""
+  """config.json (or a CheckpointManager step's meta/metadata) of a checkpoint, validated."""
   path = Path(path)
-  config_path = path / CONFIG_FILE
+  config_path = _metadata_file(path)
+  if config_path is None:
+    raise CheckpointError(f"{path}: no {CONFIG_FILE} (nor {MANAGER_META_FILE}); not a goosejax "
+                          "checkpoint")
   try:
     tree = json.loads(config_path.read_text())
-  except FileNotFoundError:
-    raise CheckpointError(f"{path}: no {CONFIG_FILE}; not a goosejax checkpoint") from None
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{config_path}: not valid JSON: {e}") from None
-  if not isinstance(tree, dict) or tree.get("format") != FORMAT_NAME:
+  if not isinstance(tree, dict):
+    raise CheckpointError(f"{config_path}: expected a JSON object, got {tree!r}")
+  if config_path.name == CONFIG_FILE and tree.get("format") != FORMAT_NAME:
     raise CheckpointError(f"{config_path}: expected \"format\": \"{FORMAT_NAME}\", got "
-                          f"{tree.get('format') if isinstance(tree, dict) else tree!r}")
+                          f"{tree.get('format')!r}")
   version = tree.get("format_version")
   if version != FORMAT_VERSION:
     raise CheckpointError(f"{config_path}: format_version {version!r} is not supported; this "
@@ -154,7 +168,9 @@ def read_info(path: str | os.PathLike) -> CheckpointInfo:
   step = tree.get("step")
   if step is not None and not isinstance(step, int):
     raise CheckpointError(f"{config_path}: \"step\" must be an integer or null, got {step!r}")
-  return CheckpointInfo(path, model, step, version, dict(tree.get("metadata") or {}))
+  metadata = tree.get("metadata") if config_path.name == CONFIG_FILE else {
+      k: v for k, v in tree.items() if k not in ("format_version", "model", "step")}
+  return CheckpointInfo(path, model, step, version, dict(metadata or {}))
 
 
 # ----------------------------------------------------------------------------- saving
@@ -168,6 +184,15 @@ def _sync(name: str) -> None:
   if jax.process_count() > 1:
     import orbax.checkpoint as ocp
     ocp.multihost.sync_global_processes(name)
+
+
+def _check_leaves(name: str, tree: Any) -> None:
+  """Only arrays and numbers: checked up front, because a save that Orbax rejects midway can
+  still create folders from a background thread after it has failed."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if not isinstance(leaf, (np.ndarray, np.generic, jax.Array, int, float)):
+      raise TypeError(f"save_checkpoint: item {name!r} has a {type(leaf).__name__} at "
+                      f"{jax.tree_util.keystr(path)}; expected arrays or numbers")
 
 
 def _save_item(path: Path, tree: Any) -> None:
@@ -193,6 +218,9 @@ def save_checkpoint(directory: str | os.PathLike, params: Mapping[str, Any], mod
     raise ValueError(f"save_checkpoint: invalid item names {sorted(names)}")
   if directory.exists() and not overwrite:
     raise CheckpointError(f"{directory} already exists; pass overwrite=True to replace it")
+  params = nest_params(flatten_params(params))
+  for name, tree in {PARAMS_ITEM: params, **(extra_items or {})}.items():
+    _check_leaves(name, tree)
   tmp = directory.with_name(f".{directory.name}.tmp")
   document = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
               "model": dataclasses.asdict(model), "step": step, "metadata": dict(metadata or {})}
@@ -203,7 +231,7 @@ def save_checkpoint(directory: str | os.PathLike, params: Mapping[str, Any], mod
     tmp.mkdir()
   _sync(f"goosejax_checkpoint_start:{directory}")
   try:
-    _save_item(tmp / PARAMS_ITEM, nest_params(flatten_params(params)))
+    _save_item(tmp / PARAMS_ITEM, params)
     for name, tree in (extra_items or {}).items():
       _save_item(tmp / name, tree)
     _sync(f"goosejax_checkpoint_items:{directory}")
