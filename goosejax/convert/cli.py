@@ -19,7 +19,7 @@ import numpy as np
 
 from goosejax import checkpoint
 from goosejax.config import ModelConfig
-from goosejax.convert.official import CheckpointFormatError, params_to_official
+from goosejax.convert.official import params_to_official
 from goosejax.convert.pretrained import read_params, source_kind
 from goosejax.convert.pth import write_pth
 
@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+class ConvertError(ValueError):
+  """A destination or option that `goosejax convert` refuses; the message says why."""
+
+
 def _megabytes(n_bytes: int) -> str:
   return f"{n_bytes / 2**20:.1f} MiB"
 
@@ -66,14 +70,14 @@ def _describe(cfg: ModelConfig) -> str:
 def _check_destination(dst: Path, target: str, force: bool) -> None:
   if not dst.exists():
     if not dst.parent.is_dir():
-      raise CheckpointFormatError(f"{dst}: parent folder {dst.parent} does not exist")
+      raise ConvertError(f"{dst}: parent folder {dst.parent} does not exist")
     return
   if not force:
-    raise CheckpointFormatError(f"{dst} already exists; pass --force to replace it")
+    raise ConvertError(f"{dst} already exists; pass --force to replace it")
   if target == "official" and not dst.is_file():
-    raise CheckpointFormatError(f"{dst} exists and is not a file; --force only replaces a file here")
+    raise ConvertError(f"{dst} exists and is not a file; --force only replaces a file here")
   if target == "goosejax" and not checkpoint.is_checkpoint(dst):
-    raise CheckpointFormatError(f"{dst} exists and is not a goosejax checkpoint directory; --force "
+    raise ConvertError(f"{dst} exists and is not a goosejax checkpoint directory; --force "
                                 "only replaces a goosejax checkpoint")
 
 
@@ -85,7 +89,7 @@ def convert(src: Path, dst: Path, target: str | None = None, *, dtype: str | Non
   kind = source_kind(src)
   target = target or ("goosejax" if kind == "official" else "official")
   if target == "goosejax" and dtype not in (None, "float32", "bfloat16"):
-    raise CheckpointFormatError(f"--dtype {dtype}: a goosejax checkpoint stores float32 or bfloat16")
+    raise ConvertError(f"--dtype {dtype}: a goosejax checkpoint stores float32 or bfloat16")
   _check_destination(dst, target, force)
 
   log(f"reading {src} ({'official .pth' if kind == 'official' else 'goosejax checkpoint'}, "
