@@ -115,22 +115,51 @@ def chunk_terms(r, log_w, k, v, a, b, segment=None) -> ChunkTerms:
   return ChunkTerms(w, u0, r_tilde, a_rb, a_rk, v, b_bar, k_bar, gamma)
 
 
+def chunk_removals(state, terms: ChunkTerms):
+  """U = W S0^T + U0: the removal read-outs S_{t-1} a_t of the chunk entered with `state`."""
+  return _matmul(terms.w, _t(state)) + terms.u0
+
+
+def chunk_outputs(state, u, terms: ChunkTerms):
+  """Y = Rtilde S0^T + A_rb U + A_rk V."""
+  return (_matmul(terms.r_tilde, _t(state)) + _matmul(terms.a_rb, u)
+          + _matmul(terms.a_rk, terms.v))
+
+
+def chunk_end_state(state, u, terms: ChunkTerms):
+  """S_end = S0 diag(gamma) + U^T Bbar + V^T Kbar."""
+  return (state * terms.gamma[..., None, :] + _matmul(_t(u), terms.bbar)
+          + _matmul(_t(terms.v), terms.kbar))
+
+
 def chunk_forward(state, terms: ChunkTerms):
   """(Y [..., C, N], S_end [..., N, N]) for the chunk entered with `state` [..., N, N]."""
-  u = _matmul(terms.w, _t(state)) + terms.u0
-  y = _matmul(terms.r_tilde, _t(state)) + _matmul(terms.a_rb, u) + _matmul(terms.a_rk, terms.v)
-  end = (state * terms.gamma[..., None, :] + _matmul(_t(u), terms.bbar)
-         + _matmul(_t(terms.v), terms.kbar))
-  return y, end
+  u = chunk_removals(state, terms)
+  return chunk_outputs(state, u, terms), chunk_end_state(state, u, terms)
 
 
-def chunk_backward(state, terms: ChunkTerms, d_y, d_end):
-  """Cotangents of `chunk_forward`: (d terms, d state) from d Y and d S_end (same shapes)."""
-  u = _matmul(terms.w, _t(state)) + terms.u0
-  d_u = _matmul(_t(terms.a_rb), d_y) + _matmul(terms.bbar, _t(d_end))
-  d_state = (_matmul(_t(d_y), terms.r_tilde) + d_end * terms.gamma[..., None, :]
-             + _matmul(_t(d_u), terms.w))
-  d_terms = ChunkTerms(
+# The backward of chunk_forward, in pieces so that the part that depends on the next chunk's
+# state cotangent (a short recurrence over chunks) is separate from the batched parts.
+
+
+def output_cotangents(terms: ChunkTerms, d_y):
+  """The outputs' share of (dU, dS0): (A_rb^T dY, dY^T Rtilde)."""
+  return _matmul(_t(terms.a_rb), d_y), _matmul(_t(d_y), terms.r_tilde)
+
+
+def removal_cotangent(u_from_outputs, terms: ChunkTerms, d_end):
+  """dU = A_rb^T dY + Bbar dS_end^T."""
+  return u_from_outputs + _matmul(terms.bbar, _t(d_end))
+
+
+def start_cotangent(state_from_outputs, terms: ChunkTerms, d_end, d_u):
+  """dS0 = dY^T Rtilde + dS_end diag(gamma) + dU^T W."""
+  return state_from_outputs + d_end * terms.gamma[..., None, :] + _matmul(_t(d_u), terms.w)
+
+
+def term_cotangents(state, u, terms: ChunkTerms, d_y, d_u, d_end) -> ChunkTerms:
+  """Cotangents of the chunk terms from the chunk's state S0, removals U and dY, dU, dS_end."""
+  return ChunkTerms(
       w=_matmul(d_u, state),
       u0=d_u,
       r_tilde=_matmul(d_y, state),
@@ -140,7 +169,15 @@ def chunk_backward(state, terms: ChunkTerms, d_y, d_end):
       bbar=_matmul(u, d_end),
       kbar=_matmul(terms.v, d_end),
       gamma=jnp.sum(d_end * state, axis=-2))
-  return d_terms, d_state
+
+
+def chunk_backward(state, terms: ChunkTerms, d_y, d_end):
+  """Cotangents of `chunk_forward`: (d terms, d state) from d Y and d S_end."""
+  u = chunk_removals(state, terms)
+  u_from_outputs, state_from_outputs = output_cotangents(terms, d_y)
+  d_u = removal_cotangent(u_from_outputs, terms, d_end)
+  d_state = start_cotangent(state_from_outputs, terms, d_end, d_u)
+  return term_cotangents(state, u, terms, d_y, d_u, d_end), d_state
 
 
 def chunk_summary(terms: ChunkTerms):
@@ -149,11 +186,6 @@ def chunk_summary(terms: ChunkTerms):
   m = m + terms.gamma[..., :, None] * jnp.eye(m.shape[-1], dtype=m.dtype)
   baff = _matmul(_t(terms.u0), terms.bbar) + _matmul(_t(terms.v), terms.kbar)
   return m, baff
-
-
-def output_cotangent_to_state(terms: ChunkTerms, d_y):
-  """The part of d S0 that comes from the chunk's own outputs: d Y^T (Rtilde + A_rb W)."""
-  return _matmul(_t(d_y), terms.r_tilde + _matmul(terms.a_rb, terms.w))
 
 
 def combine_affine(first, second):

@@ -13,21 +13,28 @@ IMPLEMENTATIONS = ("auto", "reference", "chunked", "associative")
 
 
 class Choice(NamedTuple):
-  """What impl="auto" runs for T > 1 (T == 1 is always a single recurrent step)."""
+  """What impl="auto" runs for T > chunk_size (T == 1 is always a single recurrent step, and
+  1 < T <= chunk_size the token scan)."""
   impl: str          # "chunked" or "associative"
   chunk_size: int
-  intra: str         # inside a chunk: "matmul", or "recurrent" (token steps; sequential only)
+  intra: str         # the sequential forward inside a chunk: "matmul" or "recurrent" (token steps)
+  group: int = 1     # chunks per step of the sequential scans
 
 
-# Per-platform choices for T > 1, from benchmarks/wkv.py (see its docstring for the table).
-# cpu: measured on a 2-core AMD EPYC (shared machine). gpu / tpu: not measured here; the
-# matmul form at C = 64 follows FLA's RWKV-7 layer (chunk 64 under the decay bound) and keeps
-# the matrix units busy.
+# Per-platform choices, from benchmarks/wkv.py. cpu: measured on a 2-core AMD EPYC (a shared
+# machine): the token steps win the forward, the chunked custom VJP the backward (3-6x faster
+# than autodiff through the token scan, 1/20-1/50 of its temporaries), and C = 32 was the best
+# or within noise of it. gpu / tpu: NOT measured yet (no accelerator here). The associative
+# form is chosen there because every op is batched over all chunks with log depth across
+# them, where the sequential scan would launch small per-chunk kernels 64+ times; C = 64 as
+# FLA's RWKV-7 layer uses under the same decay bound.
 AUTO_CHOICES = {
     "cpu": Choice("chunked", 32, "recurrent"),
-    "gpu": Choice("chunked", 64, "matmul"),
-    "tpu": Choice("chunked", 64, "matmul"),
+    "gpu": Choice("associative", 64, "matmul"),
+    "tpu": Choice("associative", 64, "matmul"),
 }
+# chunk size of an explicit impl="chunked" / "associative" call without one (CPU-measured)
+DEFAULT_CHUNK_SIZES = {"chunked": 32, "associative": 64}
 
 
 class WKVInputError(ValueError):
@@ -83,19 +90,18 @@ def wkv7(r, log_w, k, v, a, b, state=None, *, reset=None, impl="auto", chunk_siz
   state = jnp.zeros((B, H, N, N), dtype) if state is None else state.astype(dtype)
   if impl == "reference":
     return wkv7_reference(r, log_w, k, v, a, b, state, reset=reset)
-  intra = "matmul"
+  intra, group = "matmul", 1
   if impl == "auto":
     if T == 1:
       return _single_step(r, log_w, k, v, a, b, state, reset, dtype)
     choice = auto_choice()
-    impl, intra = choice.impl, choice.intra
+    impl, intra, group = choice.impl, choice.intra, choice.group
     chunk_size = chunk_size or choice.chunk_size
+    if T <= chunk_size:
+      # one chunk or less: the token scan's per-token states are no more than a chunk's
+      return wkv7_reference(r, log_w, k, v, a, b, state, reset=reset)
   mode = "associative" if impl == "associative" else "sequential"
   y, final_state = wkv7_chunked(r, log_w, k, v, a, b, state, reset=reset,
-                                chunk_size=chunk_size or DEFAULT_CHUNK_SIZE, mode=mode,
-                                intra=intra, dtype=dtype)
+                                chunk_size=chunk_size or DEFAULT_CHUNK_SIZES[impl], mode=mode,
+                                intra=intra, group=group, dtype=dtype)
   return y.astype(r.dtype), final_state
-
-
-# chunk size for impl="chunked"/"associative" when none is given (benchmarks/wkv.py)
-DEFAULT_CHUNK_SIZE = 32

@@ -13,6 +13,9 @@ log2(C) and nothing runs a serial row loop.
 """
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 PRODUCT_FORM_MAX = 16  # largest block inverted with the product form
@@ -40,10 +43,38 @@ def _diagonal_blocks(m_XCC, block: int):
 
 
 def unit_lower_inverse(l_XCC, precision=None):
-  """(I - L)^{-1} for strictly lower-triangular L of shape [..., C, C]; C a power of two."""
+  """(I - L)^{-1} for strictly lower-triangular L of shape [..., C, C]; C a power of two.
+
+  Only the strictly lower triangle of L is read. The derivative is the closed form
+  dL = X^T dX X^T (strictly lower part), two matmuls instead of differentiating every level."""
   size = l_XCC.shape[-1]
   if size & (size - 1):
     raise ValueError(f"unit_lower_inverse: size {size} is not a power of two")
+  return _inverse(precision, l_XCC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _inverse(precision, l_XCC):
+  return _blocked_inverse(l_XCC, precision)
+
+
+def _inverse_fwd(precision, l_XCC):
+  inverse_XCC = _blocked_inverse(l_XCC, precision)
+  return inverse_XCC, inverse_XCC
+
+
+def _inverse_bwd(precision, inverse_XCC, d_inverse_XCC):
+  inverse_t = jnp.swapaxes(inverse_XCC, -1, -2)
+  d_l = jnp.matmul(jnp.matmul(inverse_t, d_inverse_XCC, precision=precision), inverse_t,
+                   precision=precision)
+  return (jnp.tril(d_l, -1),)
+
+
+_inverse.defvjp(_inverse_fwd, _inverse_bwd)
+
+
+def _blocked_inverse(l_XCC, precision):
+  size = l_XCC.shape[-1]
   block = min(size, PRODUCT_FORM_MAX)
   inverse_XKBB = _product_form_inverse(_diagonal_blocks(l_XCC, block), precision)
   while block < size:
