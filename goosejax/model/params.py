@@ -13,7 +13,7 @@ from flax import nnx
 
 
 def param_dict(model: nnx.Module) -> dict[str, jax.Array]:
-  flat = nnx.state(model, nnx.Param).flat_state()
+  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
   return {".".join(map(str, path)): variable[...] for path, variable in flat}
 
 
@@ -27,7 +27,7 @@ def load_param_dict(model: nnx.Module, params: Mapping[str, jax.Array | np.ndarr
   Every parameter must be given exactly, with its exact shape; anything else is an error
   that names the parameter.
   """
-  flat = dict(nnx.state(model, nnx.Param).flat_state())
+  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   expected = {".".join(map(str, path)): (path, variable) for path, variable in flat.items()}
   missing = sorted(set(expected) - set(params))
   unexpected = sorted(set(params) - set(expected))
@@ -41,4 +41,4 @@ def load_param_dict(model: nnx.Module, params: Mapping[str, jax.Array | np.ndarr
       raise ValueError(f"parameter {name!r} has shape {tuple(value.shape)}, the model expects "
                        f"{tuple(variable.shape)}")
     updated[path] = variable.replace(jax.numpy.asarray(value, variable.dtype))
-  nnx.update(model, nnx.State.from_flat_path(updated))
+  nnx.update(model, nnx.from_flat_state(updated))
