@@ -76,56 +76,111 @@ def update_counts(seen_BV: jax.Array, counts_BV: jax.Array, token_B: jax.Array,
   return seen_BV | hit_BV, counts_BV
 
 
+# Top-p looks for its cutoff among this many most probable tokens first (a partial sort is
+# cheap; a full sort of 65536 probabilities costs more than a decode step on CPU) and bisects
+# over all probabilities only when their mass does not reach top_p.
+TOP_P_CANDIDATES = 256
+
+
 def sampling_probs(logits_BV: jax.Array, cfg: SamplingConfig) -> jax.Array:
   """Steps 3-6 up to the draw: the normalised distribution a token is drawn from."""
   probs_BV = jax.nn.softmax(logits_BV.astype(jnp.float32), axis=-1)
-  V = probs_BV.shape[-1]
+  B, V = probs_BV.shape
+  keep_BV = jnp.ones(probs_BV.shape, bool)
   top_k = cfg.top_k if 0 < cfg.top_k < V else 0
   if top_k:
     # The top-p cutoff only matters inside the k kept tokens, so the partial sort suffices.
-    sorted_BK, _ = jax.lax.top_k(probs_BV, top_k)
-    kth_B1 = sorted_BK[:, -1:]
+    sorted_BK, ids_BK = jax.lax.top_k(probs_BV, top_k)
+    if cfg.top_p < 1:
+      keep_BV &= probs_BV >= _cutoff_in_sorted(sorted_BK, cfg.top_p)[0]
+    # Exactly k tokens (ties at the k-th value: the lowest ids, as lax.top_k returns them).
+    keep_BV &= jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], ids_BK].set(True)
   elif cfg.top_p < 1:
-    sorted_BK = -jnp.sort(-probs_BV, axis=-1)
-  else:
-    sorted_BK = None
-  keep_BV = jnp.ones(probs_BV.shape, bool)
-  if sorted_BK is not None and cfg.top_p < 1:
-    reached_BK = jnp.cumsum(sorted_BK, axis=-1) >= cfg.top_p
-    first_B = jnp.argmax(reached_BK, axis=-1)
-    cutoff_B1 = jnp.take_along_axis(sorted_BK, first_B[:, None], axis=-1)
-    # Not reached inside the k kept tokens: the cut would fall below them and drops none of them.
-    cutoff_B1 = jnp.where(jnp.any(reached_BK, axis=-1, keepdims=True), cutoff_B1, 0.0)
-    keep_BV &= probs_BV >= cutoff_B1
-  if top_k:
-    keep_BV &= _top_k_mask(probs_BV, kth_B1, top_k)
+    keep_BV &= probs_BV >= _top_p_cutoff(probs_BV, cfg.top_p)
   probs_BV = jnp.where(keep_BV, probs_BV, 0.0)
   if cfg.temperature != 1.0:
     probs_BV = probs_BV ** (1.0 / cfg.temperature)
   return probs_BV / jnp.sum(probs_BV, axis=-1, keepdims=True)
 
 
-def _top_k_mask(probs_BV: jax.Array, kth_B1: jax.Array, top_k: int) -> jax.Array:
-  """Exactly k tokens per row: all above the k-th value, then ties at it by lowest id."""
-  above_BV = probs_BV > kth_B1
-  tie_BV = probs_BV == kth_B1
-  room_B1 = top_k - jnp.sum(above_BV, axis=-1, keepdims=True)
-  tie_rank_BV = jnp.cumsum(tie_BV, axis=-1)
-  return above_BV | (tie_BV & (tie_rank_BV <= room_B1))
+def _cutoff_in_sorted(sorted_BK: jax.Array, top_p: float) -> tuple[jax.Array, jax.Array]:
+  """(cutoff [B,1], found [B,1]): the probability at the first position of the descending
+  `sorted_BK` where the cumulative sum reaches top_p (0 where it is not reached)."""
+  reached_BK = jnp.cumsum(sorted_BK, axis=-1) >= top_p
+  found_B1 = jnp.any(reached_BK, axis=-1, keepdims=True)
+  first_B1 = argmax(reached_BK.astype(jnp.float32))[:, None]
+  cutoff_B1 = jnp.take_along_axis(sorted_BK, first_B1, axis=-1)
+  return jnp.where(found_B1, cutoff_B1, 0.0), found_B1
 
 
-def draw(probs_BV: jax.Array, uniform_B: jax.Array) -> jax.Array:
-  """Inverse-CDF draw: the first token whose cumulative probability exceeds u * total."""
-  cdf_BV = jnp.cumsum(probs_BV, axis=-1)
-  target_B1 = uniform_B[:, None] * cdf_BV[:, -1:]
-  index_B = jnp.sum(cdf_BV <= target_B1, axis=-1)
-  # Never land on a zero-probability token through rounding at the top end.
-  last_B = probs_BV.shape[-1] - 1 - jnp.argmax(probs_BV[:, ::-1] > 0, axis=-1)
-  return jnp.minimum(index_B, last_B).astype(jnp.int32)
+def _top_p_cutoff(probs_BV: jax.Array, top_p: float) -> jax.Array:
+  """The official top-p cutoff [B, 1]: the largest probability value c such that the tokens
+  with probability >= c hold at least top_p of the mass."""
+  k = min(TOP_P_CANDIDATES, probs_BV.shape[-1])
+  cutoff_B1, found_B1 = _cutoff_in_sorted(jax.lax.top_k(probs_BV, k)[0], top_p)
+
+  def bisect(_):
+    # Non-negative float32 values order like their bit patterns, so bisecting over the
+    # integers finds the exact probability value in 31 masked sums.
+    bits_BV = jax.lax.bitcast_convert_type(probs_BV, jnp.int32)
+    mass = lambda c_B1: jnp.sum(jnp.where(bits_BV >= c_B1, probs_BV, 0.0), axis=-1, keepdims=True)
+    lo_B1 = jnp.zeros(cutoff_B1.shape, jnp.int32)                 # mass(lo) >= top_p
+    hi_B1 = jnp.max(bits_BV, axis=-1, keepdims=True) + 1          # mass(hi) < top_p
+
+    def step(_, bounds):
+      lo, hi = bounds
+      mid = lo + (hi - lo) // 2
+      ok = mass(mid) >= top_p
+      return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo_B1, _ = jax.lax.fori_loop(0, 32, step, (lo_B1, hi_B1))
+    return jnp.where(found_B1, cutoff_B1, jax.lax.bitcast_convert_type(lo_B1, jnp.float32))
+
+  return jax.lax.cond(jnp.all(found_B1), lambda _: cutoff_B1, bisect, None)
+
+
+def argmax(x_BV: jax.Array) -> jax.Array:
+  """First index of the maximum per row (int32). jnp.argmax's variadic reduction, like any
+  integer reduction, is slow on XLA:CPU; this uses float min/max reductions only."""
+  V = x_BV.shape[-1]
+  max_B1 = jnp.max(x_BV, axis=-1, keepdims=True)
+  ids_BV = jax.lax.broadcasted_iota(jnp.float32, x_BV.shape, x_BV.ndim - 1)   # exact below 2**24
+  first_B = jnp.min(jnp.where(x_BV == max_B1, ids_BV, float(V)), axis=-1)
+  return jnp.minimum(first_B, V - 1).astype(jnp.int32)      # a NaN row gives the last id
+
+
+def draw(probs_BV: jax.Array, uniform_B: jax.Array, block: int = 256) -> jax.Array:
+  """Inverse-CDF draw: the first token whose cumulative probability exceeds u * total.
+
+  Two levels (block sums, then one block) instead of a cumulative sum over the whole
+  vocabulary, which XLA:CPU computes slowly. Never lands on a zero-probability token.
+  """
+  B, V = probs_BV.shape
+  n_blocks = -(-V // block)
+  padded_BV = jnp.pad(probs_BV, ((0, 0), (0, n_blocks * block - V)))
+  blocks_BNK = padded_BV.reshape(B, n_blocks, block)
+  block_cdf_BN = jnp.cumsum(jnp.sum(blocks_BNK, axis=-1), axis=-1)
+  target_B1 = uniform_B[:, None] * block_cdf_BN[:, -1:]
+  # The block holding the target: the count of whole blocks at or below it.
+  index_B = jnp.minimum(jnp.sum((block_cdf_BN <= target_B1).astype(jnp.float32), axis=-1),
+                        n_blocks - 1).astype(jnp.int32)
+  previous_B1 = jnp.take_along_axis(block_cdf_BN, jnp.maximum(index_B - 1, 0)[:, None], axis=-1)
+  before_B1 = jnp.where(index_B[:, None] > 0, previous_B1, 0.0)
+  inner_BK = jnp.take_along_axis(blocks_BNK, index_B[:, None, None], axis=1)[:, 0]
+  inner_cdf_BK = before_B1 + jnp.cumsum(inner_BK, axis=-1)
+  offset_B = jnp.sum((inner_cdf_BK <= target_B1).astype(jnp.float32), axis=-1).astype(jnp.int32)
+  token_B = index_B * block + offset_B
+  # Rounding can leave the target on or past a zero-probability entry: take the last nonzero
+  # token at or before it (or the first nonzero token if there is none before it).
+  ids_BV = jax.lax.broadcasted_iota(jnp.float32, probs_BV.shape, 1)
+  nonzero_BV = probs_BV > 0
+  before_B = jnp.max(jnp.where(nonzero_BV & (ids_BV <= token_B[:, None]), ids_BV, -1.0), axis=-1)
+  first_B = jnp.min(jnp.where(nonzero_BV, ids_BV, float(V)), axis=-1)
+  return jnp.where(before_B >= 0, before_B, jnp.minimum(first_B, V - 1)).astype(jnp.int32)
 
 
 def sample(logits_BV: jax.Array, uniform_B: jax.Array, cfg: SamplingConfig) -> jax.Array:
   """Steps 3-6 on already penalised logits: one token id per row (int32)."""
   if cfg.greedy:
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    return argmax(logits_BV)
   return draw(sampling_probs(logits_BV, cfg), uniform_B)

@@ -22,11 +22,17 @@ from goosejax.model.time_mix import DECAY_SCALE, KK_NORM_EPS
 _LAYER_PREFIX = "blocks."
 
 
+# The large matrices are stored transposed, [out, in], for decoding: XLA:CPU's matrix-vector
+# products read them ~10% faster that way (benchmarked with 12-layer chains of the 0.1B shapes).
+TRANSPOSED = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
+
+
 class DecodeWeights(NamedTuple):
   """The model's weights laid out for `decode_step`: top-level arrays plus one dict per layer.
 
-  top: {"emb", "ln0.weight", "ln0.bias", "ln_out.weight", "ln_out.bias", "head"}
-  layers: tuple of {"att.receptance", "ffn.key", "ln1.weight", ...}, one per layer, unstacked.
+  top: {"emb", "ln0.weight", "ln0.bias", "ln_out.weight", "ln_out.bias", "head_T" [V, C]}
+  layers: tuple of {"att.receptance" [out, in], "att.w1" [in, out], "ln1.weight", ...}, one
+    per layer, unstacked; the TRANSPOSED names hold [out, in] matrices.
   """
   top: dict[str, jax.Array]
   layers: tuple[dict[str, jax.Array], ...]
@@ -45,13 +51,16 @@ def decode_weights(model: nnx.Module) -> DecodeWeights:
   """Split the model's stacked [L, ...] parameters into per-layer arrays (done once)."""
   cfg = model.config
   params = param_dict(model)
-  top = {name: value for name, value in params.items() if not name.startswith(_LAYER_PREFIX)}
+  top = {name: value for name, value in params.items()
+         if not name.startswith(_LAYER_PREFIX) and name != "head"}
   stacked = {name[len(_LAYER_PREFIX):]: value for name, value in params.items()
              if name.startswith(_LAYER_PREFIX)}
   # One jitted split (fresh output buffers, one compile) so the step never slices in its loop.
-  split = jax.jit(lambda arrays: tuple({name: value[i] for name, value in arrays.items()}
-                                       for i in range(cfg.n_layer)))
-  layers = split(stacked)
+  layout = lambda name, x: x.T if name in TRANSPOSED else x
+  split = jax.jit(lambda arrays, head: (
+      tuple({name: layout(name, value[i]) for name, value in arrays.items()}
+            for i in range(cfg.n_layer)), head.T))
+  layers, top["head_T"] = split(stacked, params["head"])
   return DecodeWeights(top, layers, cfg.n_head, cfg.head_size, jnp.dtype(cfg.dtype))
 
 
@@ -66,6 +75,13 @@ def _mm(x, w):
                     preferred_element_type=jnp.float32).astype(x.dtype)
 
 
+def _mm_t(x, w_T):
+  """x @ w_T.T (w_T stored [out, in]) in x's dtype with fp32 accumulation."""
+  y = jax.lax.dot_general(x, w_T.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),
+                          precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+  return y.astype(x.dtype)
+
+
 def _mm32(x, w):
   return jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
 
@@ -76,9 +92,9 @@ def _time_mix(p, x_BC, prev_BC, wkv_BHNN, v_first_BC, first_layer: bool, H: int,
   f32 = jnp.float32
   mix = lambda name: x_BC + (prev_BC - x_BC) * p[name].astype(dtype)
   xr, xw, xk, xv, xa, xg = (mix(f"att.x_{c}") for c in "rwkvag")
-  r = _mm(xr, p["att.receptance"])
-  k = _mm(xk, p["att.key"])
-  v = _mm(xv, p["att.value"])
+  r = _mm_t(xr, p["att.receptance"])
+  k = _mm_t(xk, p["att.key"])
+  v = _mm_t(xv, p["att.value"])
   z = p["att.w0"].astype(f32) + _mm32(jnp.tanh(_mm32(xw, p["att.w1"])), p["att.w2"])
   w_BHN = jnp.exp(-DECAY_SCALE * jax.nn.sigmoid(z)).reshape(B, H, N)
   iclr = jax.nn.sigmoid(p["att.a0"].astype(f32) + _mm32(_mm32(xa, p["att.a1"]), p["att.a2"]))
@@ -110,14 +126,14 @@ def _time_mix(p, x_BC, prev_BC, wkv_BHNN, v_first_BC, first_layer: bool, H: int,
   bonus_BH1 = jnp.sum(r.astype(f32).reshape(B, H, N) * k.reshape(B, H, N) * r_k, axis=-1,
                       keepdims=True)
   y_BC = y_BC + (bonus_BH1 * v.reshape(B, H, N)).reshape(B, C)
-  out_BC = _mm((y_BC * gate.astype(f32)).astype(dtype), p["att.output"])
+  out_BC = _mm_t((y_BC * gate.astype(f32)).astype(dtype), p["att.output"])
   return out_BC, wkv_BHNN, v_first_BC
 
 
 def _channel_mix(p, x_BC, prev_BC):
   xk = x_BC + (prev_BC - x_BC) * p["ffn.x_k"].astype(x_BC.dtype)
-  hidden = jnp.square(jax.nn.relu(_mm(xk, p["ffn.key"])))
-  return _mm(hidden, p["ffn.value"])
+  hidden = jnp.square(jax.nn.relu(_mm_t(xk, p["ffn.key"])))
+  return _mm_t(hidden, p["ffn.value"])
 
 
 def decode_hidden(weights: DecodeWeights, tokens_B: jax.Array, state: RWKV7State):
@@ -148,6 +164,8 @@ def decode_hidden(weights: DecodeWeights, tokens_B: jax.Array, state: RWKV7State
 def decode_step(weights: DecodeWeights, tokens_B: jax.Array, state: RWKV7State):
   """One token per row: (logits [B, V] fp32, new state). Same function as model(tokens[:, None])."""
   x_BC, new_state = decode_hidden(weights, tokens_B, state)
-  logits_BV = jnp.matmul(x_BC, weights.top["head"].astype(x_BC.dtype),
-                         precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+  head_T = weights.top["head_T"].astype(x_BC.dtype)
+  logits_BV = jax.lax.dot_general(x_BC, head_T, (((1,), (1,)), ((), ())),
+                                  precision=jax.lax.Precision.HIGHEST,
+                                  preferred_element_type=jnp.float32)
   return logits_BV, new_state
