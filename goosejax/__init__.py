@@ -9,4 +9,7 @@ def __getattr__(name: str):
   if name == "load_pretrained":
     from goosejax.convert.pretrained import load_pretrained
     return load_pretrained
+  if name == "generate":     # jitted prefill + decode loop (goosejax/infer)
+    from goosejax.infer.generate import generate
+    return generate
   raise AttributeError(f"module 'goosejax' has no attribute {name!r}")
