@@ -12,6 +12,7 @@ import sys
 # command name -> (module, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("goosejax.convert.cli", "convert checkpoints between official .pth and goosejax formats"),
+    "train": ("goosejax.train.cli", "pretrain or resume a run directory (sharded, multi-host, checkpointed)"),
     "prepare-data": ("goosejax.data.prepare", "tokenize text into binidx (.bin/.idx); train SentencePiece models"),
     "generate": ("goosejax.infer.cli", "generate text from a prompt (streaming; sampling as the official pipeline)"),
     "eval": ("goosejax.eval.cli", "perplexity / bits per byte, LAMBADA, lm-eval tasks"),

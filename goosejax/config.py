@@ -82,11 +82,12 @@ class OptimizerConfig:
   eps: float = 1e-18
   grad_clip: float = 1.0
   l2wrap: bool = True
-  grad_accum: int = 1
+  grad_accum: int = 1                 # micro-batches per step; data.batch_size must divide evenly
+  w0_lr_scale: float = 2.0            # att.w0's lr multiplier (RWKV-LM: 2x; 5x in Pile stage 2)
 
   def validate(self) -> None:
     _non_negative(self, "optimizer", "lr_init", "lr_final", "warmup_steps", "weight_decay", "eps",
-                  "grad_clip")
+                  "grad_clip", "w0_lr_scale")
     _positive(self, "optimizer", "grad_accum")
     for key in ("beta1", "beta2"):
       value = getattr(self, key)
@@ -162,10 +163,13 @@ class RunConfig:
   eval_batches: int = 4
   seed: int = 0
   remat: Literal["none", "block", "full"] = "block"
+  async_checkpointing: bool = True    # write checkpoints in the background while training goes on
+  peak_tflops: float | None = None    # per-device peak for MFU; None: known chips' table, else measured
+  tensorboard: bool = True            # event files under RUN_DIR/tensorboard
 
   def validate(self) -> None:
     _positive(self, "run", "steps", "checkpoint_every", "keep_checkpoints", "log_every",
-              "eval_every", "eval_batches")
+              "eval_every", "eval_batches", "peak_tflops")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,191 @@
+"""Device mesh, logical axis names, and the one rules table that places them on the mesh.
+
+Every parameter and activation names its dimensions logically ("embed", "heads", "batch",
+...); `RULES` alone decides which mesh axes ("data", "fsdp", "tensor") each name is split
+over. The usual layouts are then just mesh shapes:
+
+  data parallel      mesh.data=-1                      params replicated, batch split
+  FSDP / ZeRO-3      mesh.fsdp=-1                      params split on "embed", batch split
+  tensor parallel    mesh.tensor=N                     heads, FFN hidden and vocab split
+  any mix            mesh.data=2 mesh.fsdp=2 mesh.tensor=2
+
+A dimension whose size does not divide evenly over its mesh axes stays whole (replicated on
+those axes) instead of failing, so odd LoRA ranks or vocabularies never block a layout.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from goosejax.config import MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis name -> mesh axes it is split over (empty: replicated).
+RULES: dict[str, tuple[str, ...]] = {
+    # activations
+    "batch": ("data", "fsdp"),
+    "length": (),
+    "act_embed": (),
+    "act_vocab": ("tensor",),
+    # parameters
+    "layers": (),
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),       # the H*N channels that r/k/v produce and `output` consumes
+    "mlp": ("tensor",),         # the channel-mix hidden size
+    "lora": (),
+    "channel": (),              # per-channel vectors and norm weights: small, kept whole
+    "head_index": (),
+    "head_dim": (),
+}
+
+# Every parameter's logical axes, by its dotted name (goosejax.model.params). Stacked layer
+# parameters lead with "layers"; Linear weights are [in, out].
+_VECTOR = ("layers", "channel")
+PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "emb": ("vocab", "embed"),
+    "head": ("embed", "vocab"),
+    "ln0.weight": ("channel",), "ln0.bias": ("channel",),
+    "ln_out.weight": ("channel",), "ln_out.bias": ("channel",),
+    "blocks.ln1.weight": _VECTOR, "blocks.ln1.bias": _VECTOR,
+    "blocks.ln2.weight": _VECTOR, "blocks.ln2.bias": _VECTOR,
+    **{f"blocks.att.{name}": _VECTOR for name in (
+        "x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a",
+        "ln_x_weight", "ln_x_bias")},
+    "blocks.att.r_k": ("layers", "head_index", "head_dim"),
+    **{f"blocks.att.{down}": ("layers", "embed", "lora") for down in ("w1", "a1", "v1", "g1")},
+    **{f"blocks.att.{up}": ("layers", "lora", "embed") for up in ("w2", "a2", "v2", "g2")},
+    "blocks.att.receptance": ("layers", "embed", "heads"),
+    "blocks.att.key": ("layers", "embed", "heads"),
+    "blocks.att.value": ("layers", "embed", "heads"),
+    "blocks.att.output": ("layers", "heads", "embed"),
+    "blocks.ffn.x_k": _VECTOR,
+    "blocks.ffn.key": ("layers", "embed", "mlp"),
+    "blocks.ffn.value": ("layers", "mlp", "embed"),
+}
+
+BATCH_AXES = ("batch", "length")
+LOGITS_AXES = ("batch", "length", "act_vocab")
+
+
+class ShardingError(ValueError):
+  """A mesh or sharding request that cannot be satisfied; the message says why."""
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The ("data", "fsdp", "tensor") mesh over `devices` (default: all, every process)."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = cfg.shape(len(devices))
+  shape = tuple(sizes[axis] for axis in MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def logical_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                 rules: Mapping[str, tuple[str, ...]] = RULES) -> PartitionSpec:
+  """PartitionSpec for a tensor whose dims carry logical `names` (None: never split)."""
+  if len(names) != len(shape):
+    raise ShardingError(f"logical axes {tuple(names)} do not match shape {tuple(shape)}")
+  used: set[str] = set()
+  spec = []
+  for name, size in zip(names, shape):
+    if name is None:
+      spec.append(None)
+      continue
+    if name not in rules:
+      raise ShardingError(f"logical axis {name!r} has no rule; known: {sorted(rules)}")
+    axes = tuple(a for a in rules[name] if mesh.shape.get(a, 1) > 1)
+    clash = used.intersection(axes)
+    if clash:
+      raise ShardingError(f"logical axes {tuple(names)}: mesh axis {sorted(clash)} is used twice")
+    if not axes or size % math.prod(mesh.shape[a] for a in axes):
+      spec.append(None)
+      continue
+    used.update(axes)
+    spec.append(axes[0] if len(axes) == 1 else axes)
+  return PartitionSpec(*spec)
+
+
+def param_axes(name: str) -> tuple[str, ...]:
+  if name not in PARAM_AXES:
+    raise ShardingError(f"parameter {name!r} has no logical axes in goosejax.sharding.PARAM_AXES; "
+                        "add it there so it can be placed on the mesh")
+  return PARAM_AXES[name]
+
+
+def param_shardings(shapes: Mapping[str, Any], mesh: Mesh) -> dict[str, NamedSharding]:
+  """{name: NamedSharding} for a {name: array or shape-like} parameter dict."""
+  result = {}
+  for name, value in shapes.items():
+    shape = tuple(getattr(value, "shape", value))
+    result[name] = NamedSharding(mesh, logical_spec(param_axes(name), shape, mesh))
+  return result
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def follow_params(tree: Any, param_shapes: Mapping[str, tuple[int, ...]],
+                  shardings: Mapping[str, NamedSharding], mesh: Mesh) -> Any:
+  """Shardings for a pytree (e.g. optimizer state) whose parameter-shaped leaves sit under a
+  parameter's name: those follow that parameter, everything else is replicated."""
+  def sharding_for(path, leaf):
+    for entry in reversed(path):
+      key = getattr(entry, "key", None)
+      if key in shardings and tuple(leaf.shape) == tuple(param_shapes[key]):
+        return shardings[key]
+    return replicated(mesh)
+  return jax.tree_util.tree_map_with_path(sharding_for, tree)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Batches [B, T, ...]: rows split over the batch axes, the rest whole."""
+  names = BATCH_AXES + (None,) * (ndim - 2)
+  return NamedSharding(mesh, PartitionSpec(*_axes_of(names, mesh)))
+
+
+def batch_shards(mesh: Mesh) -> int:
+  """How many ways the batch dimension is split."""
+  return math.prod(mesh.shape.get(a, 1) for a in RULES["batch"])
+
+
+def _axes_of(names: Sequence[str | None], mesh: Mesh) -> list:
+  spec = []
+  for name in names:
+    axes = tuple(a for a in RULES.get(name, ()) if mesh.shape.get(a, 1) > 1) if name else ()
+    spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return spec
+
+
+def constrain(x: jax.Array, names: Sequence[str | None], mesh: Mesh | None) -> jax.Array:
+  """Pin an activation's layout by logical names inside jit; a no-op without a mesh."""
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_spec(names, x.shape, mesh)))
+
+
+def host_to_global(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's rows of a batch -> global arrays split over the mesh's batch axes.
+
+  Every process passes its own consecutive slice of the global batch (process order); with
+  one process that is the whole batch.
+  """
+  result = {}
+  for key, value in local.items():
+    value = np.asarray(value)
+    sharding = batch_sharding(mesh, value.ndim)
+    global_shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
+    result[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+  return result
+
+
+def describe(shardings: Mapping[str, NamedSharding]) -> str:
+  """One line per parameter: name and PartitionSpec (for logs and tests)."""
+  width = max(len(name) for name in shardings)
+  return "\n".join(f"{name:<{width}}  {tuple(s.spec)}" for name, s in sorted(shardings.items()))

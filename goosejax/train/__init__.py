@@ -1,0 +1,12 @@
+"""Pretraining: the RWKV-7 recipe, the training loop, checkpoints and metrics.
+
+    from goosejax.train import train
+    result = train(load_config("tiny"), "runs/tiny")      # what `goosejax train` runs
+
+Modules: recipe (optimizer groups, schedule, L2Wrap loss, train/eval steps, sharded state),
+loop (the run), checkpoint (Orbax run directories), metrics (FLOPs/MFU, logs), batches
+(the data interface), distributed (multi-host start-up), cli (`goosejax train`).
+"""
+from goosejax.train.loop import NonFiniteLossError, RunResult, train
+
+__all__ = ["NonFiniteLossError", "RunResult", "train"]

@@ -1,0 +1,263 @@
+"""`train(cfg, run_dir)`: one pretraining run, start to finish, resumable at any point.
+
+    mesh -> run dir check -> fresh sharded state, --init-from weights, or the latest
+    checkpoint (params, optimizer, data position) -> compile (memory printed) -> steps:
+    dispatch step k+1, then read step k's metrics (the host never stalls the device),
+    log, evaluate, checkpoint -> final checkpoint.
+
+Stopping: the run ends after `run.steps` updates, on SIGTERM/SIGINT (preemption: a
+checkpoint is written first), or with `NonFiniteLossError` when a loss or gradient norm is
+NaN/inf; no checkpoint is written from a non-finite step, so the newest one on disk is the
+last good state. Re-running the same command resumes from the newest checkpoint and
+reproduces the uninterrupted run's losses bit for bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable, Mapping, TextIO
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from goosejax import sharding
+from goosejax.config import Config, ConfigError
+from goosejax.train import recipe
+from goosejax.train.batches import BatchIterator, open_batches
+from goosejax.train.checkpoint import (CheckpointError, TrainCheckpointer, read_run_config,
+                                       write_run_config)
+from goosejax.train.metrics import (MetricsLogger, flops_per_token, memory_summary,
+                                    peak_flops_per_device)
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN/inf loss or gradient; the message names the step and the last
+  good checkpoint."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  step: int                      # updates completed (and checkpointed)
+  reason: str                    # "finished", "signal" or "stop_at_step"
+  losses: dict[int, float]       # this invocation's training losses by step
+  val_loss: float | None
+
+
+class StopRequest:
+  """Set from signal handlers; read by the loop between steps."""
+
+  def __init__(self):
+    self.reason: str | None = None
+
+  def request(self, reason: str) -> None:
+    self.reason = self.reason or reason
+
+
+def _install_signal_handlers(stop: StopRequest) -> Callable[[], None]:
+  """SIGTERM / first SIGINT -> checkpoint and stop; a second SIGINT aborts at once."""
+  if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
+    return lambda: None  # multi-process: JAX's preemption sync point handles SIGTERM
+  previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+  def on_signal(signum, frame):
+    if signum == signal.SIGINT and stop.reason == "signal":
+      raise KeyboardInterrupt
+    stop.request("signal")
+
+  for sig in previous:
+    signal.signal(sig, on_signal)
+  return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
+
+
+def _check_batch_layout(cfg: Config, mesh) -> None:
+  shards = sharding.batch_shards(mesh)
+  rows = cfg.data.batch_size // cfg.optimizer.grad_accum
+  if rows % shards:
+    raise ConfigError(
+        f"data.batch_size={cfg.data.batch_size} / optimizer.grad_accum={cfg.optimizer.grad_accum}"
+        f" = {rows} rows per micro-batch, not divisible by the {shards} batch shards of the mesh "
+        f"{dict(mesh.shape)} (batch rows are split over mesh.data x mesh.fsdp)")
+  if cfg.data.batch_size % jax.process_count():
+    raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the "
+                      f"{jax.process_count()} processes")
+
+
+def _check_run_dir(run_dir: Path, cfg: Config) -> None:
+  previous = read_run_config(run_dir)
+  if previous is None:
+    return
+  if previous.model != cfg.model:
+    changed = {k: (v, getattr(cfg.model, k)) for k, v in dataclasses.asdict(previous.model).items()
+               if getattr(cfg.model, k) != v}
+    raise CheckpointError(f"{run_dir}: this run directory holds a different model "
+                          f"(config.json vs now: {changed}); use a new --run-dir")
+
+
+def load_init_params(path: str | Path, cfg: Config) -> dict[str, np.ndarray]:
+  """Starting weights: an official .pth, a goosejax checkpoint or a run directory's latest
+  step (goosejax.convert.pretrained.read_params), checked against the model config."""
+  from goosejax.convert.pretrained import read_params
+  _, params, _ = read_params(path)
+  params = {name: np.asarray(value, np.float32) for name, value in params.items()}
+  _, expected = recipe.abstract_model(cfg)
+  wrong = {name: (tuple(params[name].shape) if name in params else None, tuple(s.shape))
+           for name, s in expected.items() if name not in params or params[name].shape != s.shape}
+  extra = sorted(set(params) - set(expected))
+  if wrong or extra:
+    raise CheckpointError(f"--init-from {path}: the weights do not fit the configured model "
+                          f"(model.* settings): (found, expected) shapes {wrong}, unexpected {extra}")
+  return params
+
+
+def _finite(*values: float) -> bool:
+  return all(math.isfinite(v) for v in values)
+
+
+def train(cfg: Config, run_dir: str | Path, *, init_from: str | Path | None = None,
+          train_batches: BatchIterator | None = None,
+          open_validation: Callable[[], BatchIterator | None] | None = None,
+          mesh: jax.sharding.Mesh | None = None, stop_at_step: int | None = None,
+          out: TextIO | None = None, progress_bar: bool | None = None) -> RunResult:
+  """Run (or resume) training in `run_dir`. Batches default to `open_batches(cfg, ...)`;
+  `stop_at_step` ends the run cleanly after that step, as a preemption would."""
+  recipe.check_trainable(cfg)
+  run_dir = Path(run_dir)
+  primary = jax.process_index() == 0
+  out = out or sys.stdout
+  say = (lambda line: print(line, file=out, flush=True)) if primary else (lambda line: None)
+  mesh = mesh or sharding.make_mesh(cfg.mesh)
+  _check_batch_layout(cfg, mesh)
+  _check_run_dir(run_dir, cfg)
+  if primary:
+    write_run_config(run_dir, cfg)
+  pidx, pcount = jax.process_index(), jax.process_count()
+  if train_batches is None:
+    train_batches = open_batches(cfg, "train", pidx, pcount)
+  if open_validation is None:
+    open_validation = lambda: open_batches(cfg, "validation", pidx, pcount)
+
+  graphdef, shapes = recipe.abstract_model(cfg)
+  tx = recipe.make_optimizer(cfg.optimizer, cfg.run.steps, list(shapes))
+  checkpointer = TrainCheckpointer(run_dir, cfg.run.keep_checkpoints, cfg.run.async_checkpointing)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    abstract, shardings = recipe.abstract_train_state(cfg, tx, mesh)
+    params, opt_state, data_state, _ = checkpointer.restore(latest, abstract.params, abstract.opt_state)
+    step0 = recipe.place_on_mesh({"step": np.int32(latest)}, {"step": shardings.step})["step"]
+    state = recipe.TrainState(step0, params, opt_state)
+    train_batches.set_state(data_state)
+    say(f"resumed {run_dir} from step {latest}")
+  else:
+    init_params = load_init_params(init_from, cfg) if init_from is not None else None
+    state, shardings = recipe.init_train_state(cfg, tx, mesh, init_params)
+    say(f"new run in {run_dir}" + (f", weights from {init_from}" if init_from else ""))
+  start = latest or 0
+  total = cfg.run.steps
+  n_params = sum(math.prod(s.shape) for s in shapes.values())
+  say(f"model: {n_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)} over {mesh.devices.size} "
+      f"devices ({jax.devices()[0].device_kind}), {pcount} process(es)")
+
+  train_step = recipe.jit_train_step(recipe.make_train_step(graphdef, tx, cfg, mesh), shardings, mesh)
+  eval_step = recipe.jit_eval_step(recipe.make_eval_step(graphdef, cfg, mesh), shardings, mesh)
+  tokens_per_step = cfg.data.batch_size * cfg.data.ctx_len
+  peak, peak_source = peak_flops_per_device(cfg.run.peak_tflops)
+  logger = MetricsLogger(
+      run_dir, total_steps=total, tokens_per_step=tokens_per_step,
+      train_flops_per_token=flops_per_token(cfg.model)["train"],
+      peak_flops_total=peak * mesh.devices.size, n_devices=mesh.devices.size,
+      resume_step=start, tensorboard=cfg.run.tensorboard, out=out, enabled=primary,
+      progress_bar=progress_bar)
+  say(f"MFU against {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
+
+  stop = StopRequest()
+  restore_signals = _install_signal_handlers(stop)
+  losses: dict[int, float] = {}
+  val_loss = None
+  last_saved = latest
+
+  def save(step: int) -> None:
+    nonlocal last_saved
+    checkpointer.save(step, state.params, state.opt_state, train_batches.get_state(),
+                      {"model": dataclasses.asdict(cfg.model), "config": cfg.to_dict()})
+    last_saved = step
+
+  def flush(pending) -> None:
+    step, metrics = pending
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not _finite(values["loss"], values["grad_norm"], values["param_norm"]):
+      where = (f"the last good checkpoint is step {last_saved} in {checkpointer.directory}"
+               if last_saved is not None else "no checkpoint was written")
+      raise NonFiniteLossError(
+          f"step {step}: loss {values['loss']}, gradient norm {values['grad_norm']}, parameter "
+          f"norm {values['param_norm']} (lr {values['lr']:.3g}); stopping. {where}; rerunning "
+          "resumes from it (lower optimizer.lr_init or check the data)")
+    losses[step] = values["loss"]
+    logger.log_step(step, values)
+    if step % cfg.run.log_every == 0 or step == total:
+      logger.end_interval(step)
+
+  def evaluate(step: int) -> float | None:
+    batches = open_validation()
+    if batches is None:
+      return None
+    batch_losses = [float(eval_step(state.params, sharding.host_to_global(batch, mesh)))
+                    for _, batch in zip(range(cfg.run.eval_batches), batches)]
+    if not batch_losses:
+      return None
+    result = float(np.mean(batch_losses))
+    logger.log_eval(step, result)
+    say(f"step {step}: validation loss {result:.4f}")
+    return result
+
+  try:
+    step = start
+    if step < total:
+      batch = sharding.host_to_global(next(train_batches), mesh)
+      compiled = train_step.lower(state, batch).compile()
+      say(memory_summary(compiled))
+    logger.restart_clock()
+    pending = None
+    while step < total and stop.reason is None:
+      state, metrics = compiled(state, batch)
+      step += 1
+      if pending is not None:
+        flush(pending)
+      pending = (step, metrics)
+      if step == stop_at_step:
+        stop.request("stop_at_step")
+      if pcount > 1 and _preemption_reached(step):
+        stop.request("signal")
+      eval_due = step % cfg.run.eval_every == 0 or step == total
+      save_due = step % cfg.run.checkpoint_every == 0 or step == total or stop.reason is not None
+      if eval_due or save_due:
+        flush(pending)
+        pending = None
+        if eval_due:
+          val_loss = evaluate(step)
+        if save_due:
+          save(step)
+        logger.restart_clock()
+      if step < total and stop.reason is None:
+        batch = sharding.host_to_global(next(train_batches), mesh)
+    if pending is not None:
+      flush(pending)
+    if start >= total:
+      say(f"{run_dir} already finished {start} of run.steps={total} steps; raise --steps to continue")
+    reason = stop.reason or "finished"
+    if reason != "finished":
+      say(f"stopped after step {step} ({reason}); checkpoint saved, rerun the same command to resume")
+    return RunResult(step, reason, losses, val_loss)
+  finally:
+    restore_signals()
+    checkpointer.close()
+    logger.close()
+
+
+def _preemption_reached(step: int) -> bool:
+  from jax.experimental import multihost_utils
+  return multihost_utils.reached_preemption_sync_point(step)
