@@ -22,7 +22,8 @@ from flax import nnx
 
 from goosejax.infer.prefill import prefill_last
 from goosejax.infer.sampling import SamplingConfig, apply_penalties, sample, update_counts
-from goosejax.infer.step import DecodeWeights, decode_step, decode_weights
+from goosejax.infer.step import (DecodeWeights, LayerStates, decode_step_layers, decode_weights,
+                                  join_state, split_state)
 from goosejax.model.rwkv7 import RWKV7
 from goosejax.model.state import RWKV7State
 
@@ -40,7 +41,7 @@ class DecodeCarry(NamedTuple):
   lengths_B: jax.Array     # [B] int32: tokens emitted per row
   done_B: jax.Array        # [B] bool: row hit a stop token
   logits_BV: jax.Array     # [B, V] fp32: logits for the next token
-  state: RWKV7State
+  layers: LayerStates      # the recurrent state, split per layer (see goosejax.infer.step)
   seen_BV: jax.Array       # [B, V] bool: generated at least once (presence penalty)
   counts_BV: jax.Array     # [B, V] fp32: decayed occurrence counts (frequency penalty)
   key: jax.Array
@@ -53,7 +54,7 @@ def init_carry(logits_BV: jax.Array, state: RWKV7State, max_new_tokens: int,
   key = seed if is_key else jax.random.key(seed)
   return DecodeCarry(jnp.zeros((), jnp.int32), jnp.full((B, max_new_tokens), PAD_ID, jnp.int32),
                      jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool), logits_BV.astype(jnp.float32),
-                     state, jnp.zeros((B, V), bool), jnp.zeros((B, V), jnp.float32), key)
+                     split_state(state), jnp.zeros((B, V), bool), jnp.zeros((B, V), jnp.float32), key)
 
 
 def decode_loop(weights: DecodeWeights, carry: DecodeCarry, stop_at: jax.Array, cfg: SamplingConfig,
@@ -84,9 +85,9 @@ def decode_loop(weights: DecodeWeights, carry: DecodeCarry, stop_at: jax.Array, 
                                        emit_B, cfg)
     step = c.step + 1
     more = (step < max_new) & ~jnp.all(done_B)   # not stop_at: a later block continues
-    logits_BV, state = jax.lax.cond(
-        more, lambda: decode_step(weights, token_B, c.state), lambda: (c.logits_BV, c.state))
-    return DecodeCarry(step, tokens_BN, c.lengths_B + emit_B, done_B, logits_BV, state,
+    logits_BV, layers = jax.lax.cond(
+        more, lambda: decode_step_layers(weights, token_B, c.layers), lambda: (c.logits_BV, c.layers))
+    return DecodeCarry(step, tokens_BN, c.lengths_B + emit_B, done_B, logits_BV, layers,
                        seen_BV, counts_BV, c.key)
 
   return jax.lax.while_loop(cond, body, carry)
@@ -99,14 +100,14 @@ _decode_loop_jit = jax.jit(decode_loop, static_argnames="cfg", donate_argnames="
 def _masked_steps(weights: DecodeWeights, tokens_BT, lengths_B, logits_BV, state):
   """Feed column t of `tokens_BT` to the rows with t < length; other rows keep their values."""
   def step(carry, t):
-    logits_BV, state = carry
-    new_logits, new_state = decode_step(weights, tokens_BT[:, t], state)
+    logits_BV, layers = carry
+    new_logits, new_layers = decode_step_layers(weights, tokens_BT[:, t], layers)
     active_B = t < lengths_B
     pick = lambda new, old: jnp.where(active_B.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-    return (pick(new_logits, logits_BV), jax.tree.map(
-        lambda n, o: jnp.where(active_B.reshape((1, -1) + (1,) * (n.ndim - 2)), n, o), new_state, state)), None
-  (logits_BV, state), _ = jax.lax.scan(step, (logits_BV, state), jnp.arange(tokens_BT.shape[1]))
-  return logits_BV, state
+    return (pick(new_logits, logits_BV), jax.tree.map(pick, new_layers, layers)), None
+  (logits_BV, layers), _ = jax.lax.scan(step, (logits_BV, split_state(state)),
+                                        jnp.arange(tokens_BT.shape[1]))
+  return logits_BV, join_state(layers)
 
 
 class Generator:
