@@ -7,7 +7,7 @@ Measures, for one random 0.1B-shaped model in fp32:
   decode b1    batch-1 greedy decoding, tokens/s (goosejax: the jitted while-loop of one-token
                steps; official: forward([token], state) per token, argmax in between)
   prefill      a 512-token prompt from a zero state to the first token's logits, tokens/s
-               (goosejax: sequence-mode prefill_last; official: forward(tokens, None))
+               (goosejax: the sequence-mode prefill generate() runs; official: forward(tokens, None))
   decode b64   batch-64 greedy decoding, tokens/s (goosejax only; the official runtime has none)
 The rounds alternate between the two runtimes so that both see the same machine load; the
 table reports each one's best round (the least disturbed) and the median, and the ratios of
@@ -84,11 +84,9 @@ class Goosejax:
     return time.perf_counter() - start
 
   def prefill(self, tokens: list[int]) -> float:
-    from goosejax.infer.prefill import prefill_last
-
-    ids = self.jnp.asarray([tokens], self.jnp.int32)
+    """Seconds from a prompt to its last logits (what generate() runs first)."""
     start = time.perf_counter()
-    self.jax.block_until_ready(prefill_last(self.model, ids)[0])
+    self.jax.block_until_ready(self.generator.prefill([tokens])[0])
     return time.perf_counter() - start
 
 

@@ -94,3 +94,16 @@ def test_the_pure_decode_loop_composes_with_jit(model):
 
   tokens = greedy_tokens(weights, TOKENS)
   assert tokens.tolist() == generate(model, TOKENS, 7, temperature=0)
+
+
+def test_prefill_split_equals_prefill_last_with_a_state_and_resets(model):
+  from goosejax.infer.prefill import blocks_template, prefill_split
+  from goosejax.infer.step import join_state, split_state
+  _, start = model(TOKENS[:, :2])
+  reset = jnp.zeros(TOKENS.shape, bool).at[1, 3].set(True)
+  ref_logits, ref_state = prefill_last(model, TOKENS, start, reset_BT=reset)
+  logits, layers = prefill_split(blocks_template(model), decode_weights(model), TOKENS,
+                                 split_state(start), reset_BT=reset)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-5)
+  for ours, ref in zip(join_state(layers), ref_state):
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=2e-5, rtol=1e-5)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from goosejax.infer.prefill import prefill_last
+from goosejax.infer.prefill import blocks_template, prefill_split
 from goosejax.infer.sampling import SamplingConfig, apply_penalties, sample, update_counts
 from goosejax.infer.step import (DecodeWeights, LayerStates, decode_step_layers, decode_weights,
                                   join_state, split_state)
@@ -116,30 +116,36 @@ class Generator:
   def __init__(self, model: RWKV7):
     self.model = model
     self.weights = decode_weights(model)
+    self.template = blocks_template(model)
     self._param_refs = _param_refs(model)
 
   def is_current(self) -> bool:
     """False once the model's parameters were replaced (the weights copy would be stale)."""
     return all(a is b for a, b in zip(self._param_refs, _param_refs(self.model)))
 
+  def _prefill(self, tokens_BT, state: RWKV7State, reset_BT=None):
+    logits_BV, layers = prefill_split(self.template, self.weights, tokens_BT, split_state(state),
+                                      reset_BT=reset_BT)
+    return logits_BV, join_state(layers)
+
   def prefill(self, prompts: Sequence[Sequence[int]], state: RWKV7State | None = None):
     """(last logits [B, V], state after each row's prompt) for prompts of any lengths."""
-    model, B = self.model, len(prompts)
+    B = len(prompts)
     lengths = np.array([len(p) for p in prompts])
     T = int(lengths.max())
-    if state is not None:
-      state = _broadcast_state(state, B)
+    fresh = state is None
+    state = self.model.init_state(B) if fresh else _broadcast_state(state, B)
     if np.all(lengths == T):
-      return prefill_last(model, jnp.asarray(np.array(prompts, np.int64), jnp.int32), state)
-    if state is None:
+      return self._prefill(jnp.asarray(np.array(prompts, np.int64), jnp.int32), state)
+    if fresh:
       tokens = np.zeros((B, T), np.int32)
       reset = np.zeros((B, T), bool)
       for row, prompt in enumerate(prompts):
         tokens[row, T - len(prompt):] = prompt
         reset[row, T - len(prompt)] = True
-      return prefill_last(model, jnp.asarray(tokens), None, reset_BT=jnp.asarray(reset))
+      return self._prefill(jnp.asarray(tokens), state, jnp.asarray(reset))
     common = int(lengths.min())
-    logits_BV, state = prefill_last(model, jnp.asarray([p[:common] for p in prompts], jnp.int32), state)
+    logits_BV, state = self._prefill(jnp.asarray([p[:common] for p in prompts], jnp.int32), state)
     tail = np.zeros((B, T - common), np.int32)
     for row, prompt in enumerate(prompts):
       tail[row, :len(prompt) - common] = prompt[common:]
