@@ -83,6 +83,20 @@ class RWKV7(nnx.Module):
 
   def __call__(self, tokens_BT: jax.Array, state: RWKV7State | None = None, *,
                reset_BT: jax.Array | None = None) -> tuple[jax.Array, RWKV7State]:
+    x_BTC, state = self.hidden_states(tokens_BT, state, reset_BT=reset_BT)
+    return self.logits(x_BTC), state
+
+  def logits(self, x_BTC: jax.Array) -> jax.Array:
+    """The head applied to `hidden_states` output: fp32 logits [..., V]."""
+    return jnp.matmul(x_BTC, self.head[...].astype(x_BTC.dtype), precision=jax.lax.Precision.HIGHEST,
+                      preferred_element_type=jnp.float32)
+
+  def hidden_states(self, tokens_BT: jax.Array, state: RWKV7State | None = None, *,
+                    reset_BT: jax.Array | None = None) -> tuple[jax.Array, RWKV7State]:
+    """Everything but the head: (ln_out output [B,T,C] in the compute dtype, new state).
+
+    Prefill uses this to apply the head to the last position only.
+    """
     cfg = self.config
     if tokens_BT.ndim != 2:
       raise ValueError(f"RWKV7: tokens must be [batch, time], got shape {tokens_BT.shape}")
@@ -114,7 +128,4 @@ class RWKV7(nnx.Module):
         layer, (x_BTC, v_first_BTC),
         (params, state.att_shift_LBC.astype(dtype), state.wkv_LBHNN.astype(jnp.float32),
          state.ffn_shift_LBC.astype(dtype), jnp.arange(cfg.n_layer)))
-    x_BTC = self.ln_out(x_BTC)
-    logits_BTV = jnp.matmul(x_BTC, self.head[...].astype(dtype), precision=jax.lax.Precision.HIGHEST,
-                            preferred_element_type=jnp.float32)
-    return logits_BTV, RWKV7State(att_shift, wkv, ffn_shift)
+    return self.ln_out(x_BTC), RWKV7State(att_shift, wkv, ffn_shift)
