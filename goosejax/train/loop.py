@@ -13,6 +13,7 @@ reproduces the uninterrupted run's losses bit for bit.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import signal
@@ -82,9 +83,14 @@ def _check_batch_layout(cfg: Config, mesh) -> None:
         f"data.batch_size={cfg.data.batch_size} / optimizer.grad_accum={cfg.optimizer.grad_accum}"
         f" = {rows} rows per micro-batch, not divisible by the {shards} batch shards of the mesh "
         f"{dict(mesh.shape)} (batch rows are split over mesh.data x mesh.fsdp)")
-  if cfg.data.batch_size % jax.process_count():
+  processes = jax.process_count()
+  if cfg.data.batch_size % processes:
     raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the "
-                      f"{jax.process_count()} processes")
+                      f"{processes} processes")
+  if shards % processes:
+    raise ConfigError(f"mesh {dict(mesh.shape)} splits the batch {shards} ways, which does not "
+                      f"give each of the {processes} processes its own rows; make "
+                      "mesh.data x mesh.fsdp a multiple of the process count")
 
 
 def _check_run_dir(run_dir: Path, cfg: Config) -> None:
@@ -162,8 +168,8 @@ def train(cfg: Config, run_dir: str | Path, *, init_from: str | Path | None = No
   say(f"model: {n_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)} over {mesh.devices.size} "
       f"devices ({jax.devices()[0].device_kind}), {pcount} process(es)")
 
-  train_step = recipe.jit_train_step(recipe.make_train_step(graphdef, tx, cfg, mesh), shardings, mesh)
-  eval_step = recipe.jit_eval_step(recipe.make_eval_step(graphdef, cfg, mesh), shardings, mesh)
+  eval_step = _memoized(("eval", cfg.model, cfg.run.remat, mesh), lambda: recipe.jit_eval_step(
+      recipe.make_eval_step(graphdef, cfg, mesh), shardings, mesh))
   tokens_per_step = cfg.data.batch_size * cfg.data.ctx_len
   peak, peak_source = peak_flops_per_device(cfg.run.peak_tflops)
   logger = MetricsLogger(
@@ -218,7 +224,11 @@ def train(cfg: Config, run_dir: str | Path, *, init_from: str | Path | None = No
     step = start
     if step < total:
       batch = sharding.host_to_global(next(train_batches), mesh)
-      compiled = train_step.lower(state, batch).compile()
+      signature = tuple((k, v.shape, v.dtype.name) for k, v in sorted(batch.items()))
+      compiled = _memoized(
+          ("train", cfg.model, cfg.optimizer, cfg.run.steps, cfg.run.remat, mesh, signature),
+          lambda: recipe.jit_train_step(recipe.make_train_step(graphdef, tx, cfg, mesh),
+                                        shardings, mesh).lower(state, batch).compile())
       say(memory_summary(compiled))
     logger.restart_clock()
     pending = None
@@ -256,6 +266,22 @@ def train(cfg: Config, run_dir: str | Path, *, init_from: str | Path | None = No
     restore_signals()
     checkpointer.close()
     logger.close()
+
+
+# Compiled steps by everything they depend on: a second run in the same process (a notebook,
+# the tests) reuses them instead of compiling again.
+_MEMO: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
+_MEMO_SIZE = 8
+
+
+def _memoized(key: tuple, build: Callable[[], Any]) -> Any:
+  if key in _MEMO:
+    _MEMO.move_to_end(key)
+    return _MEMO[key]
+  value = _MEMO[key] = build()
+  while len(_MEMO) > _MEMO_SIZE:
+    _MEMO.popitem(last=False)
+  return value
 
 
 def _preemption_reached(step: int) -> bool:

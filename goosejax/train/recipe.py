@@ -18,6 +18,7 @@ merged back inside the step.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -29,7 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from goosejax import sharding
-from goosejax.config import Config, ConfigError, OptimizerConfig
+from goosejax.config import Config, ConfigError, ModelConfig, OptimizerConfig
 from goosejax.model import RWKV7
 
 DECAY_PARAMS = frozenset({
@@ -140,7 +141,7 @@ def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, Params]:
   """(graph definition, {dotted name: array}); the model must hold nothing but Params."""
   graphdef, state = nnx.split(model)
   params = {}
-  for path, variable in state.flat_state():
+  for path, variable in nnx.to_flat_state(state):
     if not isinstance(variable, nnx.Param):
       raise TypeError(f"model variable {'.'.join(map(str, path))} is a {type(variable).__name__}; "
                       "the trainer expects only nnx.Param state")
@@ -150,7 +151,7 @@ def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, Params]:
 
 def merge_params(graphdef: nnx.GraphDef, params: Mapping[str, jax.Array]) -> nnx.Module:
   flat = {tuple(name.split(".")): value for name, value in params.items()}
-  return nnx.merge(graphdef, nnx.State.from_flat_path(flat))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def check_trainable(cfg: Config) -> None:
@@ -209,13 +210,20 @@ def init_train_state(cfg: Config, tx: optax.GradientTransformation, mesh: Mesh,
     # inside one jitted program several QRs run at once and can deadlock that pool (seen on
     # a 2-core machine even with one device). Op-by-op they cannot. CPU devices share host
     # memory anyway, so initialise eagerly and place the result on the mesh.
-    _, params = split_params(build_model(cfg))
-    params = jax.tree.map(np.asarray, params)
+    params = dict(_eager_init(cfg.model, cfg.run.seed))
   if params is not None:
     params = place_on_mesh(params, shardings.params)
   param_in = None if params is None else shardings.params
   state = jax.jit(create, in_shardings=(param_in,), out_shardings=shardings)(params)
   return state, shardings
+
+
+@functools.lru_cache(maxsize=1)
+def _eager_init(model_cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
+  """Host copy of a fresh initialisation, op by op; a second run in the same process with the
+  same model and seed (tests, notebooks) reuses it instead of paying the slow eager init again."""
+  _, params = split_params(RWKV7(model_cfg, rngs=nnx.Rngs(seed)))
+  return {name: np.asarray(value) for name, value in params.items()}
 
 
 def place_on_mesh(host: Mapping[str, Any], shardings: Mapping[str, jax.sharding.Sharding]) -> Params:
@@ -229,6 +237,11 @@ def place_on_mesh(host: Mapping[str, Any], shardings: Mapping[str, jax.sharding.
 
 
 # ----------------------------------------------------------------------------- steps
+
+
+def global_norm(tree: Any) -> jax.Array:
+  """sqrt of the sum of squares of every element, in fp32."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 def _micro_batches(batch: Batch, accum: int) -> dict[str, jax.Array]:
@@ -253,17 +266,15 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: Config, mesh: Mesh | None,
   return loss_fn
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: Config,
-                    mesh: Mesh | None) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  """The un-jitted step: (state, global batch) -> (new state, metrics)."""
+def make_grad_fn(graphdef: nnx.GraphDef, cfg: Config,
+                 mesh: Mesh | None) -> Callable[[Params, Batch], tuple[jax.Array, Params]]:
+  """(params, batch) -> (mean loss, mean gradients) over `grad_accum` micro-batches."""
   grad_fn = jax.value_and_grad(make_loss_fn(graphdef, cfg, mesh, cfg.optimizer.l2wrap))
   accum = cfg.optimizer.grad_accum
-  total_steps = cfg.run.steps
+  if accum == 1:
+    return grad_fn
 
   def loss_and_grads(params: Params, batch: Batch):
-    if accum == 1:
-      return grad_fn(params, batch)
-
     def one_micro_batch(carry, micro):
       loss_sum, grad_sum = carry
       loss, grads = grad_fn(params, micro)
@@ -274,15 +285,23 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
                                            _micro_batches(batch, accum))
     return loss_sum / accum, jax.tree.map(lambda g: g / accum, grad_sum)
 
+  return loss_and_grads
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: Config,
+                    mesh: Mesh | None) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """The un-jitted step: (state, global batch) -> (new state, metrics)."""
+  loss_and_grads = make_grad_fn(graphdef, cfg, mesh)
+
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     loss, grads = loss_and_grads(state.params, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(params),
-        "lr": learning_rate(state.step, cfg.optimizer, total_steps),
+        "grad_norm": global_norm(grads),
+        "param_norm": global_norm(params),
+        "lr": learning_rate(state.step, cfg.optimizer, cfg.run.steps),
     }
     return TrainState(state.step + 1, params, opt_state), metrics
 
