@@ -137,7 +137,7 @@ def test_goosejax_dtype_restriction_and_missing_parent(tmp_path, official, capsy
 def test_help_and_usage_errors(capsys):
   with pytest.raises(SystemExit) as info:
     convert("--help")
-  assert info.value.code == 0 and "--to {goosejax,official}" in capsys.readouterr().out
+  assert info.value.code == 0 and "--to {goosejax,official,hf}" in capsys.readouterr().out
   with pytest.raises(SystemExit) as info:
     convert("only-one-argument")
   assert info.value.code == 2

@@ -194,3 +194,28 @@ def test_fla_state_layout_is_the_transpose():
   np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
   back = state_from_fla(fla)
   assert all(np.array_equal(a, b) for a, b in zip(back, state))
+
+
+def test_convert_cli_to_and_from_hf(checkpoint, tmp_path, capsys):
+  from goosejax import cli
+  from goosejax.convert.official import params_to_official
+  from goosejax.convert.pth import read_pth, write_pth
+
+  cfg, params = checkpoint
+  official = params_to_official(params, cfg)
+  write_pth(tmp_path / "model.pth", official)
+  assert cli.main(["convert", str(tmp_path / "model.pth"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+  assert json.loads((tmp_path / "hf" / "config.json").read_text())["hidden_size"] == cfg.n_embd
+  assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "back.pth")]) == 0
+  back = read_pth(tmp_path / "back.pth")
+  assert sorted(back) == sorted(official)
+  assert all(np.array_equal(back[k], official[k]) for k in official)
+  assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "hf")]) == 1   # exists, no --force
+  (tmp_path / "plain").mkdir()
+  assert cli.main(["convert", str(tmp_path / "model.pth"), str(tmp_path / "plain"), "--to", "hf",
+                   "--force"]) == 1
+  assert "not a Hugging Face model directory" in capsys.readouterr().err
+  assert cli.main(["convert", str(tmp_path / "model.pth"), str(tmp_path / "hf"), "--to", "hf",
+                   "--force", "--dtype", "bfloat16"]) == 0
+  assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+  assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())

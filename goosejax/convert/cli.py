@@ -1,4 +1,7 @@
-"""`goosejax convert SRC DST [--to goosejax|official]`: official .pth <-> goosejax checkpoint.
+"""`goosejax convert SRC DST [--to goosejax|official|hf]`: official .pth <-> goosejax checkpoint.
+
+Hugging Face / flash-linear-attention directories (config.json + safetensors, see
+goosejax/convert/hf.py) are read as SRC and written with --to hf.
 
 SRC is an official RWKV-7 x070 `.pth`, a goosejax checkpoint directory or a training run
 directory (its latest checkpoint). Without --to, a .pth becomes a goosejax checkpoint and a
@@ -19,6 +22,7 @@ import numpy as np
 
 from goosejax import checkpoint
 from goosejax.config import ModelConfig
+from goosejax.convert.hf import is_hf_checkpoint, load_hf, save_hf
 from goosejax.convert.official import params_to_official
 from goosejax.convert.pretrained import read_params, source_kind
 from goosejax.convert.pth import write_pth
@@ -34,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
                   "checkpoint directory (both ways; official logits are preserved).")
   p.add_argument("src", help="official .pth, goosejax checkpoint directory or run directory")
   p.add_argument("dst", help="output: a checkpoint directory (--to goosejax) or a .pth file")
-  p.add_argument("--to", choices=("goosejax", "official"),
+  p.add_argument("--to", choices=("goosejax", "official", "hf"),
                  help="output format (default: the other one than SRC's)")
   p.add_argument("--dtype", choices=tuple(DTYPES),
                  help="stored dtype of the output (default: float32 for goosejax; for official, "
@@ -76,6 +80,9 @@ def _check_destination(dst: Path, target: str, force: bool) -> None:
     raise ConvertError(f"{dst} already exists; pass --force to replace it")
   if target == "official" and not dst.is_file():
     raise ConvertError(f"{dst} exists and is not a file; --force only replaces a file here")
+  if target == "hf" and not is_hf_checkpoint(dst):
+    raise ConvertError(f"{dst} exists and is not a Hugging Face model directory; --force only "
+                       "replaces one (config.json + model.safetensors)")
   if target == "goosejax" and not checkpoint.is_checkpoint(dst):
     raise ConvertError(f"{dst} exists and is not a goosejax checkpoint directory; --force "
                                 "only replaces a goosejax checkpoint")
@@ -86,15 +93,20 @@ def convert(src: Path, dst: Path, target: str | None = None, *, dtype: str | Non
             log=print) -> dict:
   """Convert SRC to DST; returns a summary dict. Raises ValueError subclasses on bad input."""
   started = time.perf_counter()
-  kind = source_kind(src)
+  kind = "hf" if is_hf_checkpoint(src) else source_kind(src)
   target = target or ("goosejax" if kind == "official" else "official")
   if target == "goosejax" and dtype not in (None, "float32", "bfloat16"):
     raise ConvertError(f"--dtype {dtype}: a goosejax checkpoint stores float32 or bfloat16")
   _check_destination(dst, target, force)
 
-  log(f"reading {src} ({'official .pth' if kind == 'official' else 'goosejax checkpoint'}, "
+  what = {"official": "official .pth", "hf": "Hugging Face directory"}.get(kind, "goosejax checkpoint")
+  log(f"reading {src} ({what}, "
       f"{_megabytes(_path_size(src))})")
-  cfg, params, facts = read_params(src)
+  if kind == "hf":
+    cfg, params = load_hf(src)
+    facts = {"kind": kind, "path": str(src)}
+  else:
+    cfg, params, facts = read_params(src)
   n_params = sum(int(np.prod(v.shape)) for v in params.values())
   log(f"  {_describe(cfg)}; {n_params:,} parameters")
   if "stored_dtypes" in facts:
@@ -109,6 +121,10 @@ def convert(src: Path, dst: Path, target: str | None = None, *, dtype: str | Non
     stored = {name: np.asarray(value).astype(DTYPES[out_dtype]) for name, value in params.items()}
     checkpoint.save_checkpoint(dst, stored, cfg, overwrite=force,
                                metadata={"converted_from": str(src.resolve()), "source_kind": kind})
+  elif target == "hf":
+    out_dtype = dtype or cfg.param_dtype
+    log(f"writing Hugging Face / FLA directory {dst} ({out_dtype})")
+    _write_hf(params, cfg, dst, DTYPES[out_dtype])
   else:
     out_dtype = dtype or cfg.param_dtype
     log(f"writing official .pth {dst} ({out_dtype}, vectors [{vectors.replace('x', ',')}], "
@@ -122,6 +138,20 @@ def convert(src: Path, dst: Path, target: str | None = None, *, dtype: str | Non
   log(f"done: {dst} ({target}, {out_dtype}, {_megabytes(summary['bytes'])}, {n_params:,} "
       f"parameters) in {total_s:.1f} s (reading {read_s:.1f} s)")
   return summary
+
+
+def _write_hf(params, cfg: ModelConfig, dst: Path, dtype) -> None:
+  """save_hf beside DST, then rename into place (a failure leaves nothing at DST)."""
+  import shutil
+  partial = dst.with_name(f".{dst.name}.partial")
+  shutil.rmtree(partial, ignore_errors=True)
+  try:
+    save_hf(params, cfg, partial, dtype=dtype)
+    if dst.exists():
+      shutil.rmtree(dst)
+    partial.rename(dst)
+  finally:
+    shutil.rmtree(partial, ignore_errors=True)
 
 
 def main(argv: list[str]) -> int:
