@@ -76,9 +76,9 @@ def main(argv: list[str]) -> int:
         mode=args.distributed, coordinator_address=args.coordinator_address,
         num_processes=args.num_processes, process_id=args.process_id,
         timeout_s=args.distributed_timeout))
-    _enable_compilation_cache(args.compilation_cache)
     cfg = load_config(args.config, args.overrides,
                       {"run.steps": args.steps, "run.checkpoint_every": args.checkpoint_every})
+    _enable_compilation_cache(args.compilation_cache)
     result = train(cfg, args.run_dir, init_from=args.init_from,
                    progress_bar=False if args.no_progress_bar else None)
   except expected_errors as e:

@@ -1,0 +1,94 @@
+"""`goosejax train` as users run it: argument errors, and the tiny preset on the built-in
+corpus trained straight for 12 steps vs. stopped by SIGTERM, killed with SIGKILL and resumed
+with the same command: the losses agree bit for bit at every step."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from goosejax.checkpoint import checkpoint_steps
+from goosejax.cli import main as goosejax_main
+
+ARGS = ["--config", "tiny", "--steps", "12", "--checkpoint-every", "4", "--no-progress-bar",
+        "data.ctx_len=16", "data.batch_size=8", "run.log_every=4", "run.eval_every=100",
+        "run.eval_batches=1", "run.peak_tflops=0.05"]
+
+
+def test_bad_arguments_exit_2_with_a_message(tmp_path, capsys):
+  assert goosejax_main(["train", "--config", "tiny", "--run-dir", str(tmp_path), "model.nope=1"]) == 2
+  assert "unknown config key 'model.nope'" in capsys.readouterr().err
+  assert goosejax_main(["train", "--config", "tiny", "--run-dir", str(tmp_path),
+                        "--process-id", "0"]) == 2
+  assert "needs all of --coordinator-address, --num-processes and --process-id" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    goosejax_main(["train", "--run-dir", str(tmp_path)])            # --config is required
+
+
+def losses(run_dir):
+  records = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def start(run_dir, cache):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  command = [sys.executable, "-m", "goosejax.cli", "train", "--run-dir", str(run_dir),
+             "--compilation-cache", str(cache), *ARGS]
+  return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(condition, process, what, timeout=240):
+  deadline = time.monotonic() + timeout
+  while not condition():
+    if process.poll() is not None:
+      pytest.fail(f"training exited ({process.returncode}) before {what}:\n{process.stdout.read()}")
+    if time.monotonic() > deadline:
+      process.kill()
+      pytest.fail(f"timed out waiting for {what}")
+    time.sleep(0.02)
+
+
+def logged_step(run_dir):
+  path = Path(run_dir) / "metrics.jsonl"
+  return max(losses(run_dir), default=0) if path.exists() else 0
+
+
+@pytest.mark.slow
+def test_sigterm_and_kill9_then_resume_reproduce_the_straight_run(tmp_path):
+  cache = tmp_path / "xla-cache"
+  straight = tmp_path / "straight"
+  process = start(straight, cache)
+  output = process.communicate(timeout=300)[0]
+  assert process.returncode == 0, output
+  assert "compiled train step, memory per device" in output and "step 12/12 |" in output
+
+  run_dir = tmp_path / "interrupted"
+  # 1. Preemption: SIGTERM once training is under way -> checkpoint, exit 143.
+  process = start(run_dir, cache)
+  wait_for(lambda: logged_step(run_dir) >= 2, process, "step 2")
+  process.send_signal(signal.SIGTERM)
+  output = process.communicate(timeout=120)[0]
+  assert process.returncode == 143, output
+  stopped = checkpoint_steps(run_dir)[-1]
+  assert 2 <= stopped < 12 and f"stopped after step {stopped}" in output
+
+  # 2. A crash: SIGKILL after the next regular checkpoint, in the middle of later steps.
+  process = start(run_dir, cache)
+  next_checkpoint = (stopped // 4 + 1) * 4
+  wait_for(lambda: next_checkpoint in checkpoint_steps(run_dir), process, f"checkpoint {next_checkpoint}")
+  process.kill()
+  process.communicate(timeout=60)
+  assert process.returncode == -signal.SIGKILL, "training finished before it could be killed"
+
+  # 3. The same command again finishes the run.
+  process = start(run_dir, cache)
+  output = process.communicate(timeout=300)[0]
+  assert process.returncode == 0, output
+  assert "resumed" in output
+  assert losses(run_dir) == losses(straight)
+  assert sorted(losses(run_dir)) == list(range(1, 13))
+  assert checkpoint_steps(run_dir)[-1] == 12
