@@ -195,3 +195,12 @@ def test_flops_formula_counts_every_matmul_weight():
   assert flops["matmul"] == 2 * n_matmul
   assert flops["wkv"] == cfg.n_layer * 9 * cfg.n_embd * cfg.head_size
   assert flops["train"] == 3 * (flops["matmul"] + flops["wkv"])
+
+
+def test_init_from_trained_weights(straight, tmp_path):
+  result, output = run(tmp_path / "finetune", init_from=straight[0], stop_at_step=1)
+  assert f"weights from {straight[0]}" in output
+  trained = losses_of(straight[0])
+  assert result.losses[1] < trained[1] - 1.0              # starts where the first run ended
+  with pytest.raises(CheckpointError, match="do not fit the configured model"):
+    run(tmp_path / "other", ["model.vocab_size=512"], init_from=straight[0])
