@@ -163,10 +163,19 @@ def _axes_of(names: Sequence[str | None], mesh: Mesh) -> list:
   return spec
 
 
-def constrain(x: jax.Array, names: Sequence[str | None], mesh: Mesh | None) -> jax.Array:
-  """Pin an activation's layout by logical names inside jit; a no-op without a mesh."""
+def constrain(x: jax.Array, names: Sequence[str | None], mesh: Mesh | None = None) -> jax.Array:
+  """Pin an activation's layout by logical names inside jit.
+
+  Without `mesh` the ambient one is used (`jax.set_mesh`, or inside jit
+  `jax.sharding.use_abstract_mesh`, as the train step does around the model), so model code
+  can name its activations without knowing the mesh; with no mesh at all (inference on one
+  device) this is a no-op.
+  """
   if mesh is None:
-    return x
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+      return x
+    return jax.lax.with_sharding_constraint(x, logical_spec(names, x.shape, mesh))
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_spec(names, x.shape, mesh)))
 
 

@@ -116,3 +116,16 @@ def test_host_batches_become_global_arrays():
   assert global_batch.sharding.spec == P("data", None)
   np.testing.assert_array_equal(np.asarray(global_batch), local["inputs"])
   assert {s.data.shape for s in global_batch.addressable_shards} == {(2, 3)}
+
+
+def test_constrain_uses_the_ambient_mesh():
+  mesh = mesh_of(2, 2, 2)
+  f = lambda x: sharding.constrain(x * 2, ("batch", "length", "act_embed"))
+  x = np.ones((8, 4, 16), np.float32)
+  assert np.asarray(jax.jit(f)(x)).sum() == 2 * x.sum()           # no mesh: a no-op
+
+  def with_mesh(x):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):    # what the train step does
+      return f(x)
+  text = jax.jit(with_mesh).lower(x).as_text()
+  assert 'sharding_constraint %1 <@mesh, [{"data", "fsdp"}, {}, {}]>' in text

@@ -259,8 +259,10 @@ def train(cfg: Config, run_dir: str | Path, *, init_from: str | Path | None = No
     if start >= total:
       say(f"{run_dir} already finished {start} of run.steps={total} steps; raise --steps to continue")
     reason = stop.reason or "finished"
-    if reason != "finished":
+    if reason != "finished" and step > start:
       say(f"stopped after step {step} ({reason}); checkpoint saved, rerun the same command to resume")
+    elif reason != "finished":
+      say(f"stopped before the first step ({reason}); nothing new to save")
     return RunResult(step, reason, losses, val_loss)
   finally:
     restore_signals()

@@ -18,6 +18,7 @@ merged back inside the step.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any, Callable, Mapping, NamedTuple
@@ -259,7 +260,9 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: Config, mesh: Mesh | None,
     model = merge_params(graphdef, params)
     inputs_BT = sharding.constrain(batch["inputs"], sharding.BATCH_AXES, mesh)
     reset_BT = batch.get("reset")
-    logits_BTV, _ = model(inputs_BT, reset_BT=reset_BT)
+    # The ambient mesh lets model code pin activations by logical name (sharding.constrain).
+    with contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      logits_BTV, _ = model(inputs_BT, reset_BT=reset_BT)
     logits_BTV = sharding.constrain(logits_BTV, sharding.LOGITS_AXES, mesh)
     loss = cross_entropy(logits_BTV, batch["targets"])
     return l2wrap(loss, logits_BTV) if use_l2wrap else loss
