@@ -51,10 +51,6 @@ class ChunkTerms(NamedTuple):
   gamma: jax.Array    # [..., N]     the whole chunk's decay
 
 
-def _einsum(spec, *operands):
-  return jnp.einsum(spec, *operands, precision=PRECISION)
-
-
 def _matmul(x, y):
   return jnp.matmul(x, y, precision=PRECISION)
 
