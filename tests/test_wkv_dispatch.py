@@ -43,6 +43,16 @@ def test_single_token_is_one_recurrent_step():
   assert relative_error(y, y_want) < 1e-5 and relative_error(final, final_want) < 1e-5
 
 
+def test_short_sequences_match_the_recurrence():
+  """1 < T <= chunk size: auto takes the token scan (no padding to a whole chunk)."""
+  numpy_inputs, inputs = _problem(length=5)
+  jaxpr = str(jax.make_jaxpr(lambda *a: wkv7(*a[:6], a[6], reset=a[7]))(*inputs))
+  assert "custom_vjp" not in jaxpr
+  y, final = jax.jit(lambda *a: wkv7(*a[:6], a[6], reset=a[7]))(*inputs)
+  y_want, final_want = recurrence(*numpy_inputs)
+  assert relative_error(y, y_want) < 1e-5 and relative_error(final, final_want) < 1e-5
+
+
 def test_state_defaults_to_zeros_and_chunk_size_is_honoured():
   _, inputs = _problem(length=20)
   *xs, state, _ = inputs
