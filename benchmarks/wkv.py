@@ -71,6 +71,17 @@ def with_backward(run):
   return jax.grad(loss, argnums=tuple(range(7)))
 
 
+def cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def available_gb() -> float:
   try:
     with open("/proc/meminfo") as f:
@@ -108,7 +119,7 @@ def speed_table(args) -> None:
   limit = args.memory_limit_gb * 2**30
   columns = [("reference", None)] + [(name, c) for name in args.impls if name != "reference"
                                      for c in args.chunk_sizes]
-  print(f"\nWKV-7, N={args.head_size}, fp32; {platform.processor() or platform.machine()}, "
+  print(f"\nWKV-7, N={args.head_size}, fp32; {cpu_name()}, "
         f"{os.cpu_count()} CPUs, jax {jax.__version__} ({jax.default_backend()}), "
         f"{datetime.date.today()}; min of {args.repeats} runs; memory limit "
         f"{args.memory_limit_gb:.0f} GB")
