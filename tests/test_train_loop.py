@@ -204,3 +204,13 @@ def test_init_from_trained_weights(straight, tmp_path):
   assert result.losses[1] < trained[1] - 1.0              # starts where the first run ended
   with pytest.raises(CheckpointError, match="do not fit the configured model"):
     run(tmp_path / "other", ["model.vocab_size=512"], init_from=straight[0])
+
+
+def test_gradient_accumulation_matches_one_batch(straight, tmp_path):
+  run(tmp_path, ["optimizer.grad_accum=2"], stop_at_step=2)
+  one = {r["step"]: r for r in read_metrics(straight[0]) if "loss" in r}
+  two = {r["step"]: r for r in read_metrics(tmp_path) if "loss" in r}
+  # Step 1 starts from the same weights: same loss and gradient up to summation order.
+  assert two[1]["loss"] == pytest.approx(one[1]["loss"], rel=1e-6)
+  assert two[1]["grad_norm"] == pytest.approx(one[1]["grad_norm"], rel=1e-5)
+  assert two[2]["loss"] == pytest.approx(one[2]["loss"], rel=1e-5)
