@@ -104,3 +104,25 @@ def test_bad_inputs_raise_clear_errors(change, message):
   with pytest.raises(WKVInputError, match=message):
     wkv7(*args.values(), **kwargs)
   assert issubclass(WKVInputError, ValueError)
+
+
+@pytest.mark.parametrize("platform, present, absent", [
+    ("tpu", "tpu_custom_call", "triton"),
+    ("cuda", "triton", "tpu_custom_call"),
+    ("cpu", None, ("tpu_custom_call", "triton")),
+])
+def test_auto_lowers_to_the_platforms_kernel(platform, present, absent):
+  """One jitted forward+backward: Mosaic kernels on TPU, Triton on CUDA, XLA on CPU."""
+  _, inputs = _problem(length=40)
+  *xs, state, reset = inputs
+
+  def loss(r, log_w, state):
+    y, final = wkv7(r, log_w, *xs[2:], state, reset=reset)
+    return jnp.sum(y) + jnp.sum(final)
+
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(xs[0], xs[1], state).lower(
+      lowering_platforms=(platform,)).as_text().lower()
+  if present is not None:
+    assert present in text
+  for name in (absent if isinstance(absent, tuple) else (absent,)):
+    assert name not in text

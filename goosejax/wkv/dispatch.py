@@ -6,10 +6,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+import pallas_kernels
 from goosejax.wkv.chunked import CHUNK_SIZES, wkv7_chunked
 from goosejax.wkv.reference import compute_dtype, wkv7_reference, wkv7_step
 
-IMPLEMENTATIONS = ("auto", "reference", "chunked", "associative")
+IMPLEMENTATIONS = ("auto", "reference", "chunked", "associative", "pallas")
 
 
 class Choice(NamedTuple):
@@ -21,20 +22,26 @@ class Choice(NamedTuple):
   group: int = 1     # chunks per step of the sequential scans
 
 
-# Per-platform choices, from benchmarks/wkv.py. cpu: measured on a 2-core AMD EPYC (a shared
-# machine): the token steps win the forward, the chunked custom VJP the backward (3-6x faster
-# than autodiff through the token scan, 1/20-1/50 of its temporaries), and C = 32 was the best
-# or within noise of it. gpu / tpu: NOT measured yet (no accelerator here). The associative
-# form is chosen there because every op is batched over all chunks with log depth across
-# them, where the sequential scan would launch small per-chunk kernels 64+ times; C = 64 as
+# XLA forms for impl="auto", from benchmarks/wkv.py. cpu: measured on a 2-core AMD EPYC (a
+# shared machine): the token steps win the forward, the chunked custom VJP the backward (3-6x
+# faster than autodiff through the token scan, 1/20-1/50 of its temporaries), and C = 32 was
+# the best or within noise of it. On TPU and CUDA, auto runs the Pallas kernels instead
+# (PALLAS_AUTO_CHUNK_SIZES); the gpu / tpu entries here are the XLA forms for impl="auto" on
+# other platforms (e.g. ROCm) and for reference. NOT measured (no accelerator here): the
+# associative form batches every op over all chunks with log depth across them, C = 64 as
 # FLA's RWKV-7 layer uses under the same decay bound.
 AUTO_CHOICES = {
     "cpu": Choice("chunked", 32, "recurrent"),
     "gpu": Choice("associative", 64, "matmul"),
     "tpu": Choice("associative", 64, "matmul"),
 }
-# chunk size of an explicit impl="chunked" / "associative" call without one (CPU-measured)
-DEFAULT_CHUNK_SIZES = {"chunked": 32, "associative": 64}
+# chunk size of an explicit impl="chunked" / "associative" / "pallas" call without one
+DEFAULT_CHUNK_SIZES = {"chunked": 32, "associative": 64, "pallas": 16}
+# impl="auto" on TPU and CUDA runs the Pallas kernels (lax.platform_dependent picks at lowering
+# time) with these chunk sizes: 64 fills the TPU MXU; Triton on Hopper fits 16 and 32, and 16
+# spilled least in the offline sm_90 compile. NOT yet measured on hardware.
+PALLAS_AUTO_CHUNK_SIZES = {"tpu": 64, "cuda": 16}
+PALLAS_CHUNK_SIZES = {"tpu": (16, 32, 64), "cuda": (16, 32)}   # what each kernel accepts
 
 
 class WKVInputError(ValueError):
@@ -76,8 +83,9 @@ def wkv7(r, log_w, k, v, a, b, state=None, *, reset=None, impl="auto", chunk_siz
   log_w: [B,T,H,N] log decay in [-0.606531, 0); state: [B,H,N,N] value x key, None = zeros;
   reset: [B,T] bool, True where the state is zeroed before that token.
   impl: "reference" (token scan), "chunked" (chunks in a sequential scan), "associative"
-  (chunks combined by associative scan), "auto" (the platform's measured best; one recurrent
-  step when T == 1). chunk_size: 16, 32 or 64 for the chunked forms (None: the default).
+  (chunks combined by associative scan), "pallas" (the Pallas kernels; interpret mode on CPU),
+  "auto" (one recurrent step when T == 1; else the Pallas kernels on TPU / CUDA and the
+  measured XLA form on CPU). chunk_size: 16, 32 or 64 (None: each form's default).
   Everything is computed in fp32 (float64 when an input is float64 under x64).
   """
   _check_inputs(r, log_w, k, v, a, b, state, reset)
@@ -90,18 +98,48 @@ def wkv7(r, log_w, k, v, a, b, state=None, *, reset=None, impl="auto", chunk_siz
   state = jnp.zeros((B, H, N, N), dtype) if state is None else state.astype(dtype)
   if impl == "reference":
     return wkv7_reference(r, log_w, k, v, a, b, state, reset=reset)
-  intra, group = "matmul", 1
+  if impl == "pallas":
+    return pallas_kernels.wkv7_pallas(r, log_w, k, v, a, b, state, reset=reset,
+                                      chunk_size=chunk_size or DEFAULT_CHUNK_SIZES["pallas"])
   if impl == "auto":
-    if T == 1:
-      return _single_step(r, log_w, k, v, a, b, state, reset, dtype)
-    choice = auto_choice()
-    impl, intra, group = choice.impl, choice.intra, choice.group
-    chunk_size = chunk_size or choice.chunk_size
-    if T <= chunk_size:
-      # one chunk or less: the token scan's per-token states are no more than a chunk's
-      return wkv7_reference(r, log_w, k, v, a, b, state, reset=reset)
+    return _auto(r, log_w, k, v, a, b, state, reset, chunk_size, dtype)
+  y, final_state = _xla_chunked(r, log_w, k, v, a, b, state, reset, dtype=dtype, impl=impl,
+                                chunk_size=chunk_size or DEFAULT_CHUNK_SIZES[impl])
+  return y, final_state
+
+
+def _xla_chunked(r, log_w, k, v, a, b, state, reset, *, dtype, impl, chunk_size, intra="matmul",
+                 group=1):
   mode = "associative" if impl == "associative" else "sequential"
-  y, final_state = wkv7_chunked(r, log_w, k, v, a, b, state, reset=reset,
-                                chunk_size=chunk_size or DEFAULT_CHUNK_SIZES[impl], mode=mode,
-                                intra=intra, group=group, dtype=dtype)
+  y, final_state = wkv7_chunked(r, log_w, k, v, a, b, state, reset=reset, chunk_size=chunk_size,
+                                mode=mode, intra=intra, group=group, dtype=dtype)
   return y.astype(r.dtype), final_state
+
+
+def _auto(r, log_w, k, v, a, b, state, reset, chunk_size, dtype):
+  """impl="auto": one step for T == 1, the token scan up to one chunk, and beyond that the
+  platform's best form, chosen at lowering time by `lax.platform_dependent`: the Pallas kernels
+  on TPU and CUDA, the measured XLA form on CPU (and the XLA GPU choice on other platforms)."""
+  T = r.shape[1]
+  if T == 1:
+    return _single_step(r, log_w, k, v, a, b, state, reset, dtype)
+  if T <= (chunk_size or AUTO_CHOICES["cpu"].chunk_size):
+    # one chunk or less: the token scan's per-token states are no more than a chunk's
+    return wkv7_reference(r, log_w, k, v, a, b, state, reset=reset)
+
+  def xla_branch(platform):
+    choice = AUTO_CHOICES[platform]
+    def run(*args):
+      return _xla_chunked(*args, dtype=dtype, impl=choice.impl,
+                          chunk_size=chunk_size or choice.chunk_size, intra=choice.intra,
+                          group=choice.group)
+    return run
+
+  branches = {"cpu": xla_branch("cpu")}
+  if dtype != jnp.float64:  # the kernels take fp32/bf16/fp16
+    for platform, default_chunk in PALLAS_AUTO_CHUNK_SIZES.items():
+      usable = chunk_size in PALLAS_CHUNK_SIZES[platform]
+      kernels = pallas_kernels.platform_callables(chunk_size=chunk_size if usable else default_chunk)
+      branches[platform] = kernels[platform]
+  return jax.lax.platform_dependent(r, log_w, k, v, a, b, state, reset,
+                                    default=xla_branch("gpu"), **branches)
