@@ -179,9 +179,8 @@ class Generator:
     if max_new_tokens == 0:
       result = [] if single else [[] for _ in prompts]
       return (result, prompt_state) if return_state else result
+    # The carry (donated to the loop) holds per-layer slices, not prompt_state's buffers.
     carry = init_carry(logits_BV, prompt_state, int(max_new_tokens), seed)
-    if return_state:   # the carry is donated to the loop; keep the post-prompt state apart
-      prompt_state = jax.tree.map(jnp.copy, prompt_state)
     run = functools.partial(_decode_loop_jit, self.weights, cfg=cfg, stop_V=stop,
                             banned_V=banned, occurrence_weight_V=weight_V)
     if callback is None:
