@@ -66,7 +66,9 @@ def test_two_processes_match_one_process(tmp_path):
   assert len(two) == STEPS
   np.testing.assert_allclose(two, one, rtol=1e-6)
   from goosejax.checkpoint import checkpoint_steps
-  assert checkpoint_steps(tmp_path / "two") == [STEPS]    # both processes wrote one checkpoint
+  assert checkpoint_steps(tmp_path / "two") == [STEPS]
+  data_states = sorted(p.name for p in (tmp_path / "two" / "checkpoints" / str(STEPS) / "data").glob("process_*"))
+  assert data_states == ["process_0-of-2.json", "process_1-of-2.json"]   # each process's iterator
 
 
 def worker_main() -> None:
