@@ -107,7 +107,7 @@ def main() -> None:
   for dtype, peak in peaks.items():
     print(f"measured matmul peak ({dtype}, best of 1024^3 and 2048^3): {peak / 1e9:.1f} GFLOP/s")
   print()
-  print("| model | params | L x D | batch x ctx | dtype | step s | tokens/s | train GFLOP/token-s "
+  print("| model | params | L x D | batch x ctx | dtype | step s | tokens/s | achieved GFLOP/s "
         "| MFU vs measured matmul | compile s | temp MiB |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
