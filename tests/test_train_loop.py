@@ -214,3 +214,21 @@ def test_gradient_accumulation_matches_one_batch(straight, tmp_path):
   assert two[1]["loss"] == pytest.approx(one[1]["loss"], rel=1e-6)
   assert two[1]["grad_norm"] == pytest.approx(one[1]["grad_norm"], rel=1e-5)
   assert two[2]["loss"] == pytest.approx(one[2]["loss"], rel=1e-5)
+
+
+def test_sigterm_during_evaluation_still_checkpoints_that_step(straight, tmp_path):
+  import os
+  import signal
+
+  def open_validation():
+    os.kill(os.getpid(), signal.SIGTERM)            # arrives after step 6's checkpoint decision
+    return SyntheticBatches(256, 16, 8, split="validation")
+
+  handler_before = signal.getsignal(signal.SIGTERM)
+  result = train(tiny(), tmp_path, mesh=one_device(), train_batches=SyntheticBatches(256, 16, 8),
+                 open_validation=open_validation, out=io.StringIO(), progress_bar=False)
+  assert result.reason == "signal" and result.step == 6
+  assert checkpoint_steps(tmp_path) == [4, 6]
+  assert signal.getsignal(signal.SIGTERM) == handler_before      # the loop's handler is removed
+  run(tmp_path)
+  assert losses_of(tmp_path) == losses_of(straight[0])

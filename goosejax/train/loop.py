@@ -20,10 +20,9 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Mapping, TextIO
+from typing import Any, Callable, TextIO
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from goosejax import sharding
@@ -186,9 +185,9 @@ def train(cfg: Config, run_dir: str | Path, *, init_from: str | Path | None = No
   val_loss = None
   last_saved = latest
 
-  def save(step: int) -> None:
+  def save(step: int, data_state: Any) -> None:
     nonlocal last_saved
-    checkpointer.save(step, state.params, state.opt_state, train_batches.get_state(),
+    checkpointer.save(step, state.params, state.opt_state, data_state,
                       {"model": dataclasses.asdict(cfg.model), "config": cfg.to_dict()})
     last_saved = step
 
@@ -235,6 +234,11 @@ def train(cfg: Config, run_dir: str | Path, *, init_from: str | Path | None = No
     while step < total and stop.reason is None:
       state, metrics = compiled(state, batch)
       step += 1
+      # The data position a checkpoint of this step records, taken before the next batch is
+      # read (which overlaps with the step running on the devices).
+      data_state = train_batches.get_state()
+      if step < total:
+        batch = sharding.host_to_global(next(train_batches), mesh)
       if pending is not None:
         flush(pending)
       pending = (step, metrics)
@@ -250,12 +254,12 @@ def train(cfg: Config, run_dir: str | Path, *, init_from: str | Path | None = No
         if eval_due:
           val_loss = evaluate(step)
         if save_due:
-          save(step)
+          save(step, data_state)
         logger.restart_clock()
-      if step < total and stop.reason is None:
-        batch = sharding.host_to_global(next(train_batches), mesh)
     if pending is not None:
       flush(pending)
+    if stop.reason is not None and step > start and last_saved != step:
+      save(step, data_state)  # the signal came after this step's checkpoint decision
     if start >= total:
       say(f"{run_dir} already finished {start} of run.steps={total} steps; raise --steps to continue")
     reason = stop.reason or "finished"
