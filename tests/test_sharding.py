@@ -129,3 +129,19 @@ def test_constrain_uses_the_ambient_mesh():
       return f(x)
   text = jax.jit(with_mesh).lower(x).as_text()
   assert 'sharding_constraint %1 <@mesh, [{"data", "fsdp"}, {}, {}]>' in text
+
+
+@pytest.mark.slow
+def test_initialisation_inside_the_sharded_jit():
+  # The accelerator path: the random init itself runs sharded under jit. One layer keeps
+  # every orthogonal init a single QR, which jaxlib's CPU kernel runs without deadlocking.
+  cfg = load_config("tiny", TINY + ["model.n_layer=1"])
+  mesh = mesh_of(2, 2, 2)
+  _, shapes = recipe.abstract_model(cfg)
+  tx = recipe.make_optimizer(cfg.optimizer, cfg.run.steps, list(shapes))
+  jitted, _ = recipe.init_train_state(cfg, tx, mesh, init_on_host=False)
+  host, _ = recipe.init_train_state(cfg, tx, mesh, init_on_host=True)
+  for name, value in jitted.params.items():
+    assert value.sharding.spec == host.params[name].sharding.spec, name
+    np.testing.assert_allclose(np.asarray(value), np.asarray(host.params[name]), rtol=1e-5,
+                               atol=1e-6, err_msg=name)

@@ -192,11 +192,14 @@ def abstract_train_state(cfg: Config, tx: optax.GradientTransformation,
 
 
 def init_train_state(cfg: Config, tx: optax.GradientTransformation, mesh: Mesh,
-                     params: Params | None = None) -> tuple[TrainState, TrainState]:
+                     params: Params | None = None,
+                     init_on_host: bool | None = None) -> tuple[TrainState, TrainState]:
   """Sharded initial state: (state, its shardings). Every array is created already split
   over the mesh (eval_shape + jit with out_shardings), never whole on one device.
 
   `params` (e.g. converted official weights, host arrays) replaces the random initialisation.
+  `init_on_host` (default: when the mesh is CPU devices) runs the random initialisation op
+  by op on the host instead of inside the sharded jit; see the comment below.
   """
   def create(given: Params | None) -> TrainState:
     if given is None:
@@ -206,7 +209,9 @@ def init_train_state(cfg: Config, tx: optax.GradientTransformation, mesh: Mesh,
 
   abstract = jax.eval_shape(create, params)
   shardings = state_shardings(abstract, mesh)
-  if params is None and all(d.platform == "cpu" for d in mesh.devices.flat):
+  if init_on_host is None:
+    init_on_host = all(d.platform == "cpu" for d in mesh.devices.flat)
+  if params is None and init_on_host:
     # jaxlib's CPU QR (the orthogonal init) hands its batch to the thread pool it runs on;
     # inside one jitted program several QRs run at once and can deadlock that pool (seen on
     # a 2-core machine even with one device). Op-by-op they cannot. CPU devices share host
