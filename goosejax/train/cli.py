@@ -6,6 +6,8 @@
 Re-running the same command on the same run directory resumes from its newest checkpoint.
 Multi-host: run the same command on every host; TPU slices, SLURM and Open MPI are detected,
 or pass --coordinator-address/--num-processes/--process-id (see launch/).
+Exit status: 0 finished, 143 stopped by a signal after checkpointing, 1 non-finite loss,
+2 bad arguments, config, data or run directory.
 """
 from __future__ import annotations
 
@@ -22,7 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
       prog="goosejax train", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog="Any config key can be set as section.key=value, e.g. optimizer.lr_init=3e-4 "
-             "mesh.fsdp=-1 model.dtype=bfloat16.")
+             "mesh.data=1 mesh.fsdp=-1 model.dtype=bfloat16.\n\nExit status: 0 finished; "
+             "143 stopped by SIGTERM/SIGINT after writing a checkpoint (rerun to resume); "
+             "1 non-finite loss (the last good checkpoint is kept); 2 bad arguments, config, "
+             "data or run directory.")
   parser.add_argument("--config", required=True,
                       help="YAML file or preset name (tiny, rwkv7-0.1b, ...)")
   parser.add_argument("--run-dir", required=True, help="checkpoints, metrics and logs go here")
