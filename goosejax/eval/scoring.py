@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from goosejax.infer.prefill import hidden_states, project_head
 from goosejax.model.rwkv7 import RWKV7
 
 
@@ -35,8 +34,8 @@ class SequenceScore(NamedTuple):
 @functools.partial(jax.jit, static_argnums=0)
 def _score_chunk(graphdef, params, tokens_BT, targets_BT, reset_BT, state):
   model = nnx.merge(graphdef, params)
-  x_BTC, state = hidden_states(model, tokens_BT, state, reset_BT=reset_BT)
-  logits_BTV = project_head(model, x_BTC)
+  x_BTC, state = model.hidden_states(tokens_BT, state, reset_BT=reset_BT)
+  logits_BTV = model.logits(x_BTC)
   log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
   safe_BT = jnp.maximum(targets_BT, 0)
   target_logit_BT = jnp.take_along_axis(logits_BTV, safe_BT[..., None], axis=-1)[..., 0]
