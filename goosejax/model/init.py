@@ -46,12 +46,13 @@ def orthogonal_stack(key: jax.Array, n_layer: int, out_dim: int, in_dim: int, ga
   if out_dim > in_dim:
     gain *= (out_dim / in_dim) ** 0.5
   init = jax.nn.initializers.orthogonal(scale=gain)
-  mats = jax.vmap(lambda k: init(k, (out_dim, in_dim), jnp.float32))(jax.random.split(key, n_layer))
+  # lax.map, not vmap: a batched QR inside jit can deadlock the CPU thread pool (2 cores).
+  mats = jax.lax.map(lambda k: init(k, (out_dim, in_dim), jnp.float32), jax.random.split(key, n_layer))
   return jnp.swapaxes(mats, -1, -2).astype(dtype)
 
 
 def lora_up_stack(key: jax.Array, n_layer: int, rank: int, n_embd: int, dtype) -> jax.Array:
   """The LoRA up-projections (w2, a2, v2, g2): [L, rank, C] with orthonormal rows, gain 0.1."""
   init = jax.nn.initializers.orthogonal(scale=0.1)
-  mats = jax.vmap(lambda k: init(k, (rank, n_embd), jnp.float32))(jax.random.split(key, n_layer))
+  mats = jax.lax.map(lambda k: init(k, (rank, n_embd), jnp.float32), jax.random.split(key, n_layer))
   return mats.astype(dtype)
