@@ -116,6 +116,11 @@ def _xla_chunked(r, log_w, k, v, a, b, state, reset, *, dtype, impl, chunk_size,
   return y.astype(r.dtype), final_state
 
 
+def _inside_multi_device_mesh() -> bool:
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and mesh.size > 1
+
+
 def _auto(r, log_w, k, v, a, b, state, reset, chunk_size, dtype):
   """impl="auto": one step for T == 1, the token scan up to one chunk, and beyond that the
   platform's best form, chosen at lowering time by `lax.platform_dependent`: the Pallas kernels
@@ -136,7 +141,9 @@ def _auto(r, log_w, k, v, a, b, state, reset, chunk_size, dtype):
     return run
 
   branches = {"cpu": xla_branch("cpu")}
-  if dtype != jnp.float64:  # the kernels take fp32/bf16/fp16
+  # The kernels are single-device custom calls: under a multi-device mesh (the train step sets
+  # one) XLA could only run them on gathered inputs, so the partitionable XLA form is used there.
+  if dtype != jnp.float64 and not _inside_multi_device_mesh():  # kernels take fp32/bf16/fp16
     for platform, default_chunk in PALLAS_AUTO_CHUNK_SIZES.items():
       usable = chunk_size in PALLAS_CHUNK_SIZES[platform]
       kernels = pallas_kernels.platform_callables(chunk_size=chunk_size if usable else default_chunk)
