@@ -5,7 +5,6 @@ projections, which would make every sequence give the same logits.
 """
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from flax import nnx
 from goosejax.config import ModelConfig
 from goosejax.model import RWKV7
 from goosejax.model.params import load_param_dict, param_dict
+from jitted_forward import forward
 
 CFG = ModelConfig(vocab_size=97, n_layer=2, n_embd=128, head_size=64, decay_lora=32,
                   iclr_lora=32, value_lora=32, gate_lora=32)
@@ -45,19 +45,6 @@ def randomized(cfg: ModelConfig, seed: int = 0) -> RWKV7:
 
 MODEL = randomized(CFG)
 TOKENS = jnp.asarray(np.random.default_rng(1).integers(0, CFG.vocab_size, (2, T)), jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(graphdef, params, tokens_BT, state, reset_BT):
-  return nnx.merge(graphdef, params)(tokens_BT, state, reset_BT=reset_BT)
-
-
-def forward(model, tokens_BT, state=None, reset_BT=None):
-  B, T_ = tokens_BT.shape
-  state = model.init_state(B) if state is None else state
-  reset_BT = jnp.zeros((B, T_), bool) if reset_BT is None else reset_BT
-  graphdef, params = nnx.split(model)
-  return _forward(graphdef, params, tokens_BT, state, reset_BT)
 
 
 def assert_close(ours, reference, tolerance=1e-5, what=""):

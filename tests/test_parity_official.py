@@ -13,14 +13,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from goosejax import load_pretrained
 from goosejax.convert.pth import write_pth
+from jitted_forward import forward
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOLERANCE = 1e-4
@@ -36,20 +35,6 @@ def _load_generator():
 
 
 GEN = _load_generator()
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(graphdef, params, tokens_BT, state, reset_BT):
-  return nnx.merge(graphdef, params)(tokens_BT, state, reset_BT=reset_BT)
-
-
-def forward(model, tokens_BT, state=None, reset_BT=None):
-  """One jitted forward for every case (always an explicit state and reset: one trace per shape)."""
-  B, T = tokens_BT.shape
-  state = model.init_state(B) if state is None else state
-  reset_BT = jnp.zeros((B, T), bool) if reset_BT is None else reset_BT
-  graphdef, params = nnx.split(model)
-  return _forward(graphdef, params, tokens_BT, state, reset_BT)
 
 
 def relative_error(ours, reference) -> float:
