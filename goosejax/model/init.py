@@ -28,7 +28,6 @@ class LayerRatios:
     q = ((channel % head_size) - half) / half
     self.zz = q * np.abs(q)
     self.www = -6 + 6 * (channel / max(n_embd - 1, 1)) ** (1 + self.r01**0.3)
-    self.n_layer = n_layer
 
   def shift_mix(self, power_of_r10) -> np.ndarray:
     """1 - ddd ** power, the token-shift lerp coefficients."""

@@ -18,7 +18,7 @@ def normalize(x: jax.Array, eps: float) -> jax.Array:
 
 
 class LayerNorm(nnx.Module):
-  """LayerNorm over C; `stack` > 0 gives weights a leading layer axis (see Blocks)."""
+  """LayerNorm over C; a non-empty `stack` gives weights leading layer axes (see Blocks)."""
 
   def __init__(self, n_embd: int, *, stack: tuple[int, ...] = (), param_dtype=jnp.float32):
     self.weight = nnx.Param(jnp.ones((*stack, n_embd), param_dtype))

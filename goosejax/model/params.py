@@ -17,10 +17,6 @@ def param_dict(model: nnx.Module) -> dict[str, jax.Array]:
   return {".".join(map(str, path)): variable[...] for path, variable in flat}
 
 
-def param_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
-  return {name: tuple(value.shape) for name, value in param_dict(model).items()}
-
-
 def load_param_dict(model: nnx.Module, params: Mapping[str, jax.Array | np.ndarray]) -> None:
   """Write `params` into `model` in place, casting to each parameter's dtype.
 

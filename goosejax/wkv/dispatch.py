@@ -62,7 +62,8 @@ def _check_inputs(r, log_w, k, v, a, b, state, reset):
 
 
 def auto_choice(platform: str | None = None) -> Choice:
-  """The implementation impl="auto" uses for T > 1 on `platform` (default: JAX's backend)."""
+  """The XLA form impl="auto" uses beyond one chunk on `platform` (default: JAX's backend);
+  on TPU and CUDA auto runs the Pallas kernels instead, outside a multi-device mesh."""
   platform = platform or jax.default_backend()
   return AUTO_CHOICES.get(platform, AUTO_CHOICES["gpu"])
 
@@ -103,9 +104,8 @@ def wkv7(r, log_w, k, v, a, b, state=None, *, reset=None, impl="auto", chunk_siz
                                       chunk_size=chunk_size or DEFAULT_CHUNK_SIZES["pallas"])
   if impl == "auto":
     return _auto(r, log_w, k, v, a, b, state, reset, chunk_size, dtype)
-  y, final_state = _xla_chunked(r, log_w, k, v, a, b, state, reset, dtype=dtype, impl=impl,
-                                chunk_size=chunk_size or DEFAULT_CHUNK_SIZES[impl])
-  return y, final_state
+  return _xla_chunked(r, log_w, k, v, a, b, state, reset, dtype=dtype, impl=impl,
+                      chunk_size=chunk_size or DEFAULT_CHUNK_SIZES[impl])
 
 
 def _xla_chunked(r, log_w, k, v, a, b, state, reset, *, dtype, impl, chunk_size, intra="matmul",
