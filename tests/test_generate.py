@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 from tokenizers import Tokenizer
 
+from closeness import assert_close
 from goosejax.convert.official import official_to_params
 from goosejax.infer import GenerationError, generate, official_occurrence_weights, sampling_probs
 from goosejax.infer.sampling import SamplingConfig, draw
@@ -49,8 +50,8 @@ def test_greedy_from_a_cached_state_matches_official(model):
   none, prefix_state = generate(model, prompts["prefix"], 0, return_state=True)
   assert none == []
   _, expected = model(jnp.asarray([prompts["prefix"]]))
-  for ours, ref in zip(prefix_state, expected):
-    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5)
+  for name, ours, ref in zip(expected._fields, prefix_state, expected):
+    assert_close(ours, ref, 1e-5, f"prefill state {name}")
   names = "abcd"
   # Batch-1 state shared by the ragged batch: the tail past the shortest prompt runs as
   # masked one-token steps.

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from closeness import assert_close
 from goosejax.convert.official import official_to_params
 from goosejax.infer import decode_loop, decode_step, decode_weights, generate, prefill_last
 from goosejax.infer.generate import init_carry
@@ -54,8 +55,8 @@ def test_decode_step_equals_the_sequence_model(model):
   logits, state = _steps(model, TOKENS)
   scale = float(jnp.max(jnp.abs(ref_logits)))
   assert float(jnp.max(jnp.abs(logits - ref_logits))) < 1e-5 * scale
-  for ours, ref in zip(state, ref_state):
-    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=2e-5, rtol=1e-5)
+  for name, ours, ref in zip(ref_state._fields, state, ref_state):
+    assert_close(ours, ref, 1e-5, f"decode state {name}")
 
 
 def test_decode_step_in_bfloat16_tracks_the_bfloat16_model():
@@ -70,9 +71,9 @@ def test_decode_step_in_bfloat16_tracks_the_bfloat16_model():
 def test_prefill_last_equals_the_models_last_logits(model):
   ref_logits, ref_state = model(TOKENS)
   logits, state = prefill_last(model, TOKENS)
-  np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits[:, -1]), atol=1e-5)
-  for ours, ref in zip(state, ref_state):
-    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=2e-5, rtol=1e-5)
+  assert_close(logits, ref_logits[:, -1], 1e-5, "prefill_last logits")
+  for name, ours, ref in zip(ref_state._fields, state, ref_state):
+    assert_close(ours, ref, 1e-5, f"prefill_last state {name}")
 
 
 def test_the_pure_decode_loop_composes_with_jit(model):
@@ -101,6 +102,6 @@ def test_prefill_split_equals_prefill_last_with_a_state_and_resets(model):
   ref_logits, ref_state = prefill_last(model, TOKENS, start, reset_BT=reset)
   logits, layers = prefill_split(blocks_template(model), decode_weights(model), TOKENS,
                                  split_state(start), reset_BT=reset)
-  np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-5)
-  for ours, ref in zip(join_state(layers), ref_state):
-    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=2e-5, rtol=1e-5)
+  assert_close(logits, ref_logits, 1e-5, "prefill_split logits")
+  for name, ours, ref in zip(ref_state._fields, join_state(layers), ref_state):
+    assert_close(ours, ref, 1e-5, f"prefill_split state {name}")

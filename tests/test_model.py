@@ -13,6 +13,7 @@ from flax import nnx
 from goosejax.config import ModelConfig
 from goosejax.model import RWKV7
 from goosejax.model.params import load_param_dict, param_dict
+from closeness import assert_close
 from jitted_forward import forward
 
 CFG = ModelConfig(vocab_size=97, n_layer=2, n_embd=128, head_size=64, decay_lora=32,
@@ -45,13 +46,6 @@ def randomized(cfg: ModelConfig, seed: int = 0) -> RWKV7:
 
 MODEL = randomized(CFG)
 TOKENS = jnp.asarray(np.random.default_rng(1).integers(0, CFG.vocab_size, (2, T)), jnp.int32)
-
-
-def assert_close(ours, reference, tolerance=1e-5, what=""):
-  ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-  assert ours.shape == reference.shape, what
-  error = np.abs(ours - reference).max() / np.abs(reference).max()
-  assert error <= tolerance, f"{what}: relative error {error:.2e} > {tolerance}"
 
 
 @functools.cache
