@@ -40,6 +40,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from goosejax.errors import GoosejaxError
 from goosejax.config import ConfigError, ModelConfig, model_config_from_dict
 
 FORMAT_NAME = "goosejax-checkpoint"
@@ -50,7 +51,7 @@ PARAMS_ITEM = "params"
 RUN_CHECKPOINTS = "checkpoints"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(GoosejaxError):
   """A path that is not a (complete, supported) goosejax checkpoint or run directory."""
 
 

@@ -3,6 +3,10 @@
 Every command module exposes `main(argv: list[str]) -> int`. Modules are imported only when
 their command runs, so `goosejax --help` stays fast and a broken optional dependency of one
 command never breaks another.
+
+Exit statuses shared by every command: 0 success, 2 bad input (a `GoosejaxError` or an
+OS error on a named path, printed as one line), 130 interrupted by Ctrl-C; `train` adds 1
+(non-finite loss) and 143 (stopped by a signal after checkpointing).
 """
 from __future__ import annotations
 
@@ -36,8 +40,28 @@ def main(argv: list[str] | None = None) -> int:
   if name not in COMMANDS:
     print(f"goosejax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
     return 2
-  module = importlib.import_module(COMMANDS[name][0])
-  return int(module.main(rest) or 0)
+  from goosejax.errors import GoosejaxError
+  try:
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+  except GoosejaxError as e:
+    print(f"goosejax {name}: error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:
+    print(f"goosejax {name}: error: {describe_os_error(e)}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print(f"goosejax {name}: interrupted", file=sys.stderr)
+    return 130
+
+
+def describe_os_error(error: OSError) -> str:
+  """'PATH: reason' for an OS error, without the errno noise."""
+  reason = error.strerror or str(error)
+  if error.filename is None:
+    return reason
+  target = f" -> {error.filename2}" if error.filename2 is not None else ""
+  return f"{error.filename}{target}: {reason}"
 
 
 if __name__ == "__main__":

@@ -16,10 +16,12 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
+from goosejax.errors import GoosejaxError
+
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(GoosejaxError):
   """A configuration problem; the message names the offending key and source."""
 
 

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from goosejax.errors import GoosejaxError
 from goosejax.config import MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -73,7 +74,7 @@ BATCH_AXES = ("batch", "length")
 LOGITS_AXES = ("batch", "length", "act_vocab")
 
 
-class ShardingError(ValueError):
+class ShardingError(GoosejaxError):
   """A mesh or sharding request that cannot be satisfied; the message says why."""
 
 

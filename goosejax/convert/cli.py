@@ -20,6 +20,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from goosejax.errors import GoosejaxError
 from goosejax import checkpoint
 from goosejax.config import ModelConfig
 from goosejax.convert.hf import is_hf_checkpoint, load_hf, save_hf
@@ -51,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-class ConvertError(ValueError):
+class ConvertError(GoosejaxError):
   """A destination or option that `goosejax convert` refuses; the message says why."""
 
 

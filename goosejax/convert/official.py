@@ -11,10 +11,11 @@ from typing import Mapping
 
 import numpy as np
 
+from goosejax.errors import GoosejaxError
 from goosejax.config import ModelConfig
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(GoosejaxError):
   """The file is not an RWKV-7 x070 checkpoint in the expected layout."""
 
 

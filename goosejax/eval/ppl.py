@@ -14,13 +14,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from goosejax.errors import GoosejaxError
 from goosejax.eval.scoring import score_sequences
 from goosejax.model.rwkv7 import RWKV7
 
 DOCUMENT_START = 0
 
 
-class EvalDataError(ValueError):
+class EvalDataError(GoosejaxError):
   """An evaluation data file cannot be used (the message names the file and the problem)."""
 
 

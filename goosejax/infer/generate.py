@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from goosejax.errors import GoosejaxError
 from goosejax.infer.prefill import blocks_template, prefill_split
 from goosejax.infer.sampling import SamplingConfig, apply_penalties, sample, update_counts
 from goosejax.infer.step import (DecodeWeights, LayerStates, decode_step_layers, decode_weights,
@@ -30,7 +31,7 @@ from goosejax.model.state import RWKV7State
 PAD_ID = -1   # fills the output buffer after a row stops
 
 
-class GenerationError(ValueError):
+class GenerationError(GoosejaxError):
   """Bad arguments to `generate` (the message names the argument and what was expected)."""
 
 

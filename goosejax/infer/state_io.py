@@ -12,12 +12,13 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from goosejax.errors import GoosejaxError
 from goosejax.model.state import RWKV7State
 
 FORMAT = "goosejax-rwkv7-state-v1"
 
 
-class StateFileError(ValueError):
+class StateFileError(GoosejaxError):
   """A state file is missing, malformed or does not fit the model."""
 
 

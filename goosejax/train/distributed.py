@@ -20,11 +20,13 @@ import os
 
 import jax
 
+from goosejax.errors import GoosejaxError
+
 ENV_PREFIX = "GOOSEJAX_"
 DEFAULT_TIMEOUT_S = 300
 
 
-class DistributedError(ValueError):
+class DistributedError(GoosejaxError):
   """Inconsistent multi-process settings; the message names them."""
 
 

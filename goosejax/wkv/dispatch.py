@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
+from goosejax.errors import GoosejaxError
 from goosejax.wkv.chunked import CHUNK_SIZES, wkv7_chunked
 from goosejax.wkv.reference import compute_dtype, wkv7_reference, wkv7_step
 
@@ -44,7 +45,7 @@ PALLAS_AUTO_CHUNK_SIZES = {"tpu": 64, "cuda": 16}
 PALLAS_CHUNK_SIZES = {"tpu": (16, 32, 64), "cuda": (16, 32)}   # what each kernel accepts
 
 
-class WKVInputError(ValueError):
+class WKVInputError(GoosejaxError):
   """Inputs of the wrong shape or an unknown implementation / chunk size."""
 
 
