@@ -17,8 +17,8 @@ class ChannelMix(nnx.Module):
     L, C, F = cfg.n_layer, cfg.n_embd, cfg.ffn_dim
     pdt = jnp.dtype(cfg.param_dtype)
     self.x_k = nnx.Param(jnp.asarray(ratios.shift_mix(ratios.r10**4) + jnp.zeros((L, C)), pdt))
-    self.key = nnx.Param(init.orthogonal_stack(rngs.params(), L, F, C, 1.0, pdt))
-    self.value = nnx.Param(jnp.zeros((L, F, C), pdt))
+    self.key = nnx.Param(init.orthogonal_stack(rngs.params(), L, F, C, init.LINEAR_GAINS["ffn.key"], pdt))
+    self.value = nnx.Param(init.orthogonal_stack(rngs.params(), L, C, F, init.LINEAR_GAINS["ffn.value"], pdt))
 
   def __call__(self, x_BTC: jax.Array, prev_BTC: jax.Array) -> jax.Array:
     xk = x_BTC + (prev_BTC - x_BTC) * self.x_k[...].astype(x_BTC.dtype)

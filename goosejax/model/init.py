@@ -34,16 +34,27 @@ class LayerRatios:
     return 1.0 - self.ddd ** power_of_r10
 
 
+# Gains of RWKV-LM's generate_init_weight (train_temp/src/model.py @524481d, lines 914-963):
+# every 2-D `.weight` is orthogonal with gain 1.0, except att.key (0.1), att.output and
+# ffn.value (0), the head (below) and emb (uniform +-1e-4). No sqrt(out/in) factor for tall
+# matrices there: that factor (RWKV-5/6 era) survives only in the LoRA `ortho_init`, where
+# the matrices are wide.
+LINEAR_GAINS = {"att.receptance": 1.0, "att.key": 0.1, "att.value": 1.0, "att.output": 0.0,
+                "ffn.key": 1.0, "ffn.value": 0.0}
+EMBEDDING_RANGE = 1e-4
+
+
+def head_gain(vocab_size: int, n_embd: int) -> float:
+  """0.5 * sqrt(V / C) when V > C, else 0.5 (generate_init_weight, lines 927-933)."""
+  return 0.5 * (vocab_size / n_embd) ** 0.5 if vocab_size > n_embd else 0.5
+
+
 def orthogonal_stack(key: jax.Array, n_layer: int, out_dim: int, in_dim: int, gain: float,
                      dtype) -> jax.Array:
-  """[L, in, out] = transposes of L orthogonal [out, in] matrices scaled by `gain`.
-
-  As in RWKV-LM's generate_init_weight, tall matrices (out > in) get an extra sqrt(out/in).
-  """
+  """[L, in, out] = transposes of L orthogonal [out, in] matrices scaled by `gain`
+  (torch.nn.init.orthogonal_ on the official [out, in] weight)."""
   if gain == 0:
     return jnp.zeros((n_layer, in_dim, out_dim), dtype)
-  if out_dim > in_dim:
-    gain *= (out_dim / in_dim) ** 0.5
   init = jax.nn.initializers.orthogonal(scale=gain)
   # lax.map, not vmap: a batched QR inside jit can deadlock the CPU thread pool (2 cores).
   mats = jax.lax.map(lambda k: init(k, (out_dim, in_dim), jnp.float32), jax.random.split(key, n_layer))
@@ -51,7 +62,8 @@ def orthogonal_stack(key: jax.Array, n_layer: int, out_dim: int, in_dim: int, ga
 
 
 def lora_up_stack(key: jax.Array, n_layer: int, rank: int, n_embd: int, dtype) -> jax.Array:
-  """The LoRA up-projections (w2, a2, v2, g2): [L, rank, C] with orthonormal rows, gain 0.1."""
+  """The LoRA up-projections (w2, a2, v2, g2): [L, rank, C] with orthonormal rows, gain 0.1
+  (RWKV_Tmix_x070's ortho_init, lines 524-565: rank < C, so its sqrt factor is 1)."""
   init = jax.nn.initializers.orthogonal(scale=0.1)
   mats = jax.lax.map(lambda k: init(k, (rank, n_embd), jnp.float32), jax.random.split(key, n_layer))
   return mats.astype(dtype)

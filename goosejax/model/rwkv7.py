@@ -65,12 +65,12 @@ class RWKV7(nnx.Module):
     self.remat = remat
     V, C = cfg.vocab_size, cfg.n_embd
     pdt = jnp.dtype(cfg.param_dtype)
-    self.emb = nnx.Param(jax.random.uniform(rngs.params(), (V, C), jnp.float32, -1e-4, 1e-4).astype(pdt))
+    self.emb = nnx.Param(jax.random.uniform(rngs.params(), (V, C), jnp.float32, -init.EMBEDDING_RANGE,
+                                            init.EMBEDDING_RANGE).astype(pdt))
     self.ln0 = LayerNorm(C, param_dtype=pdt)
     self.blocks = Blocks(cfg, rngs=rngs)
     self.ln_out = LayerNorm(C, param_dtype=pdt)
-    # Official gain 0.5 * sqrt(V/C) when V > C: orthogonal_stack adds the sqrt for tall matrices.
-    self.head = nnx.Param(init.orthogonal_stack(rngs.params(), 1, V, C, 0.5, pdt)[0])
+    self.head = nnx.Param(init.orthogonal_stack(rngs.params(), 1, V, C, init.head_gain(V, C), pdt)[0])
 
   @property
   def compute_dtype(self):

@@ -57,11 +57,12 @@ class TimeMix(nnx.Module):
     self.a1, self.a2 = zeros(d_a), up(d_a)
     self.v1, self.v2 = zeros(d_v), up(d_v)
     self.g1, self.g2 = zeros(d_g), up(d_g)
-    linear = lambda gain: nnx.Param(init.orthogonal_stack(rngs.params(), L, C, C, gain, pdt))
-    self.receptance = linear(1.0)
-    self.key = linear(0.1)
-    self.value = linear(1.0)
-    self.output = linear(0.0)
+    linear = lambda name: nnx.Param(
+        init.orthogonal_stack(rngs.params(), L, C, C, init.LINEAR_GAINS[f"att.{name}"], pdt))
+    self.receptance = linear("receptance")
+    self.key = linear("key")
+    self.value = linear("value")
+    self.output = linear("output")
     layer = jnp.arange(L, dtype=jnp.float32)[:, None]
     self.ln_x_weight = nnx.Param((((layer + 1) / L) ** 0.7 + jnp.zeros((L, C))).astype(pdt))
     self.ln_x_bias = nnx.Param(jnp.zeros((L, C), pdt))
