@@ -26,11 +26,13 @@ class ConfigError(GoosejaxError):
 
 
 def suggested_lora_ranks(n_embd: int) -> tuple[int, int, int, int]:
-  """LoRA ranks (decay, iclr, value, gate) from the 2024-12 formula that reproduces the
-  released 0.1B/1.5B/2.9B models: max(32, round(coef * C^p / 32) * 32)."""
-  def rank(coef: float, power: float) -> int:
-    return max(32, round(coef * n_embd**power / 32) * 32)
-  return rank(1.8, 0.5), rank(1.8, 0.5), rank(1.3, 0.5), rank(0.6, 0.8)
+  """LoRA ranks (decay, iclr, value, gate) for a model trained from scratch, as RWKV-LM
+  train_temp sizes them today (src/model.py, RWKV_Tmix_x070.__init__, D_*_LORA "suggestion"):
+  max(32, round(k * sqrt(C) / 32) * 32) with k = 2.5, 2.5, 1.7, 5. Presets that copy a
+  released checkpoint set the released ranks explicitly."""
+  def rank(k: float) -> int:
+    return max(32, int(round(k * n_embd**0.5 / 32)) * 32)
+  return rank(2.5), rank(2.5), rank(1.7), rank(5.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Config: presets, precedence, and clear errors for unknown/duplicate keys and bad values."""
 import pytest
 
-from goosejax.config import (Config, ConfigError, MeshConfig, load_config, config_from_dict,
-                             suggested_lora_ranks)
+from goosejax.config import (Config, ConfigError, MeshConfig, ModelConfig, load_config,
+                             config_from_dict, suggested_lora_ranks)
 
 RELEASED = {  # preset: (L, C, H, lora ranks) from spec §1.1
     "rwkv7-0.1b": (12, 768, 12, (64, 64, 32, 128)),
@@ -23,12 +23,15 @@ def test_released_presets_have_the_published_shapes(name):
   assert cfg.optimizer.eps == 1e-18 and (cfg.optimizer.beta1, cfg.optimizer.beta2) == (0.9, 0.99)
 
 
-def test_suggestion_formula_reproduces_released_ranks():
-  # The 2024-12 formula gives the released 0.1B, 1.5B and 2.9B ranks (0.4B's gate is 128, not 160).
+def test_default_lora_ranks_are_rwkv_lms_current_suggestion():
+  # RWKV-LM @524481d RWKV-v7/train_temp/src/model.py:547,552,557,563 (RWKV_Tmix_x070.__init__):
+  # D = max(32, int(round(k * C**0.5 / 32) * 32)), k = 2.5 (decay), 2.5 (a), 1.7 (v), 5 (gate).
   assert suggested_lora_ranks(768) == (64, 64, 32, 128)
-  assert suggested_lora_ranks(2048) == (96, 96, 64, 256)
-  assert suggested_lora_ranks(2560) == (96, 96, 64, 320)
-  assert suggested_lora_ranks(1024)[3] == 160
+  assert suggested_lora_ranks(1024) == (64, 64, 64, 160)      # round(2.5) == 2: Python rounds half to even
+  assert suggested_lora_ranks(2048) == (128, 128, 64, 224)    # released 1.5B: 96/96/64/256
+  assert suggested_lora_ranks(128) == (32, 32, 32, 64)
+  assert ModelConfig(n_embd=2048).lora_ranks == (128, 128, 64, 224)
+  assert ModelConfig(n_embd=2048, gate_lora=256).lora_ranks == (128, 128, 64, 256)
 
 
 def test_tiny_preset_loads_and_is_small():
