@@ -2,8 +2,9 @@
 
 Precedence, lowest first: dataclass defaults < the `base:` preset a YAML file names <
 the YAML file itself < command-line overrides (dedicated flags such as `--steps` are
-overrides under another name). Unknown keys, a key given twice in one source and
-impossible values raise `ConfigError` with a message naming the key.
+overrides under another name). Unknown keys, a key given twice in one source, impossible or
+non-finite values, and empty or unreadable files raise `ConfigError` with a one-line message
+naming the file and the key.
 """
 from __future__ import annotations
 
@@ -90,6 +91,7 @@ class OptimizerConfig:
   w0_lr_scale: float = 2.0            # att.w0's lr multiplier (RWKV-LM: 2x; 5x in Pile stage 2)
 
   def validate(self) -> None:
+    _finite(self, "optimizer")
     _non_negative(self, "optimizer", "lr_init", "lr_final", "warmup_steps", "weight_decay", "eps",
                   "grad_clip", "w0_lr_scale")
     _positive(self, "optimizer", "grad_accum")
@@ -114,6 +116,7 @@ class DataConfig:
   magic_prime: int | None = None      # order=magic_prime: None computes RWKV-LM's prime per dataset
 
   def validate(self) -> None:
+    _finite(self, "data")
     _positive(self, "data", "ctx_len", "batch_size", "magic_prime")
     sources = ("builtin", "binidx", "arrayrecord", "jsonl", "text")
     if self.source not in sources:
@@ -172,6 +175,7 @@ class RunConfig:
   tensorboard: bool = True            # event files under RUN_DIR/tensorboard
 
   def validate(self) -> None:
+    _finite(self, "run")
     _positive(self, "run", "steps", "checkpoint_every", "keep_checkpoints", "log_every",
               "eval_every", "eval_batches", "peak_tflops")
 
@@ -191,6 +195,16 @@ class Config:
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+
+def _finite(cfg, section: str) -> None:
+  """Refuse NaN and infinity in every float setting: NaN passes each `<` range check below."""
+  for field in dataclasses.fields(cfg):
+    value = getattr(cfg, field.name)
+    items = value if isinstance(value, tuple) else (value,)
+    if any(isinstance(item, float) and not math.isfinite(item) for item in items):
+      shown = list(value) if isinstance(value, tuple) else value
+      raise ConfigError(f"{section}.{field.name}={shown}: expected a finite number")
 
 
 def _positive(cfg, section: str, *keys: str) -> None:
@@ -317,22 +331,54 @@ def resolve_preset(name_or_path: str | Path, relative_to: Path | None = None) ->
   for path in candidates:
     if path.is_file():
       return path
-  presets = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
-  raise ConfigError(f"config {str(name_or_path)!r} is neither a file nor a preset; presets: {presets}")
+  raise ConfigError(f"config {str(name_or_path)!r} is neither a file nor a preset; presets: {_presets()}")
+
+
+def _one_line(error: Exception) -> str:
+  """PyYAML's multi-line messages (problem, context, file marks) as one line."""
+  return " ".join(str(error).split())
+
+
+def _presets() -> list[str]:
+  return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def _read_tree(path: Path) -> dict[str, Any]:
+  """The top-level mapping of a YAML config file; refuses binary, invalid and empty files."""
+  try:
+    with path.open("rb") as stream:   # a named stream: PyYAML's marks (and ours) name the file
+      tree = yaml.load(stream, Loader=_UniqueKeyLoader)
+  except yaml.reader.ReaderError as e:   # not UTF-8, or control characters: a binary file
+    found = f"character U+{e.character:04X}" if e.encoding == "unicode" else f"byte 0x{e.character:02x}"
+    raise ConfigError(f"{path}: not a YAML text file ({found} at position {e.position}: "
+                      f"{e.reason})") from None
+  except yaml.YAMLError as e:
+    raise ConfigError(f"{path}: not valid YAML: {_one_line(e)}") from None
+  if tree is None or tree == {}:   # a default model trained from an empty file is never intended
+    raise ConfigError(f"{path}: the config file is empty; give at least `base: <preset>` "
+                      f"(presets: {_presets()})")
+  if not isinstance(tree, dict):
+    raise ConfigError(f"{path}: expected a mapping of sections, got {type(tree).__name__}")
+  return tree
+
+
+def _base_path(path: Path, base: Any) -> Path:
+  """The file a config's `base:` names, resolved next to the config first."""
+  if not isinstance(base, str):
+    raise ConfigError(f"{path}: base={base!r}: expected a preset name or a YAML path "
+                      f"(presets: {_presets()})")
+  try:
+    return resolve_preset(base, path.parent)
+  except ConfigError as e:
+    raise ConfigError(f"{path}: base: {e}") from None
 
 
 def _load_yaml(path: Path, config: Config, chain: tuple[Path, ...] = ()) -> Config:
   if path in chain:
     raise ConfigError(f"{path}: `base:` chain loops back to itself ({' -> '.join(map(str, chain))})")
-  try:
-    tree = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
-  except yaml.YAMLError as e:
-    raise ConfigError(f"{path}: not valid YAML: {e}") from None
-  if not isinstance(tree, dict):
-    raise ConfigError(f"{path}: expected a mapping of sections, got {type(tree).__name__}")
-  base = tree.pop("base", None)
-  if base is not None:
-    config = _load_yaml(resolve_preset(base, path.parent), config, chain + (path,))
+  tree = _read_tree(path)
+  if "base" in tree:
+    config = _load_yaml(_base_path(path, tree.pop("base")), config, chain + (path,))
   return _apply(config, _flatten(tree, str(path)), str(path))
 
 
@@ -349,7 +395,7 @@ def parse_overrides(overrides: Sequence[str], source: str = "command line") -> d
     try:
       flat[key] = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError as e:
-      raise ConfigError(f"override {item!r} ({source}): value is not valid YAML: {e}") from None
+      raise ConfigError(f"override {item!r} ({source}): value is not valid YAML: {_one_line(e)}") from None
   return flat
 
 

@@ -1,8 +1,10 @@
 """Config: presets, precedence, and clear errors for unknown/duplicate keys and bad values."""
+import re
+
 import pytest
 
-from goosejax.config import (Config, ConfigError, MeshConfig, ModelConfig, load_config,
-                             config_from_dict, suggested_lora_ranks)
+from goosejax.config import (Config, ConfigError, DataConfig, MeshConfig, ModelConfig,
+                             OptimizerConfig, load_config, config_from_dict, suggested_lora_ranks)
 
 RELEASED = {  # preset: (L, C, H, lora ranks) from spec §1.1
     "rwkv7-0.1b": (12, 768, 12, (64, 64, 32, 128)),
@@ -116,3 +118,90 @@ def test_round_trip_through_dict():
   cfg = load_config("rwkv7-0.4b")
   assert config_from_dict(cfg.to_dict()) == cfg
   assert Config().validate() == Config()
+
+
+# ----------------------------------------------------------------------------- bad files and values
+
+
+def _config_error(path) -> str:
+  with pytest.raises(ConfigError) as e:
+    load_config(path)
+  message = str(e.value)
+  assert "\n" not in message, message
+  return message
+
+
+def test_duplicate_key_names_the_file(tmp_path):
+  path = tmp_path / "dup.yaml"
+  path.write_text("model:\n  n_layer: 2\n  n_layer: 3\n")
+  message = _config_error(path)
+  assert str(path) in message and "<unicode string>" not in message and "lines 2 and 3" in message
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary", "not a YAML text file"),
+    (b"model:\n  n_layer: 2\x00\n", "not a YAML text file"),
+    (b"model: [1, 2\n", "not valid YAML"),
+])
+def test_unreadable_file_names_the_file(tmp_path, content, fragment):
+  path = tmp_path / "bad.yaml"
+  path.write_bytes(content)
+  message = _config_error(path)
+  assert message.startswith(f"{path}: {fragment}"), message
+
+
+@pytest.mark.parametrize("content", ["", "# only a comment\n\n", "{}\n"])
+def test_empty_file_is_refused_not_trained_as_the_default(tmp_path, content):
+  path = tmp_path / "empty.yaml"
+  path.write_text(content)
+  message = _config_error(path)
+  assert message.startswith(f"{path}: the config file is empty") and "base: <preset>" in message
+
+
+@pytest.mark.parametrize("base, fragment", [
+    ("5", "base=5: expected a preset name or a YAML path"),
+    ("[tiny]", "base=['tiny']: expected a preset name"),
+    ("null", "base=None: expected a preset name"),
+    ("no-such-preset", "base: config 'no-such-preset' is neither a file nor a preset"),
+])
+def test_bad_base_names_the_file_and_the_key(tmp_path, base, fragment):
+  path = tmp_path / "run.yaml"
+  path.write_text(f"base: {base}\nrun:\n  steps: 5\n")
+  message = _config_error(path)
+  assert message.startswith(f"{path}: {fragment}"), message
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("optimizer.lr_init=nan", "optimizer.lr_init=nan: expected a finite number"),
+    ("optimizer.lr_final=.inf", "optimizer.lr_final=inf"),
+    ("optimizer.weight_decay=1e999", "optimizer.weight_decay=inf"),
+    ("optimizer.grad_clip=.nan", "optimizer.grad_clip=nan"),
+    ("optimizer.beta1=nan", "optimizer.beta1=nan: expected a finite number"),
+    ("optimizer.eps=-.inf", "optimizer.eps=-inf"),
+    ("optimizer.w0_lr_scale=inf", "optimizer.w0_lr_scale=inf"),
+    ("data.validation_fraction=nan", "data.validation_fraction=nan"),
+    ("data.weights=[1.0, .nan]", "data.weights=[1.0, nan]: expected a finite number"),
+    ("run.peak_tflops=.inf", "run.peak_tflops=inf"),
+])
+def test_non_finite_values_are_refused(override, fragment):
+  key = override.partition("=")[0]
+  overrides = [override, "data.paths=[a, b]"] if key == "data.weights" else [override]
+  with pytest.raises(ConfigError, match=re.escape(fragment)):
+    load_config("tiny", overrides)
+
+
+def test_non_finite_values_are_refused_in_a_section_validated_alone():
+  with pytest.raises(ConfigError, match=r"optimizer\.lr_init=nan"):
+    OptimizerConfig(lr_init=float("nan")).validate()
+  with pytest.raises(ConfigError, match=r"data\.validation_fraction=inf"):
+    DataConfig(validation_fraction=float("inf")).validate()
+
+
+def test_train_cli_reports_a_bad_config_on_one_line_with_status_2(tmp_path, capsys):
+  from goosejax import cli
+  path = tmp_path / "empty.yaml"
+  path.write_text("# nothing yet\n")
+  assert cli.main(["train", "--config", str(path), "--run-dir", str(tmp_path / "run")]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "the config file is empty" in err
+  assert not (tmp_path / "run").exists()
