@@ -158,7 +158,7 @@ def test_prepare_data_reads_array_record(tmp_path, capsys):
 ])
 def test_prepare_data_bad_inputs(tmp_path, capsys, name, content, message):
   (tmp_path / name).write_bytes(content)
-  assert run_cli(tmp_path / name, "--out", tmp_path / "ds", "--quiet") == 1
+  assert run_cli(tmp_path / name, "--out", tmp_path / "ds", "--quiet") == 2
   err = capsys.readouterr().err
   assert "goosejax prepare-data: error:" in err
   assert re.search(message, err), err
@@ -170,3 +170,46 @@ def test_prepare_data_needs_an_output(tmp_path, capsys):
   with pytest.raises(SystemExit) as exit_info:
     run_cli(tmp_path / "a.txt")
   assert exit_info.value.code == 2 and "--out PREFIX" in capsys.readouterr().err
+
+
+def _one_line_error(capsys) -> str:
+  err = capsys.readouterr().err
+  assert err.startswith("goosejax prepare-data: error: ") and err.count("\n") == 1, err
+  return err
+
+
+@pytest.mark.parametrize("out", ["afile/ds", "afile/deeper/ds"])
+def test_prepare_data_out_under_a_file(tmp_path, capsys, out):
+  (tmp_path / "a.txt").write_text("some text")
+  (tmp_path / "afile").write_text("a file, not a folder")
+  assert run_cli(tmp_path / "a.txt", "--out", tmp_path / out, "--quiet") == 2
+  assert f"{tmp_path / 'afile'} is a file, not a folder" in _one_line_error(capsys)
+  assert (tmp_path / "afile").read_text() == "a file, not a folder"
+
+
+def test_prepare_data_refuses_to_replace_a_dataset_without_force(tmp_path, capsys):
+  (tmp_path / "a.txt").write_text("first")
+  assert run_cli(tmp_path / "a.txt", "--out", tmp_path / "ds", "--quiet") == 0
+  first = (tmp_path / "ds.bin").read_bytes()
+  (tmp_path / "a.txt").write_text("second, longer document")
+  assert run_cli(tmp_path / "a.txt", "--out", tmp_path / "ds.bin", "--quiet") == 2
+  assert f"{tmp_path / 'ds.bin'} already exists; pass --force to replace it" in _one_line_error(capsys)
+  assert (tmp_path / "ds.bin").read_bytes() == first
+  assert run_cli(tmp_path / "a.txt", "--out", tmp_path / "ds", "--quiet", "--force") == 0
+  assert spec_read(tmp_path / "ds")[3] == [load_tokenizer("world").encode("second, longer document") + [0]]
+
+
+def test_prepare_data_force_only_replaces_files(tmp_path, capsys):
+  (tmp_path / "a.txt").write_text("text")
+  (tmp_path / "ds.idx").mkdir()
+  assert run_cli(tmp_path / "a.txt", "--out", tmp_path / "ds", "--quiet", "--force") == 2
+  assert "ds.idx exists and is not a file; --force only replaces a file here" in _one_line_error(capsys)
+  assert not (tmp_path / "ds.bin").exists()
+
+
+def test_prepare_data_refuses_to_replace_a_tokenizer_model_without_force(tmp_path, capsys):
+  (tmp_path / "a.txt").write_text("text")
+  (tmp_path / "spm.model").write_text("keep me")
+  assert run_cli(tmp_path / "a.txt", "--train-spm", tmp_path / "spm.model", "--quiet") == 2
+  assert "spm.model already exists; pass --force to replace it" in _one_line_error(capsys)
+  assert (tmp_path / "spm.model").read_text() == "keep me"

@@ -1,14 +1,16 @@
 """`goosejax prepare-data`: tokenize .jsonl/.txt/ArrayRecord documents into a binidx dataset,
 and/or train a SentencePiece model on them.
 
-  goosejax prepare-data INPUT... --out PREFIX [--tokenizer world|PATH.model|PATH.json]
-  goosejax prepare-data INPUT... --train-spm MODEL.model --vocab-size N [--out PREFIX]
+  goosejax prepare-data INPUT... --out PREFIX [--tokenizer world|PATH.model|PATH.json] [--force]
+  goosejax prepare-data INPUT... --train-spm MODEL.model --vocab-size N [--out PREFIX] [--force]
 
 INPUTs are files or glob patterns. Every document becomes one binidx item: its tokens then
 the tokenizer's `eot_id` (0 for World, as RWKV-LM's make_data.py writes it). Ids are stored
 as uint16 when the vocabulary fits, else int32 (`--dtype` overrides). With `--train-spm` the
 model is trained first and, when `--out` is also given, used to tokenize. A progress line
 goes to stderr; a summary (documents, tokens, bytes, RWKV-LM's magic_prime) to stdout.
+Existing outputs (PREFIX.bin, PREFIX.idx, MODEL.model) are never replaced without --force,
+and --force only replaces files; both are checked before any input is read.
 """
 from __future__ import annotations
 
@@ -45,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="train a SentencePiece model on the inputs and write it here")
   parser.add_argument("--vocab-size", type=int, default=32000, help="SentencePiece vocabulary size")
   parser.add_argument("--spm-model-type", choices=("bpe", "unigram"), default="bpe")
+  parser.add_argument("--force", action="store_true",
+                      help="replace an existing PREFIX.bin/.idx or MODEL.model")
   parser.add_argument("--quiet", action="store_true", help="no progress line")
   return parser
 
@@ -82,6 +86,30 @@ class Progress:
 def _documents(files: list[Path], text_field: str, stats: dict) -> Iterator[str]:
   for path in files:
     yield from read_documents(path, text_field, stats)
+
+
+def _check_output(path: Path, option: str, force: bool) -> None:
+  """`path` can be written: its folder is (or can become) a folder, and it is new or --force."""
+  folder = path.parent
+  while not folder.exists() and folder != folder.parent:
+    folder = folder.parent
+  if not folder.is_dir():
+    raise DataError(f"{option} {path}: {folder} is a file, not a folder")
+  if not path.exists():
+    return
+  if not force:
+    raise DataError(f"{path} already exists; pass --force to replace it")
+  if not path.is_file():
+    raise DataError(f"{path} exists and is not a file; --force only replaces a file here")
+
+
+def _check_outputs(args) -> None:
+  if args.out:
+    prefix = prefix_of(args.out)
+    for suffix in (".bin", ".idx"):
+      _check_output(prefix.with_name(prefix.name + suffix), "--out", args.force)
+  if args.train_spm:
+    _check_output(Path(args.train_spm), "--train-spm", args.force)
 
 
 def _input_files(patterns: list[str]) -> list[Path]:
@@ -143,17 +171,15 @@ def _summary(prefix: Path, writer: BinIdxWriter, text_bytes: int, empty: int, dt
 
 
 def main(argv: list[str]) -> int:
+  """Bad input raises DataError (or OSError); goosejax.cli prints it on one line, exit 2."""
   args = _parser().parse_args(argv)
   if args.out is None and args.train_spm is None:
     _parser().error("give --out PREFIX (write binidx) and/or --train-spm MODEL.model")
-  try:
-    files = _input_files(args.inputs)
-    tokenizer_spec = args.tokenizer
-    if args.train_spm:
-      tokenizer_spec = str(_train_spm(args, files))
-    if args.out:
-      _write_binidx(args, files, tokenizer_spec)
-  except DataError as e:
-    print(f"goosejax prepare-data: error: {e}", file=sys.stderr)
-    return 1
+  _check_outputs(args)
+  files = _input_files(args.inputs)
+  tokenizer_spec = args.tokenizer
+  if args.train_spm:
+    tokenizer_spec = str(_train_spm(args, files))
+  if args.out:
+    _write_binidx(args, files, tokenizer_spec)
   return 0
