@@ -1,4 +1,5 @@
 """`goosejax convert`: both directions, overwrite rules, failures leave nothing behind."""
+import dataclasses
 import json
 
 import ml_dtypes
@@ -8,7 +9,8 @@ import pytest
 from goosejax import checkpoint, cli
 from goosejax.config import ModelConfig
 from goosejax.convert import pth
-from goosejax.convert.official import expected_official_shapes
+from goosejax.convert.hf import HFExportError, save_hf
+from goosejax.convert.official import expected_official_shapes, official_to_params
 from goosejax.convert.pth import read_pth, write_pth
 
 CFG = ModelConfig(vocab_size=50, n_layer=2, n_embd=64, head_size=64, dim_ffn=128,
@@ -75,14 +77,14 @@ def test_goosejax_bf16_checkpoint_and_run_directory_source(tmp_path, official):
 def test_refuses_to_overwrite_without_force(tmp_path, official, capsys):
   src, _ = official
   (tmp_path / "taken.pth").write_text("keep me")
-  assert convert(src, tmp_path / "taken.pth", "--to", "official") == 1
+  assert convert(src, tmp_path / "taken.pth", "--to", "official") == 2
   assert "already exists; pass --force to replace it" in capsys.readouterr().err
   assert (tmp_path / "taken.pth").read_text() == "keep me"
   assert convert(src, tmp_path / "taken.pth", "--to", "official", "--force") == 0
   assert "emb.weight" in read_pth(tmp_path / "taken.pth")
 
   assert convert(src, tmp_path / "ckpt") == 0
-  assert convert(src, tmp_path / "ckpt") == 1
+  assert convert(src, tmp_path / "ckpt") == 2
   assert convert(src, tmp_path / "ckpt", "--force", "--dtype", "bfloat16") == 0
   assert checkpoint.read_info(tmp_path / "ckpt").model.param_dtype == "bfloat16"
 
@@ -92,9 +94,9 @@ def test_force_never_replaces_something_of_another_kind(tmp_path, official, caps
   precious = tmp_path / "precious"
   precious.mkdir()
   (precious / "thesis.txt").write_text("do not delete")
-  assert convert(src, precious, "--force") == 1
+  assert convert(src, precious, "--force") == 2
   assert "is not a goosejax checkpoint directory" in capsys.readouterr().err
-  assert convert(src, precious, "--to", "official", "--force") == 1
+  assert convert(src, precious, "--to", "official", "--force") == 2
   assert "is not a file" in capsys.readouterr().err
   assert (precious / "thesis.txt").read_text() == "do not delete"
 
@@ -102,9 +104,9 @@ def test_force_never_replaces_something_of_another_kind(tmp_path, official, caps
 def test_bad_source_leaves_nothing(tmp_path, capsys):
   bad = tmp_path / "bad.pth"
   bad.write_bytes(b"PK\x03\x04 truncated")
-  assert convert(bad, tmp_path / "out") == 1
+  assert convert(bad, tmp_path / "out") == 2
   assert "truncated or corrupted zip archive" in capsys.readouterr().err
-  assert convert(tmp_path / "absent.pth", tmp_path / "out") == 1
+  assert convert(tmp_path / "absent.pth", tmp_path / "out") == 2
   assert "no such file or directory" in capsys.readouterr().err
   assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pth"]
 
@@ -121,16 +123,16 @@ def test_failure_while_writing_leaves_nothing(tmp_path, official, monkeypatch, c
 
   real_record = pth._write_record
   monkeypatch.setattr(pth, "_write_record", failing_record)
-  assert convert(src, tmp_path / "out.pth", "--to", "official") == 1
+  assert convert(src, tmp_path / "out.pth", "--to", "official") == 2
   assert "simulated" in capsys.readouterr().err
   assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth"]
 
 
 def test_goosejax_dtype_restriction_and_missing_parent(tmp_path, official, capsys):
   src, _ = official
-  assert convert(src, tmp_path / "c", "--dtype", "float16") == 1
+  assert convert(src, tmp_path / "c", "--dtype", "float16") == 2
   assert "a goosejax checkpoint stores float32 or bfloat16" in capsys.readouterr().err
-  assert convert(src, tmp_path / "no" / "such" / "out.pth", "--to", "official") == 1
+  assert convert(src, tmp_path / "no" / "such" / "out.pth", "--to", "official") == 2
   assert "parent folder" in capsys.readouterr().err
 
 
@@ -148,3 +150,19 @@ def test_config_json_written_by_convert_is_plain_json(tmp_path, official):
   assert convert(src, tmp_path / "c") == 0
   document = json.loads((tmp_path / "c" / "config.json").read_text())
   assert document["model"]["n_layer"] == 2 and document["step"] is None
+
+
+def test_hf_export_refuses_head_sizes_fla_cannot_run_exactly(tmp_path, capsys):
+  cfg = dataclasses.replace(CFG, head_size=32)
+  rng = np.random.default_rng(1)
+  write_pth(tmp_path / "h32.pth", {key: rng.standard_normal(shape).astype(np.float32)
+                                   for key, shape in expected_official_shapes(cfg).items()})
+  assert convert(tmp_path / "h32.pth", tmp_path / "hf", "--to", "hf") == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "error: head size 32 cannot be written for Hugging Face / FLA" in err
+  assert "head_dim * norm_eps" in err and "64e-5" in err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["h32.pth"]
+  _, params = official_to_params(read_pth(tmp_path / "h32.pth"))
+  with pytest.raises(HFExportError, match="head size 32"):
+    save_hf(params, cfg, tmp_path / "direct")
+  assert not (tmp_path / "direct").exists()

@@ -154,7 +154,13 @@ def _edited(hf_dir, tmp_path, edit_tensors=None, edit_config=None):
 
 
 @pytest.mark.parametrize("edit_tensors, edit_config, message", [
-    (lambda t: t.pop("model.layers.1.attn.k_proj.weight"), None, "missing 1 key"),
+    (lambda t: t.pop("model.layers.1.attn.k_proj.weight"), None,
+     r"model\.safetensors: missing 1 key\(s\) .*\['model\.layers\.1\.attn\.k_proj\.weight'\]"),
+    (lambda t: t.pop("model.layers.0.attn.r_k"), None, r"missing key 'model\.layers\.0\.attn\.r_k'"),
+    (lambda t: t.pop("model.layers.0.attn.w_lora.lora.0.weight"), None,
+     r"missing key 'model\.layers\.0\.attn\.w_lora\.lora\.0\.weight'"),
+    (lambda t: t.pop("model.layers.1.attn.v_lora.lora.2.bias"), None,
+     r"\['model\.layers\.1\.attn\.v_lora\.lora\.2\.bias'\]"),
     (lambda t: t.update({"model.layers.1.attn.q_proj.weight": np.zeros((2, 2), np.float32)}), None,
      "q_proj.weight.*hybrid attention"),
     (lambda t: t.pop("model.layers.0.pre_norm.weight"), None, "pre_norm"),
@@ -210,12 +216,51 @@ def test_convert_cli_to_and_from_hf(checkpoint, tmp_path, capsys):
   back = read_pth(tmp_path / "back.pth")
   assert sorted(back) == sorted(official)
   assert all(np.array_equal(back[k], official[k]) for k in official)
-  assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "hf")]) == 1   # exists, no --force
+  assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "hf")]) == 2   # exists, no --force
   (tmp_path / "plain").mkdir()
   assert cli.main(["convert", str(tmp_path / "model.pth"), str(tmp_path / "plain"), "--to", "hf",
-                   "--force"]) == 1
+                   "--force"]) == 2
   assert "not a Hugging Face model directory" in capsys.readouterr().err
   assert cli.main(["convert", str(tmp_path / "model.pth"), str(tmp_path / "hf"), "--to", "hf",
                    "--force", "--dtype", "bfloat16"]) == 0
   assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
   assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+
+
+def test_missing_tensor_reaches_the_cli_as_one_line_naming_file_and_tensor(hf_dir, tmp_path, capsys):
+  from goosejax import cli
+  edited = _edited(hf_dir, tmp_path, lambda t: t.pop("model.layers.1.ffn.value.weight"))
+  assert cli.main(["convert", str(edited), str(tmp_path / "out.pth")]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and str(edited / "model.safetensors") in err, err
+  assert "'model.layers.1.ffn.value.weight'" in err and "blocks." not in err, err
+  assert not (tmp_path / "out.pth").exists()
+
+
+def test_every_entry_point_reads_hf_directories(checkpoint, hf_dir):
+  import goosejax
+  from goosejax.convert.pretrained import read_params, source_kind
+  from goosejax.model.params import param_dict
+
+  cfg, params = checkpoint
+  assert source_kind(hf_dir) == "hf"
+  cfg2, params2, facts = read_params(hf_dir)        # what training's --init-from calls
+  assert cfg2 == cfg and facts["kind"] == "hf"
+  assert all(np.array_equal(params2[k], v) for k, v in params.items())
+  model = goosejax.load_pretrained(hf_dir, "bfloat16", param_dtype="float32")
+  assert model.config.dtype == "bfloat16" and model.config.n_layer == cfg.n_layer
+  loaded = param_dict(model)
+  assert sorted(loaded) == sorted(params)
+  assert all(np.array_equal(np.asarray(loaded[k]), v) for k, v in params.items())
+
+
+def test_hf_directories_without_safetensors_and_bare_safetensors_files(hf_dir, tmp_path):
+  import goosejax
+  (tmp_path / "bin").mkdir()
+  (tmp_path / "bin" / "config.json").write_text((hf_dir / "config.json").read_text())
+  (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"not read")
+  with pytest.raises(CheckpointFormatError, match=r"no model\.safetensors .*not pytorch_model\.bin"):
+    goosejax.load_pretrained(tmp_path / "bin")
+  with pytest.raises(CheckpointFormatError, match=r"model\.safetensors: a bare safetensors file; "
+                                                  r"pass the Hugging Face model directory"):
+    goosejax.load_pretrained(hf_dir / "model.safetensors")

@@ -1,10 +1,12 @@
 """`goosejax convert SRC DST [--to goosejax|official|hf]`: official .pth <-> goosejax checkpoint.
 
 Hugging Face / flash-linear-attention directories (config.json + safetensors, see
-goosejax/convert/hf.py) are read as SRC and written with --to hf.
+goosejax/convert/hf.py) are read as SRC and written with --to hf (head size 64 only: FLA
+cannot reproduce the official GroupNorm eps for other head sizes).
 
-SRC is an official RWKV-7 x070 `.pth`, a goosejax checkpoint directory or a training run
-directory (its latest checkpoint). Without --to, a .pth becomes a goosejax checkpoint and a
+SRC is anything `goosejax.load_pretrained` reads (convert/pretrained.py: an official RWKV-7
+x070 `.pth`, an HF directory, a goosejax checkpoint directory or a training run directory,
+its latest checkpoint). Without --to, a .pth becomes a goosejax checkpoint and a
 directory becomes a .pth. DST is never overwritten without --force, and --force only replaces
 something of the kind being written (a goosejax checkpoint, or a file). Both writers build the
 result beside DST and rename it into place, so a failure leaves nothing at DST.
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
@@ -23,9 +24,9 @@ import numpy as np
 from goosejax.errors import GoosejaxError
 from goosejax import checkpoint
 from goosejax.config import ModelConfig
-from goosejax.convert.hf import is_hf_checkpoint, load_hf, save_hf
+from goosejax.convert.hf import check_fla_exact, is_hf_checkpoint, save_hf
 from goosejax.convert.official import params_to_official
-from goosejax.convert.pretrained import read_params, source_kind
+from goosejax.convert.pretrained import SOURCE_NAMES, read_params, source_kind
 from goosejax.convert.pth import write_pth
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -37,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
       prog="goosejax convert",
       description="Convert RWKV-7 checkpoints between the official .pth and the goosejax "
                   "checkpoint directory (both ways; official logits are preserved).")
-  p.add_argument("src", help="official .pth, goosejax checkpoint directory or run directory")
+  p.add_argument("src", help="official .pth, Hugging Face directory, goosejax checkpoint "
+                              "directory or run directory")
   p.add_argument("dst", help="output: a checkpoint directory (--to goosejax) or a .pth file")
   p.add_argument("--to", choices=("goosejax", "official", "hf"),
                  help="output format (default: the other one than SRC's)")
@@ -92,22 +94,18 @@ def _check_destination(dst: Path, target: str, force: bool) -> None:
 def convert(src: Path, dst: Path, target: str | None = None, *, dtype: str | None = None,
             vectors: str = "1x1xC", layer0_value_lora: bool = True, force: bool = False,
             log=print) -> dict:
-  """Convert SRC to DST; returns a summary dict. Raises ValueError subclasses on bad input."""
+  """Convert SRC to DST; returns a summary dict. Raises GoosejaxError or OSError on bad input."""
   started = time.perf_counter()
-  kind = "hf" if is_hf_checkpoint(src) else source_kind(src)
+  kind = source_kind(src)
   target = target or ("goosejax" if kind == "official" else "official")
   if target == "goosejax" and dtype not in (None, "float32", "bfloat16"):
     raise ConvertError(f"--dtype {dtype}: a goosejax checkpoint stores float32 or bfloat16")
   _check_destination(dst, target, force)
 
-  what = {"official": "official .pth", "hf": "Hugging Face directory"}.get(kind, "goosejax checkpoint")
-  log(f"reading {src} ({what}, "
-      f"{_megabytes(_path_size(src))})")
-  if kind == "hf":
-    cfg, params = load_hf(src)
-    facts = {"kind": kind, "path": str(src)}
-  else:
-    cfg, params, facts = read_params(src)
+  log(f"reading {src} ({SOURCE_NAMES[kind]}, {_megabytes(_path_size(src))})")
+  cfg, params, facts = read_params(src)
+  if target == "hf":
+    check_fla_exact(cfg)
   n_params = sum(int(np.prod(v.shape)) for v in params.values())
   log(f"  {_describe(cfg)}; {n_params:,} parameters")
   if "stored_dtypes" in facts:
@@ -156,11 +154,8 @@ def _write_hf(params, cfg: ModelConfig, dst: Path, dtype) -> None:
 
 
 def main(argv: list[str]) -> int:
+  """Bad input raises GoosejaxError (or OSError); goosejax.cli prints it on one line, exit 2."""
   args = _parser().parse_args(argv)
-  try:
-    convert(Path(args.src), Path(args.dst), args.to, dtype=args.dtype, vectors=args.vectors,
-            layer0_value_lora=not args.no_layer0_value_lora, force=args.force)
-  except (ValueError, OSError) as e:
-    print(f"goosejax convert: error: {e}", file=sys.stderr)
-    return 1
+  convert(Path(args.src), Path(args.dst), args.to, dtype=args.dtype, vectors=args.vectors,
+          layer0_value_lora=not args.no_layer0_value_lora, force=args.force)
   return 0

@@ -28,6 +28,7 @@ import numpy as np
 from goosejax.config import ModelConfig
 from goosejax.convert.official import (CheckpointFormatError, official_to_params,
                                        params_to_official)
+from goosejax.errors import GoosejaxError
 from goosejax.model.state import RWKV7State
 
 CONFIG_FILE = "config.json"
@@ -47,6 +48,11 @@ _LINEARS = {"receptance": "r_proj", "key": "k_proj", "value": "v_proj", "output"
 _NORMS = {"ln1": "attn_norm", "ln2": "ffn_norm", "ln0": "pre_norm"}
 _TOP = {"emb.weight": "model.embeddings.weight", "ln_out.weight": "model.norm.weight",
         "ln_out.bias": "model.norm.bias", "head.weight": "lm_head.weight"}
+FLA_EXACT_HEAD_SIZE = 64
+
+
+class HFExportError(GoosejaxError):
+  """A model the Hugging Face / FLA format cannot describe exactly; the message says why."""
 
 
 # ----------------------------------------------------------------------------- safetensors
@@ -124,26 +130,36 @@ def official_to_hf(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
   """Official x070 state dict -> FLA tensor dict (layer 0's v0/v1/v2 are dropped)."""
   out = {}
   for key, value in state_dict.items():
-    value = np.asarray(value)
-    if key in _TOP:
-      out[_TOP[key]] = value
-      continue
-    m = re.fullmatch(r"blocks\.(\d+)\.(\w+)\.(.+)", key)
-    if m is None:
-      raise CheckpointFormatError(f"official key {key!r} has no Hugging Face name")
-    layer, part, rest = m.groups()
-    prefix = f"model.layers.{layer}."
-    if part in _NORMS:
-      out[prefix + f"{_NORMS[part]}.{rest}"] = value
-    elif part == "ffn":
-      out[prefix + f"ffn.{rest}"] = value.reshape(-1) if rest == "x_k" else value
-    elif part == "att":
-      name, transform = _attention_to_hf(rest, int(layer))
-      if name is not None:
-        out[prefix + "attn." + name] = transform(value)
-    else:
-      raise CheckpointFormatError(f"official key {key!r} has no Hugging Face name")
+    name, transform = _to_hf(key)
+    if name is not None:
+      out[name] = transform(np.asarray(value))
   return out
+
+
+def hf_name(official_key: str) -> str:
+  """The FLA tensor name that holds an official key (what messages about an HF file say)."""
+  name, _ = _to_hf(official_key)
+  return name if name is not None else official_key
+
+
+def _to_hf(key: str):
+  """(FLA name, value transform) of one official key; (None, None) for what FLA drops."""
+  same = lambda v: v
+  if key in _TOP:
+    return _TOP[key], same
+  m = re.fullmatch(r"blocks\.(\d+)\.(\w+)\.(.+)", key)
+  if m is None:
+    raise CheckpointFormatError(f"official key {key!r} has no Hugging Face name")
+  layer, part, rest = m.groups()
+  prefix = f"model.layers.{layer}."
+  if part in _NORMS:
+    return prefix + f"{_NORMS[part]}.{rest}", same
+  if part == "ffn":
+    return prefix + f"ffn.{rest}", (lambda v: v.reshape(-1)) if rest == "x_k" else same
+  if part == "att":
+    name, transform = _attention_to_hf(rest, int(layer))
+    return (None, None) if name is None else (prefix + "attn." + name, transform)
+  raise CheckpointFormatError(f"official key {key!r} has no Hugging Face name")
 
 
 def _attention_to_hf(rest: str, layer: int):
@@ -273,9 +289,24 @@ def _check_config(config: Mapping[str, Any], cfg: ModelConfig, source: str) -> N
     if any(d != cfg.n_embd for d in dims):
       raise CheckpointFormatError(f"{source}: config.json value_dim={value_dim!r}; goosejax needs "
                                   f"value_dim == hidden_size ({cfg.n_embd})")
-  if cfg.head_size != 64:
-    raise CheckpointFormatError(f"{source}: head_dim={cfg.head_size}; FLA's GroupNorm eps is "
-                                "head_dim * norm_eps, goosejax's the official 64e-5 (head size 64)")
+  if cfg.head_size != FLA_EXACT_HEAD_SIZE:
+    raise CheckpointFormatError(f"{source}: config.json head_dim={cfg.head_size}: "
+                                f"{_why_only_head_size_64()}")
+
+
+def _why_only_head_size_64() -> str:
+  # fla/models/rwkv7/modeling_rwkv7.py: LayerNorm(eps=norm_eps); fla/layers/rwkv7.py:
+  # GroupNorm(eps=head_dim * norm_eps). RWKV-LM: LayerNorm 1e-5, GroupNorm (1e-5 * 8**2) always.
+  return ("FLA has one norm_eps, the LayerNorms' eps, and computes the per-head GroupNorm eps as "
+          "head_dim * norm_eps; the official model uses 1e-5 and 64e-5 whatever the head size, "
+          "which only head size 64 (norm_eps=1e-5) reproduces")
+
+
+def check_fla_exact(cfg: ModelConfig) -> None:
+  """Refuse a model FLA would run with other GroupNorm numbers than the official runtime."""
+  if cfg.head_size != FLA_EXACT_HEAD_SIZE:
+    raise HFExportError(f"head size {cfg.head_size} cannot be written for Hugging Face / FLA: "
+                        f"{_why_only_head_size_64()}")
 
 
 # ----------------------------------------------------------------------------- files
@@ -285,6 +316,26 @@ def is_hf_checkpoint(path: str | os.PathLike) -> bool:
   path = Path(path)
   return (path.is_dir() and (path / CONFIG_FILE).is_file()
           and ((path / WEIGHTS_FILE).is_file() or (path / INDEX_FILE).is_file()))
+
+
+def is_hf_directory(path: str | os.PathLike) -> bool:
+  """A directory that claims to be a Hugging Face model: safetensors weights, or a config.json
+  with a `model_type` (goosejax's own config.json has none), complete or not."""
+  path = Path(path)
+  if not path.is_dir():
+    return False
+  if (path / WEIGHTS_FILE).is_file() or (path / INDEX_FILE).is_file():
+    return True
+  try:
+    config = json.loads((path / CONFIG_FILE).read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError):   # absent or unreadable: no claim
+    return False
+  return isinstance(config, dict) and "model_type" in config
+
+
+def _weights_source(path: Path) -> str:
+  """The file tensor problems are reported against: the shard index, else the weights file."""
+  return str(path / INDEX_FILE) if (path / INDEX_FILE).is_file() else str(path / WEIGHTS_FILE)
 
 
 def read_hf_tensors(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -327,8 +378,9 @@ def load_hf(path: str | os.PathLike, dtype=np.float32) -> tuple[ModelConfig, dic
   config, tensors = read_hf_tensors(path)
   if "lm_head.weight" not in tensors and config.get("tie_word_embeddings"):
     tensors = {**tensors, "lm_head.weight": tensors.get("model.embeddings.weight")}
-  state_dict = hf_to_official(tensors, str(path))
-  cfg, params = official_to_params(state_dict, str(path), dtype=dtype)
+  source = _weights_source(Path(path))
+  state_dict = hf_to_official(tensors, source)
+  cfg, params = official_to_params(state_dict, source, dtype=dtype, name_in_file=hf_name)
   _check_config(config, cfg, str(path))
   return cfg, params
 
@@ -338,8 +390,10 @@ def save_hf(params: Mapping[str, Any], cfg: ModelConfig, path: str | os.PathLike
   """Write a goosejax parameter dict as an HF / FLA model directory (config.json + safetensors).
 
   dtype: stored dtype (numpy dtype or name; default: the parameters' own). The directory is
-  created if needed; existing config.json / model.safetensors in it are replaced.
+  created if needed; existing config.json / model.safetensors in it are replaced. A head
+  size FLA cannot run exactly (see `check_fla_exact`) raises HFExportError, writing nothing.
   """
+  check_fla_exact(cfg)
   path = Path(path)
   path.mkdir(parents=True, exist_ok=True)
   state_dict = params_to_official({k: np.asarray(v) for k, v in params.items()}, cfg,

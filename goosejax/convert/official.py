@@ -7,7 +7,7 @@ may or may not carry the unused v0/v1/v2. Every size is inferred from tensor sha
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -34,6 +34,10 @@ FOREIGN_PATTERNS = (
 )
 
 
+def _own_name(key: str) -> str:
+  return key
+
+
 def _fail(source: str, message: str):
   raise CheckpointFormatError(f"{source}: {message}")
 
@@ -48,8 +52,12 @@ def _layer_count(state_dict: Mapping[str, np.ndarray], source: str) -> int:
   return max(layers) + 1
 
 
-def infer_model_config(state_dict: Mapping[str, np.ndarray], source: str = "checkpoint") -> ModelConfig:
-  """Sizes of the model from tensor shapes (never from file names)."""
+def infer_model_config(state_dict: Mapping[str, np.ndarray], source: str = "checkpoint",
+                       name_in_file: Callable[[str], str] = _own_name) -> ModelConfig:
+  """Sizes of the model from tensor shapes (never from file names).
+
+  name_in_file: the name an official key has in the source file, for messages (a Hugging
+  Face file names its tensors differently)."""
   for key in state_dict:
     for pattern, what in FOREIGN_PATTERNS:
       if pattern.search(key):
@@ -57,7 +65,7 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray], source: str = "chec
   for key in ("emb.weight", "blocks.0.att.r_k", "blocks.0.att.w1", "blocks.0.att.a1",
               "blocks.0.att.g1", "blocks.0.ffn.key.weight"):
     if key not in state_dict:
-      _fail(source, f"missing key {key!r}; expected an RWKV-7 x070 state dict")
+      _fail(source, f"missing key {name_in_file(key)!r}; expected an RWKV-7 x070 state dict")
   n_layer = _layer_count(state_dict, source)
   vocab, n_embd = _shape(state_dict, "emb.weight", 2, source)
   n_head, head_size = _shape(state_dict, "blocks.0.att.r_k", 2, source)
@@ -113,16 +121,19 @@ def _is_vector_key(key: str) -> bool:
 
 
 def official_to_params(state_dict: Mapping[str, np.ndarray], source: str = "checkpoint",
-                       dtype=np.float32) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-  """Validate an official state dict and convert it to (config, goosejax parameter dict)."""
-  cfg = infer_model_config(state_dict, source)
+                       dtype=np.float32, name_in_file: Callable[[str], str] = _own_name,
+                       ) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+  """Validate an official state dict and convert it to (config, goosejax parameter dict).
+
+  name_in_file: as for `infer_model_config`; missing keys are reported under it."""
+  cfg = infer_model_config(state_dict, source, name_in_file)
   try:
     cfg.validate()
   except ValueError as e:
     _fail(source, f"inferred sizes are not a valid RWKV-7 model: {e}")
   expected = expected_official_shapes(cfg)
   optional = {f"blocks.0.att.{k}" for k in LAYER0_OPTIONAL}
-  missing = sorted(k for k in expected if k not in state_dict and k not in optional)
+  missing = sorted(name_in_file(k) for k in expected if k not in state_dict and k not in optional)
   unexpected = sorted(k for k in state_dict if k not in expected)
   if missing:
     _fail(source, f"missing {len(missing)} key(s) of an x070 checkpoint: {missing[:8]}"

@@ -1,8 +1,10 @@
 """`load_pretrained(path)`: a ready RWKV7 from any checkpoint format goosejax reads.
 
-Accepted paths:
+Accepted paths (`source_kind` tells them apart, `read_params` reads each; every entry point
+— load_pretrained, `--model`, training's `--init-from`, `goosejax convert` — goes through them):
   * an official RWKV-7 x070 `.pth` (a torch zip file; read without torch, see convert/pth.py),
     in bf16 / fp16 / fp32, with or without layer 0's v0/v1/v2, vectors [1,1,C] or [C];
+  * a Hugging Face / flash-linear-attention directory (config.json + safetensors, convert/hf.py);
   * a goosejax checkpoint directory (goosejax/checkpoint.py);
   * a training run directory: its latest complete checkpoint.
 """
@@ -18,32 +20,45 @@ import numpy as np
 
 from goosejax import checkpoint
 from goosejax.config import ModelConfig
-from goosejax.convert.official import official_to_params
+from goosejax.convert.hf import is_hf_directory, load_hf
+from goosejax.convert.official import CheckpointFormatError, official_to_params
 from goosejax.convert.pth import read_pth
 
-SourceKind = Literal["official", "goosejax"]
+SourceKind = Literal["official", "hf", "goosejax"]
+SOURCE_NAMES: dict[str, str] = {"official": "official .pth", "hf": "Hugging Face directory",
+                                "goosejax": "goosejax checkpoint"}
 MODEL_DTYPES = ("float32", "bfloat16")
 
 
 def source_kind(path: str | os.PathLike) -> SourceKind:
-  """'official' for a file, 'goosejax' for a directory; clear errors for anything else."""
+  """'official' for a file, 'hf' for a Hugging Face / FLA directory, 'goosejax' for any other
+  directory (a checkpoint or a run); clear errors for anything else."""
   path = Path(path)
   if path.is_file():
+    if path.suffix == ".safetensors":
+      raise CheckpointFormatError(f"{path}: a bare safetensors file; pass the Hugging Face model "
+                                  "directory that holds it with its config.json")
     return "official"
+  if is_hf_directory(path):
+    return "hf"
   if path.is_dir():
     return "goosejax"
   raise FileNotFoundError(f"{path}: no such file or directory; expected an official RWKV-7 .pth "
-                          "file, a goosejax checkpoint directory or a training run directory")
+                          "file, a Hugging Face / FLA model directory, a goosejax checkpoint "
+                          "directory or a training run directory")
 
 
 def read_params(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, np.ndarray], dict[str, Any]]:
   """(model config, flat goosejax parameter dict, facts about the source) of any checkpoint.
 
-  Official files are validated as x070 and upcast to fp32; goosejax checkpoints come back
-  in their stored dtype. The facts dict has "kind", "path" and, for official files, the
-  stored dtypes with their tensor counts.
+  Official and Hugging Face files are validated as x070 and upcast to fp32; goosejax
+  checkpoints come back in their stored dtype. The facts dict has "kind", "path" and, for
+  official files, the stored dtypes with their tensor counts.
   """
   kind = source_kind(path)
+  if kind == "hf":
+    cfg, params = load_hf(path)
+    return cfg, params, {"kind": kind, "path": str(path)}
   if kind == "official":
     state_dict = read_pth(path)
     dtypes: dict[str, int] = {}
@@ -68,7 +83,8 @@ def _dtype_name(dtype: Any, what: str) -> str:
 
 def load_pretrained(path: str | os.PathLike, dtype: Any = "float32", *, param_dtype: Any = None,
                     wkv_impl: str | None = None):
-  """A ready `RWKV7` from an official `.pth`, a goosejax checkpoint or a run directory.
+  """A ready `RWKV7` from an official `.pth`, a Hugging Face / FLA directory, a goosejax
+  checkpoint or a run directory (any path `source_kind` accepts).
 
   dtype: compute dtype (decay and WKV state stay fp32 regardless); param_dtype: storage
   dtype of the weights (default: the compute dtype); wkv_impl: override the checkpoint's
