@@ -126,17 +126,3 @@ def test_auto_lowers_to_the_platforms_kernel(platform, present, absent):
     assert present in text
   for name in (absent if isinstance(absent, tuple) else (absent,)):
     assert name not in text
-
-
-def test_auto_keeps_the_partitionable_xla_form_under_a_multi_device_mesh():
-  """The Pallas calls are single-device; inside a sharded train step auto must not emit them."""
-  _, inputs = _problem(length=40)
-  *xs, state, reset = inputs
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
-
-  def forward(*args):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      return wkv7(*args, state, reset=reset)
-
-  text = jax.jit(forward).trace(*xs).lower(lowering_platforms=("tpu",)).as_text().lower()
-  assert "tpu_custom_call" not in text

@@ -5,8 +5,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
+from goosejax import sharding
 from goosejax.errors import GoosejaxError
 from goosejax.wkv.chunked import CHUNK_SIZES, wkv7_chunked
 from goosejax.wkv.reference import compute_dtype, wkv7_reference, wkv7_step
@@ -64,7 +66,7 @@ def _check_inputs(r, log_w, k, v, a, b, state, reset):
 
 def auto_choice(platform: str | None = None) -> Choice:
   """The XLA form impl="auto" uses beyond one chunk on `platform` (default: JAX's backend);
-  on TPU and CUDA auto runs the Pallas kernels instead, outside a multi-device mesh."""
+  on TPU and CUDA auto runs the Pallas kernels instead (per device under a multi-device mesh)."""
   platform = platform or jax.default_backend()
   return AUTO_CHOICES.get(platform, AUTO_CHOICES["gpu"])
 
@@ -101,8 +103,7 @@ def wkv7(r, log_w, k, v, a, b, state=None, *, reset=None, impl="auto", chunk_siz
   if impl == "reference":
     return wkv7_reference(r, log_w, k, v, a, b, state, reset=reset)
   if impl == "pallas":
-    return pallas_kernels.wkv7_pallas(r, log_w, k, v, a, b, state, reset=reset,
-                                      chunk_size=chunk_size or DEFAULT_CHUNK_SIZES["pallas"])
+    return _pallas(r, log_w, k, v, a, b, state, reset, chunk_size or DEFAULT_CHUNK_SIZES["pallas"])
   if impl == "auto":
     return _auto(r, log_w, k, v, a, b, state, reset, chunk_size, dtype)
   return _xla_chunked(r, log_w, k, v, a, b, state, reset, dtype=dtype, impl=impl,
@@ -117,9 +118,62 @@ def _xla_chunked(r, log_w, k, v, a, b, state, reset, *, dtype, impl, chunk_size,
   return y.astype(r.dtype), final_state
 
 
-def _inside_multi_device_mesh() -> bool:
+def _ambient_mesh():
+  """The multi-device mesh the caller traces under (`jax.set_mesh` / `use_abstract_mesh`, as the
+  train step does), or None."""
   mesh = jax.sharding.get_abstract_mesh()
-  return not mesh.empty and mesh.size > 1
+  return None if mesh.empty or mesh.size <= 1 else mesh
+
+
+def _per_device(kernel, mesh):
+  """`kernel` run by every device on its own block of batch rows and heads (`shard_map` over
+  the mesh axes the logical names "batch" and "heads" map to). The kernels are single-device
+  custom calls: without this XLA could only run them on gathered inputs. Each row and head is
+  independent, so no communication is needed; a dimension that does not divide stays whole."""
+  if mesh is None:
+    return kernel
+
+  def run(r, log_w, k, v, a, b, state, reset):
+    B, T, H, N = r.shape
+    x_spec = sharding.logical_spec(("batch", "length", "heads", "head_dim"), r.shape, mesh)
+    state_spec = P(x_spec[0], x_spec[2], None, None)
+    args, specs = [r, log_w, k, v, a, b, state], [x_spec] * 6 + [state_spec]
+    if reset is not None:
+      args.append(reset)
+      specs.append(P(x_spec[0], None))
+
+    def local(*local_args):
+      local_reset = local_args[7] if reset is not None else None
+      return kernel(*local_args[:7], local_reset)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=(x_spec, state_spec),
+                         check_vma=False)(*args)
+  return run
+
+
+def _pallas_kernels(chunk_size: int, mesh) -> dict[str, object]:
+  """The compiled kernels of each accelerator platform, per device under `mesh`. A chunk size
+  a platform's kernel does not take (Triton stops at 32) becomes that kernel's largest."""
+  branches = {}
+  for platform, allowed in PALLAS_CHUNK_SIZES.items():
+    size = chunk_size if chunk_size in allowed else max(allowed)
+    branches[platform] = _per_device(pallas_kernels.platform_callables(chunk_size=size)[platform], mesh)
+  return branches
+
+
+def _pallas(r, log_w, k, v, a, b, state, reset, chunk_size):
+  """impl="pallas": Mosaic on TPU and Triton on CUDA, chosen for the platform being compiled
+  for (not JAX's default backend, so compiling for a TPU slice from a CPU host gets Mosaic);
+  elsewhere the TPU kernel body in the Pallas interpreter."""
+  mesh = _ambient_mesh()
+
+  def interpreted(r, log_w, k, v, a, b, state, reset):
+    return pallas_kernels.wkv7_pallas(r, log_w, k, v, a, b, state, reset=reset, chunk_size=chunk_size,
+                                      backend="tpu", interpret=True)
+
+  return jax.lax.platform_dependent(r, log_w, k, v, a, b, state, reset,
+                                    default=_per_device(interpreted, mesh),
+                                    **_pallas_kernels(chunk_size, mesh))
 
 
 def _auto(r, log_w, k, v, a, b, state, reset, chunk_size, dtype):
@@ -142,12 +196,11 @@ def _auto(r, log_w, k, v, a, b, state, reset, chunk_size, dtype):
     return run
 
   branches = {"cpu": xla_branch("cpu")}
-  # The kernels are single-device custom calls: under a multi-device mesh (the train step sets
-  # one) XLA could only run them on gathered inputs, so the partitionable XLA form is used there.
-  if dtype != jnp.float64 and not _inside_multi_device_mesh():  # kernels take fp32/bf16/fp16
+  if dtype != jnp.float64:  # the kernels take fp32/bf16/fp16; under a mesh each device runs its block
+    mesh = _ambient_mesh()
     for platform, default_chunk in PALLAS_AUTO_CHUNK_SIZES.items():
       usable = chunk_size in PALLAS_CHUNK_SIZES[platform]
-      kernels = pallas_kernels.platform_callables(chunk_size=chunk_size if usable else default_chunk)
-      branches[platform] = kernels[platform]
+      kernel = pallas_kernels.platform_callables(chunk_size=chunk_size if usable else default_chunk)
+      branches[platform] = _per_device(kernel[platform], mesh)
   return jax.lax.platform_dependent(r, log_w, k, v, a, b, state, reset,
                                     default=xla_branch("gpu"), **branches)
