@@ -86,6 +86,29 @@ def test_sampler_distribution_matches_official():
     np.testing.assert_allclose(np.sort(ours[3]), np.sort(official[s, 3]), atol=2e-7, rtol=1e-5)
 
 
+def _logit_gaps(model, prompt, tokens):
+  """Per generated token: how far its logit lies below the step's largest logit."""
+  logits = np.asarray(model(jnp.asarray([prompt + tokens[:-1]]))[0][0], np.float32)[len(prompt) - 1:]
+  return np.max(logits, axis=-1) - logits[np.arange(len(tokens)), tokens]
+
+
+def test_tiny_temperatures_sample_the_greedy_tokens(model):
+  # probs ** (1 / T) used to give 0 / 0 here and then the last vocabulary id every step.
+  prompts = [CASES["prompts"][n] for n in "ab"]
+  greedy = generate(model, prompts, 10, temperature=0)
+  for prompt, tokens in zip(prompts, greedy):
+    logits = np.asarray(model(jnp.asarray([prompt + tokens[:-1]]))[0][0], np.float32)
+    top2 = np.sort(logits[len(prompt) - 1:], axis=-1)[:, -2:]
+    assert np.min(top2[:, 1] - top2[:, 0]) > 0.02      # runner-up odds <= exp(-0.02 / 1e-3)
+  for temperature in (1e-3, 1e-6):
+    assert generate(model, prompts, 10, temperature=temperature, top_p=0.85, seed=1) == greedy
+  # At T = 1e-2 the random model's margins are too thin for exactly greedy, but every token
+  # lies within 20 T of the top logit (others have odds below exp(-20) each).
+  sampled = generate(model, prompts, 10, temperature=1e-2, top_p=0.85, seed=1)
+  for prompt, tokens in zip(prompts, sampled):
+    assert len(tokens) == 10 and np.all(_logit_gaps(model, prompt, tokens) < 0.2)
+
+
 def test_draw_is_inverse_cdf_and_never_picks_zero_probability():
   probs = jnp.asarray([[0.0, 0.5, 0.0, 0.5, 0.0]] * 4)
   u = jnp.asarray([0.0, 0.49, 0.51, 1.0 - 1e-9])
@@ -120,6 +143,13 @@ def test_stop_ends_only_its_row(model):
     (dict(prompt_ids=[1], top_p=1.5), "top_p=1.5"),
     (dict(prompt_ids=[1], stop_ids=[-3]), "stop_ids contains ids outside"),
     (dict(prompt_ids=[1], max_new_tokens=-1), "max_new_tokens=-1"),
+    (dict(prompt_ids=[1], temperature=float("nan")), "temperature=nan"),
+    (dict(prompt_ids=[1], temperature=float("inf")), "temperature=inf"),
+    (dict(prompt_ids=[1], top_p=float("nan")), "top_p=nan"),
+    (dict(prompt_ids=[1], presence_penalty=float("nan")), "presence_penalty=nan"),
+    (dict(prompt_ids=[1], frequency_penalty=float("-inf")), "frequency_penalty=-inf"),
+    (dict(prompt_ids=[1], penalty_decay=float("nan")), "penalty_decay=nan"),
+    (dict(prompt_ids=[1], banned_ids=range(320)), "bans all 320 tokens"),
 ])
 def test_bad_arguments_name_the_problem(model, kwargs, message):
   kwargs = {"max_new_tokens": 2, **kwargs}

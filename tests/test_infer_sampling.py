@@ -72,3 +72,31 @@ def test_draw_matches_the_inverse_cdf_and_skips_zero_probabilities():
     assert token == np.searchsorted(cdf, target, side="right")
   edges = draw(jnp.asarray(np.repeat(probs, 2, 0)), jnp.asarray([0.0, 1.0 - 1e-9], jnp.float32))
   assert all(probs[0, t] > 0 for t in np.asarray(edges))
+
+
+@pytest.mark.parametrize("temperature", [1e-2, 1e-3, 1e-6, 1e-40])
+def test_tiny_temperatures_concentrate_on_the_top_kept_tokens(temperature):
+  # probs ** (1 / T) underflows to 0 / 0 here; the distribution must stay finite and normalised.
+  logits = np.array([[0.0, 2.0, 1.0, -3.0, 1.9],        # clear top token: id 1
+                     [5.0, 1.0, 5.0, 0.0, -1.0],        # tied top tokens: ids 0 and 2
+                     [-40.0, -38.0, -39.0, -41.0, -45.0]], np.float32)   # far below zero
+  for top_p, top_k in ((1.0, 0), (0.9, 0), (0.5, 2)):
+    probs = np.asarray(sampling_probs(jnp.asarray(logits), SamplingConfig(temperature, top_p, top_k)))
+    assert np.all(np.isfinite(probs)) and np.allclose(probs.sum(-1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(probs[0], [0, 1, 0, 0, 0], atol=1e-6 if temperature < 1e-2 else 1e-4)
+    np.testing.assert_allclose(probs[1], [0.5, 0, 0.5, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(probs[2], [0, 1, 0, 0, 0], atol=1e-6)
+    draws = np.asarray(draw(jnp.asarray(probs), jnp.asarray([0.0, 0.3, 0.999999], jnp.float32)))
+    assert draws[0] == 1 and draws[1] in (0, 2) and draws[2] == 1
+
+
+def test_tempering_keeps_the_official_result_and_the_kept_set():
+  rng = np.random.default_rng(5)
+  logits = (3.0 * rng.standard_normal((2, 600))).astype(np.float32)
+  for temperature, top_p, top_k in ((0.3, 0.8, 0), (0.05, 0.95, 30), (2.5, 0.6, 0)):
+    ours = np.asarray(sampling_probs_jit(jnp.asarray(logits), SamplingConfig(temperature, top_p, top_k)))
+    for row in range(2):
+      ref = official_probs(logits[row], temperature, top_p, top_k)
+      dropped = official_probs(logits[row], 1.0, top_p, top_k) == 0
+      assert np.all(ours[row][dropped] == 0)      # never a token the cut dropped
+      np.testing.assert_allclose(ours[row], ref, rtol=1e-4, atol=1e-8)

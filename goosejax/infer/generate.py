@@ -20,19 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from goosejax.errors import GoosejaxError
 from goosejax.infer.prefill import blocks_template, prefill_split
-from goosejax.infer.sampling import SamplingConfig, apply_penalties, sample, update_counts
+from goosejax.infer.sampling import (GenerationError, SamplingConfig, apply_penalties, sample,
+                                     update_counts)
 from goosejax.infer.step import (DecodeWeights, LayerStates, decode_step_layers, decode_weights,
                                   join_state, split_state)
 from goosejax.model.rwkv7 import RWKV7
 from goosejax.model.state import RWKV7State
 
 PAD_ID = -1   # fills the output buffer after a row stops
-
-
-class GenerationError(GoosejaxError):
-  """Bad arguments to `generate` (the message names the argument and what was expected)."""
 
 
 class DecodeCarry(NamedTuple):
@@ -167,13 +163,12 @@ class Generator:
       raise GenerationError(f"max_new_tokens={max_new_tokens}: expected an integer >= 0")
     if block_size < 1:
       raise GenerationError(f"block_size={block_size}: expected >= 1")
-    try:
-      cfg = SamplingConfig(float(temperature), float(top_p), int(top_k), float(presence_penalty),
-                           float(frequency_penalty), float(penalty_decay)).validate()
-    except ValueError as e:
-      raise GenerationError(str(e)) from None
+    cfg = SamplingConfig(float(temperature), float(top_p), int(top_k), float(presence_penalty),
+                         float(frequency_penalty), float(penalty_decay)).validate()
     stop = _mask("stop_ids", stop_ids, V)
     banned = _mask("banned_ids", banned_ids, V)
+    if bool(jnp.all(banned)):
+      raise GenerationError(f"banned_ids bans all {V} tokens; nothing could be sampled")
     weight_V = _occurrence_weights(occurrence_weights, V)
 
     logits_BV, prompt_state = self.prefill(prompts, state)

@@ -13,6 +13,10 @@ Per step and per row:
   6. probs ** (1 / temperature), renormalised, and one token drawn.
 temperature = 0 is greedy (argmax of the penalised logits).
 
+Step 6 is computed as softmax((log p - max log p) / temperature) over the kept tokens: the
+same distribution, but at tiny temperatures probs ** (1 / T) underflows to 0 / 0, while the
+log form concentrates on the most probable kept token(s) and stays normalised.
+
 One deliberate difference: the official cutoff search never succeeds when top_p >= 1 and the
 float32 cumulative sum stays just below 1, which silently turns sampling into greedy; here
 top_p >= 1 means no top-p cut.
@@ -20,9 +24,16 @@ top_p >= 1 means no top-p cut.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
+
+from goosejax.errors import GoosejaxError
+
+
+class GenerationError(GoosejaxError):
+  """Bad arguments to `generate` (the message names the argument and what was expected)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,14 +47,18 @@ class SamplingConfig:
   penalty_decay: float = 0.996
 
   def validate(self) -> "SamplingConfig":
+    """Self, or a GenerationError naming the first unusable setting."""
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "penalty_decay"):
+      if not math.isfinite(getattr(self, name)):
+        raise GenerationError(f"{name}={getattr(self, name)}: expected a finite number")
     if self.temperature < 0:
-      raise ValueError(f"temperature={self.temperature}: expected >= 0 (0 means greedy)")
+      raise GenerationError(f"temperature={self.temperature}: expected >= 0 (0 means greedy)")
     if not 0 <= self.top_p <= 1:
-      raise ValueError(f"top_p={self.top_p}: expected a value in [0, 1]")
+      raise GenerationError(f"top_p={self.top_p}: expected a value in [0, 1]")
     if self.top_k < 0 or int(self.top_k) != self.top_k:
-      raise ValueError(f"top_k={self.top_k}: expected an integer >= 0 (0 means no limit)")
+      raise GenerationError(f"top_k={self.top_k}: expected an integer >= 0 (0 means no limit)")
     if not 0 <= self.penalty_decay <= 1:
-      raise ValueError(f"penalty_decay={self.penalty_decay}: expected a value in [0, 1]")
+      raise GenerationError(f"penalty_decay={self.penalty_decay}: expected a value in [0, 1]")
     return self
 
   @property
@@ -84,9 +99,20 @@ TOP_P_CANDIDATES = 256
 
 def sampling_probs(logits_BV: jax.Array, cfg: SamplingConfig) -> jax.Array:
   """Steps 3-6 up to the draw: the normalised distribution a token is drawn from."""
-  probs_BV = jax.nn.softmax(logits_BV.astype(jnp.float32), axis=-1)
+  logits_BV = logits_BV.astype(jnp.float32)
+  probs_BV = jax.nn.softmax(logits_BV, axis=-1)
+  keep_BV = _kept_tokens(probs_BV, cfg)
+  if cfg.temperature == 1.0:
+    probs_BV = jnp.where(keep_BV, probs_BV, 0.0)
+    return probs_BV / jnp.sum(probs_BV, axis=-1, keepdims=True)
+  return _tempered(logits_BV, keep_BV, cfg.temperature)
+
+
+def _kept_tokens(probs_BV: jax.Array, cfg: SamplingConfig) -> jax.Array:
+  """Steps 4-5: [B, V] bool, the tokens top-p and top-k keep (never a zero-probability one:
+  the official pipeline's 0 ** (1 / T) keeps those at 0)."""
   B, V = probs_BV.shape
-  keep_BV = jnp.ones(probs_BV.shape, bool)
+  keep_BV = probs_BV > 0
   top_k = cfg.top_k if 0 < cfg.top_k < V else 0
   if top_k:
     # The top-p cutoff only matters inside the k kept tokens, so the partial sort suffices.
@@ -97,10 +123,21 @@ def sampling_probs(logits_BV: jax.Array, cfg: SamplingConfig) -> jax.Array:
     keep_BV &= jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], ids_BK].set(True)
   elif cfg.top_p < 1:
     keep_BV &= probs_BV >= _top_p_cutoff(probs_BV, cfg.top_p)
-  probs_BV = jnp.where(keep_BV, probs_BV, 0.0)
-  if cfg.temperature != 1.0:
-    probs_BV = probs_BV ** (1.0 / cfg.temperature)
-  return probs_BV / jnp.sum(probs_BV, axis=-1, keepdims=True)
+  return keep_BV
+
+
+# Below this (float32's smallest normal number) a temperature would round to 0 in float32.
+MIN_TEMPERATURE = float(jnp.finfo(jnp.float32).tiny)
+
+
+def _tempered(logits_BV: jax.Array, keep_BV: jax.Array, temperature: float) -> jax.Array:
+  """Step 6, p ** (1 / T) renormalised over the kept tokens, as a softmax of
+  (log p - max log p) / T: the most probable kept token gets exp(0) = 1, so the sum never
+  underflows, whatever T. Dividing (not multiplying by 1 / T) keeps 0 / T at 0."""
+  log_p_BV = jnp.where(keep_BV, jax.nn.log_softmax(logits_BV, axis=-1), -jnp.inf)
+  shifted_BV = log_p_BV - jnp.max(log_p_BV, axis=-1, keepdims=True)
+  weights_BV = jnp.exp(shifted_BV / max(temperature, MIN_TEMPERATURE))
+  return weights_BV / jnp.sum(weights_BV, axis=-1, keepdims=True)
 
 
 def _cutoff_in_sorted(sorted_BK: jax.Array, top_p: float) -> tuple[jax.Array, jax.Array]:
