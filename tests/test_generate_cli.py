@@ -1,5 +1,9 @@
 """`goosejax generate`: streamed text equals generate(); prompt-state caching; stop strings; errors."""
 import io
+import os
+import select
+import signal
+import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -13,7 +17,7 @@ from goosejax import cli
 from goosejax.convert.hf import save_hf
 from goosejax.convert.official import official_to_params
 from goosejax.infer import generate
-from goosejax.infer.state_io import load_state
+from goosejax.infer.state_io import load_state, save_state
 from goosejax.model import RWKV7
 from goosejax.model.params import load_param_dict
 
@@ -75,19 +79,55 @@ def test_stop_string_and_sampling_defaults(setup):
   assert rc == 0 and cut == full[:full.index(stop)] + "\n"
 
 
-def test_errors_are_reported(setup, tmp_path):
-  _, _, path = setup
-  rc, _, err = _run(["--model", path, "--tokenizer", TOKENIZER])
-  assert rc == 2 and "--prompt" in err
+def test_errors_are_one_line_and_exit_2(setup, tmp_path):
+  model, _, path = setup
+  base = ["--model", path, "--tokenizer", TOKENIZER]
+
+  def fails(args, *names):
+    rc, out, err = _run(base + args)
+    assert rc == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+    assert all(name in err for name in names), err
+
+  fails([], "--prompt")
+  for flag, value in (("--temperature", "nan"), ("--temperature", "inf"), ("--top-p", "nan"),
+                      ("--presence-penalty", "nan"), ("--frequency-penalty", "-inf"),
+                      ("--penalty-decay", "nan")):
+    fails(["--prompt", "x", f"{flag}={value}"], f"{flag[2:].replace('-', '_')}={value}")
+  (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+  fails(["--prompt-file", str(tmp_path / "latin1.txt")], "latin1.txt", "UTF-8")
   (tmp_path / "junk.npz").write_bytes(b"not a state")
-  rc, _, err = _run(["--model", path, "--tokenizer", TOKENIZER, "--prompt", "x",
-                     "--state-in", str(tmp_path / "junk.npz")])
-  assert rc == 1 and "junk.npz" in err
+  fails(["--prompt", "x", "--state-in", str(tmp_path / "junk.npz")], "junk.npz")
+  save_state(tmp_path / "good.npz", model.init_state(1))
+  whole = (tmp_path / "good.npz").read_bytes()
+  for cut in (len(whole) // 2, len(whole) - 30):
+    (tmp_path / "truncated.npz").write_bytes(whole[:cut])
+    fails(["--prompt", "x", "--state-in", str(tmp_path / "truncated.npz")], "truncated.npz")
+  np.save(tmp_path / "array.npy", np.zeros(3))
+  fails(["--prompt", "x", "--state-in", str(tmp_path / "array.npy")], "array.npy", ".npz archive")
   np.savez(tmp_path / "other.npz", format=np.array("goosejax-rwkv7-state-v1"),
            att_shift_LBC=np.zeros((1, 1, 8)), wkv_LBHNN=np.zeros((1, 1, 1, 8, 8)),
            ffn_shift_LBC=np.zeros((1, 1, 8)))
-  rc, _, err = _run(["--model", path, "--tokenizer", TOKENIZER, "--prompt", "x",
-                     "--state-in", str(tmp_path / "other.npz")])
-  assert rc == 1 and "needs (3, 1, 128)" in err
+  fails(["--prompt", "x", "--state-in", str(tmp_path / "other.npz")], "other.npz", "needs (3, 1, 128)")
   rc, _, err = _run(["--model", str(tmp_path / "missing.pth"), "--tokenizer", TOKENIZER, "--prompt", "x"])
-  assert rc == 1 and "missing.pth" in err
+  assert rc == 2 and "missing.pth" in err and err.count("\n") == 1
+
+
+def test_ctrl_c_while_streaming_exits_130_with_one_line(setup):
+  _, _, path = setup
+  process = subprocess.Popen(
+      [sys.executable, "-m", "goosejax.cli", "generate", "--model", path, "--tokenizer", TOKENIZER,
+       "--prompt", "The", "--max-new-tokens", "100000", "--no-stop-eot", "--block-size", "4"],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  try:
+    ready, _, _ = select.select([process.stdout], [], [], 120)
+    assert ready, "no streamed output within 120 s"
+    first = os.read(process.stdout.fileno(), 1)      # some text was streamed: mid-generation
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+  finally:
+    process.kill()
+  assert first and process.returncode == 130
+  # (JAX plugins may log to stderr first; what goosejax prints is the last line.)
+  assert ("\n" + err.decode()).endswith("\ngoosejax generate: interrupted\n")
+  assert b"Traceback" not in err and b"KeyboardInterrupt" not in err
+  assert out.endswith(b"\n")       # the streamed line is closed before the shell prompt

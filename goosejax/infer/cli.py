@@ -81,36 +81,62 @@ class _TextStream:
     self.out.write("\n")
     self.out.flush()
 
+  def end_line(self) -> None:
+    """After an interrupt: close the partly printed line so the shell prompt starts clean."""
+    if self.printed:
+      self.out.write("\n")
+      self.out.flush()
+
 
 def main(argv: list[str]) -> int:
+  """Exit status 0, 2 for bad input (one line naming it), 130 on Ctrl-C."""
+  from goosejax.cli import describe_os_error
+  from goosejax.errors import GoosejaxError
+
   args = _parser().parse_args(argv)
   if args.prompt is None and args.prompt_file is None:
     print("goosejax generate: error: give --prompt TEXT or --prompt-file FILE", file=sys.stderr)
     return 2
   try:
-    from goosejax.data.tokenizer import load_tokenizer
-    from goosejax.infer.generate import generate, official_occurrence_weights
-    from goosejax.infer.loading import load_model
-    from goosejax.infer.state_io import load_state, save_state
+    _run(args)
+  except GoosejaxError as e:   # arguments, prompt file, tokenizer, model, state file
+    print(f"goosejax generate: error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:
+    print(f"goosejax generate: error: {describe_os_error(e)}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("goosejax generate: interrupted", file=sys.stderr)
+    return 130
+  return 0
 
-    prompt = args.prompt
-    if args.prompt_file is not None:
-      with open(args.prompt_file, encoding="utf-8") as f:
-        prompt = f.read()
-    tokenizer = load_tokenizer(args.tokenizer)
-    model = load_model(args.model, args.dtype)
-    V = model.config.vocab_size
-    if tokenizer.vocab_size > V:
-      raise ValueError(f"tokenizer {args.tokenizer!r} has {tokenizer.vocab_size} ids but the model "
-                       f"only {V}; pass the tokenizer the model was trained with")
-    ids = ([0] if args.document_start else []) + tokenizer.encode(prompt)
-    if not ids:
-      raise ValueError("the prompt encodes to no tokens; give a non-empty prompt")
-    state = load_state(args.state_in, model) if args.state_in else None
-    stop_ids = list(args.stop_id) + ([] if args.no_stop_eot else [tokenizer.eot_id])
-    uses_penalties = args.presence_penalty != 0 or args.frequency_penalty != 0
-    weights = official_occurrence_weights(tokenizer.decode, V) if uses_penalties else None
-    stream = _TextStream(tokenizer.decode, args.stop, sys.stdout)
+
+def _run(args) -> None:
+  from goosejax.data.tokenizer import load_tokenizer
+  from goosejax.infer.generate import GenerationError, generate, official_occurrence_weights
+  from goosejax.infer.loading import load_model
+  from goosejax.infer.sampling import SamplingConfig
+  from goosejax.infer.state_io import load_state, save_state
+
+  # Checked before the (slow) model load; generate() checks them again.
+  SamplingConfig(args.temperature, args.top_p, args.top_k, args.presence_penalty,
+                 args.frequency_penalty, args.penalty_decay).validate()
+  prompt = args.prompt if args.prompt_file is None else _read_prompt(args.prompt_file)
+  tokenizer = load_tokenizer(args.tokenizer)
+  model = load_model(args.model, args.dtype)
+  V = model.config.vocab_size
+  if tokenizer.vocab_size > V:
+    raise GenerationError(f"tokenizer {args.tokenizer!r} has {tokenizer.vocab_size} ids but the "
+                          f"model only {V}; pass the tokenizer the model was trained with")
+  ids = ([0] if args.document_start else []) + tokenizer.encode(prompt)
+  if not ids:
+    raise GenerationError("the prompt encodes to no tokens; give a non-empty prompt")
+  state = load_state(args.state_in, model) if args.state_in else None
+  stop_ids = list(args.stop_id) + ([] if args.no_stop_eot else [tokenizer.eot_id])
+  uses_penalties = args.presence_penalty != 0 or args.frequency_penalty != 0
+  weights = official_occurrence_weights(tokenizer.decode, V) if uses_penalties else None
+  stream = _TextStream(tokenizer.decode, args.stop, sys.stdout)
+  try:
     _, prompt_state = generate(
         model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, presence_penalty=args.presence_penalty,
@@ -118,11 +144,22 @@ def main(argv: list[str]) -> int:
         stop_ids=stop_ids, banned_ids=args.ban_id, seed=args.seed, state=state,
         occurrence_weights=weights, callback=stream.feed, block_size=args.block_size,
         return_state=True)
-    stream.finish()
-    if args.state_out:
-      save_state(args.state_out, prompt_state)
-      print(f"[state after the prompt saved to {args.state_out}]", file=sys.stderr)
-  except (ValueError, OSError) as e:
-    print(f"goosejax generate: error: {e}", file=sys.stderr)
-    return 1
-  return 0
+  except KeyboardInterrupt:
+    stream.end_line()
+    raise
+  stream.finish()
+  if args.state_out:
+    save_state(args.state_out, prompt_state)
+    print(f"[state after the prompt saved to {args.state_out}]", file=sys.stderr)
+
+
+def _read_prompt(path: str) -> str:
+  from goosejax.infer.generate import GenerationError
+
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise GenerationError(f"{path}: the prompt file is not UTF-8 text ({e.reason} at byte "
+                          f"{e.start})") from None

@@ -7,6 +7,8 @@ tied to a model's shape (layers, width, heads); loading checks it against the mo
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -35,11 +37,7 @@ def load_state(path: str | os.PathLike, model) -> RWKV7State:
   path = Path(path)
   if not path.is_file():
     raise StateFileError(f"{path}: state file not found")
-  try:
-    with np.load(path, allow_pickle=False) as data:
-      arrays = {k: data[k] for k in data.files}
-  except (OSError, ValueError) as e:
-    raise StateFileError(f"{path}: not a goosejax state file ({e})") from None
+  arrays = _read_npz(path)
   if str(arrays.get("format")) != FORMAT:
     raise StateFileError(f"{path}: not a goosejax state file (format {arrays.get('format')!r}, "
                          f"expected {FORMAT!r})")
@@ -56,3 +54,17 @@ def load_state(path: str | os.PathLike, model) -> RWKV7State:
                            f"H={H}, N={N}) needs {expected[name]}")
   dtype = model.compute_dtype
   return RWKV7State(jnp.asarray(att, dtype), jnp.asarray(wkv, jnp.float32), jnp.asarray(ffn, dtype))
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+  try:
+    loaded = np.load(path, allow_pickle=False)
+    is_archive = isinstance(loaded, np.lib.npyio.NpzFile)
+    if is_archive:
+      with loaded:
+        return {k: loaded[k] for k in loaded.files}
+  # A truncated or corrupted archive fails in zipfile (BadZipFile, EOFError, zlib.error).
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    raise StateFileError(f"{path}: not a readable goosejax state file, truncated or corrupted? "
+                         f"({e})") from None
+  raise StateFileError(f"{path}: not a goosejax state file (one array, not an .npz archive)")
