@@ -1,0 +1,223 @@
+"""Compile for hardware this machine does not have: compile-only devices of TPU slices and GPU nodes.
+
+    devices = target_devices("v5p:2x2x1")      # a 4-chip TPU v5p slice
+    devices = target_devices("h100:8")         # one host with 8 H100s
+    devices = target_devices("h200:4x8")       # 4 hosts with 8 H200s each
+    mesh = goosejax.sharding.make_mesh(cfg.mesh, devices)
+    compiled = jax.jit(f, ...).trace(*abstract_args).lower().compile()   # the real compiler
+
+TPU targets are `<chip>:<topology>` as Cloud TPU names slices (v4:2x2x1, v5e:2x2, v5p:4x4x4,
+v6e:2x2, ...) and need the `tpu` extra (libtpu); GPU targets are `<gpu>:<per host>` or
+`<gpu>:<hosts>x<per host>` and need the `cuda` extra (the CUDA PJRT plugin, which carries
+ptxas). Run with JAX_PLATFORMS=cpu: the compile-only devices come from the plugins directly,
+and no accelerator is initialised. The compiled programs' `memory_analysis()` and
+`cost_analysis()` are the compiler's own figures; nothing is autotuned without the hardware,
+so GPU programs say nothing about speed.
+
+The GPU target configs are written here from the published device facts (NVIDIA datasheets
+and the CUDA occupancy tables) rather than queried from a device.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+
+import jax
+
+from goosejax.errors import GoosejaxError
+
+GIB = 2**30
+
+
+class TargetError(GoosejaxError):
+  """An unknown or malformed target name, or a target whose compiler plugin is not installed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuChip:
+  device_kind: str        # what jax reports
+  hbm_bytes: int          # per chip
+  peak_bf16_flops: float  # dense, per chip (datasheet)
+
+
+# Cloud TPU datasheets, per chip.
+TPU_CHIPS: dict[str, TpuChip] = {
+    "v4": TpuChip("TPU v4", 32 * GIB, 275e12),
+    "v5e": TpuChip("TPU v5 lite", 16 * GIB, 197e12),
+    "v5p": TpuChip("TPU v5", 95 * GIB, 459e12),
+    "v6e": TpuChip("TPU v6 lite", 32 * GIB, 918e12),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuSpec:
+  name: str                    # the device description, as the driver reports it
+  compute_capability: tuple[int, int]
+  sm_count: int
+  memory_bytes: int
+  memory_bandwidth: float      # bytes/s
+  boost_clock_ghz: float
+  l2_cache_bytes: int
+  shared_memory_per_sm: int    # bytes
+  shared_memory_per_block_optin: int
+  peak_bf16_flops: float       # dense tensor-core bf16 (datasheet)
+
+
+GPU_SPECS: dict[str, GpuSpec] = {
+    "a100": GpuSpec("NVIDIA A100-SXM4-80GB", (8, 0), 108, 80 * GIB, 2.039e12, 1.41, 40 * 2**20,
+                    164 * 1024, 163 * 1024, 312e12),
+    "h100": GpuSpec("NVIDIA H100 80GB HBM3", (9, 0), 132, 80 * GIB, 3.35e12, 1.98, 50 * 2**20,
+                    228 * 1024, 227 * 1024, 989e12),
+    "h200": GpuSpec("NVIDIA H200 141GB HBM3e", (9, 0), 132, 141 * 10**9, 4.8e12, 1.98, 50 * 2**20,
+                    228 * 1024, 227 * 1024, 989e12),
+}
+
+
+def gpu_target_config(spec: GpuSpec) -> str:
+  """A GpuTargetConfigProto in text format describing `spec` (what XLA's GPU compiler reads
+  instead of querying a device). Limits common to every CUDA GPU since Volta are spelled out."""
+  major, minor = spec.compute_capability
+  return "\n".join([
+      "gpu_device_info {",
+      "  threads_per_block_limit: 1024",
+      "  threads_per_warp: 32",
+      "  shared_memory_per_block: 49152",
+      f"  shared_memory_per_core: {spec.shared_memory_per_sm}",
+      "  threads_per_core_limit: 2048",
+      f"  core_count: {spec.sm_count}",
+      "  fpus_per_core: 128",
+      "  block_dim_limit_x: 2147483647",
+      "  block_dim_limit_y: 65535",
+      "  block_dim_limit_z: 65535",
+      f"  memory_bandwidth: {int(spec.memory_bandwidth)}",
+      f"  l2_cache_size: {spec.l2_cache_bytes}",
+      f"  clock_rate_ghz: {spec.boost_clock_ghz}",
+      f"  device_memory_size: {spec.memory_bytes}",
+      f"  shared_memory_per_block_optin: {spec.shared_memory_per_block_optin}",
+      f"  cuda_compute_capability {{ major: {major} minor: {minor} }}",
+      "  registers_per_core_limit: 65536",
+      "  registers_per_block_limit: 65536",
+      "  thread_dim_limit_x: 1024",
+      "  thread_dim_limit_y: 1024",
+      "  thread_dim_limit_z: 64",
+      "}",
+      'platform_name: "CUDA"',
+      "dnn_version_info { major: 9 minor: 10 }",
+      f'device_description_str: "{spec.name}"',
+      "",
+  ])
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """A parsed target name."""
+  name: str
+  platform: str               # "tpu" or "cuda"
+  kind: str                   # a key of TPU_CHIPS or GPU_SPECS
+  topology: str               # TPU: "2x2x1"; GPU: "<hosts>x<per host>"
+  hosts: int
+  devices_per_host: int
+
+
+_TPU_NAME = re.compile(r"(v\d+[a-z]?):(\d+(?:x\d+){1,2})")
+_GPU_NAME = re.compile(r"([a-z]\d+):(?:(\d+)x)?(\d+)")
+
+
+def parse_target(name: str) -> Target:
+  """'v5p:2x2x1' or 'h100:8' / 'h100:4x8' (hosts x GPUs per host)."""
+  if match := _TPU_NAME.fullmatch(name):
+    kind, topology = match.groups()
+    if kind not in TPU_CHIPS:
+      raise TargetError(f"target {name!r}: unknown TPU chip {kind!r}; known: {sorted(TPU_CHIPS)}")
+    return Target(name, "tpu", kind, topology, 0, 0)   # host layout comes from libtpu
+  if match := _GPU_NAME.fullmatch(name):
+    kind, hosts, per_host = match.groups()
+    if kind not in GPU_SPECS:
+      raise TargetError(f"target {name!r}: unknown GPU {kind!r}; known: {sorted(GPU_SPECS)}")
+    hosts, per_host = int(hosts or 1), int(per_host)
+    if hosts < 1 or not 1 <= per_host <= 16:
+      raise TargetError(f"target {name!r}: expected 1 or more hosts and 1-16 GPUs per host")
+    return Target(name, "cuda", kind, f"{hosts}x{per_host}", hosts, per_host)
+  raise TargetError(
+      f"target {name!r}: expected a TPU slice '<chip>:<topology>' (chips {sorted(TPU_CHIPS)}, "
+      f"e.g. v5p:2x2x1, v5e:4x4) or GPUs '<gpu>:<per host>' / '<gpu>:<hosts>x<per host>' "
+      f"({sorted(GPU_SPECS)}, e.g. h100:8, h200:4x8)")
+
+
+@functools.cache
+def target_devices(name: str) -> tuple[jax.Device, ...]:
+  """The compile-only devices of target `name` (all hosts' devices, process order)."""
+  from jax.experimental import topologies
+  target = parse_target(name)
+  try:
+    if target.platform == "tpu":
+      description = topologies.get_topology_desc(topology_name=name, platform="tpu")
+    else:
+      description = topologies.get_topology_desc(
+          topology_name=target.kind, platform="cuda",
+          target_config=gpu_target_config(GPU_SPECS[target.kind]),
+          topology=f"1x{target.hosts}x{target.devices_per_host}")
+  except Exception as e:  # the plugins raise RuntimeError / JaxRuntimeError / ValueError
+    extra = "tpu" if target.platform == "tpu" else "cuda"
+    raise TargetError(f"target {name!r}: no compile-only {target.platform.upper()} devices "
+                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); is the "
+                      f"`{extra}` extra installed (pip install 'goosejax[{extra}]')?") from None
+  return tuple(description.devices)
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetFacts:
+  """Per-device figures of a target, for plans and reports."""
+  device_kind: str
+  devices: int
+  memory_bytes: int         # per device
+  peak_bf16_flops: float    # per device
+
+
+def target_facts(name: str) -> TargetFacts:
+  target = parse_target(name)
+  devices = target_devices(name)
+  if target.platform == "tpu":
+    chip = TPU_CHIPS[target.kind]
+    chips = math.prod(int(d) for d in target.topology.split("x"))
+    share = chips / len(devices)    # below 1 where libtpu lists each TensorCore (v4)
+    return TargetFacts(chip.device_kind, len(devices), int(chip.hbm_bytes * share),
+                       chip.peak_bf16_flops * share)
+  spec = GPU_SPECS[target.kind]
+  return TargetFacts(spec.name, len(devices), spec.memory_bytes, spec.peak_bf16_flops)
+
+
+def custom_call_targets(compiled_text: str) -> list[str]:
+  """The custom-call targets in a compiled program's text, one entry per call: Pallas kernels
+  show up as 'tpu_custom_call' (Mosaic) or '__gpu$xla.gpu.triton' (Triton)."""
+  return re.findall(r'custom_call_target="([^"]+)"', compiled_text)
+
+
+KERNEL_CALL_TARGETS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
+
+
+def abstract_batch(cfg, mesh: jax.sharding.Mesh, with_reset: bool) -> dict[str, jax.ShapeDtypeStruct]:
+  """A training batch of shapes only, split over the mesh's batch axes as the train job feeds it."""
+  from goosejax import sharding
+  placed = sharding.batch_sharding(mesh)
+  shape = (cfg.data.batch_size, cfg.data.ctx_len)
+  batch = {"inputs": jax.ShapeDtypeStruct(shape, jax.numpy.int32, sharding=placed),
+           "targets": jax.ShapeDtypeStruct(shape, jax.numpy.int32, sharding=placed)}
+  if with_reset:
+    batch["reset"] = jax.ShapeDtypeStruct(shape, jax.numpy.bool_, sharding=placed)
+  return batch
+
+
+def compile_train_step(cfg, target: str, *, with_reset: bool = True):
+  """The train job's sharded step for `cfg`, compiled for `target` (a mesh over its devices
+  shaped by cfg.mesh): returns jax's Compiled (memory_analysis, cost_analysis, as_text)."""
+  from goosejax import sharding
+  from goosejax.train import recipe
+  mesh = sharding.make_mesh(cfg.mesh, target_devices(target))
+  graphdef, shapes = recipe.abstract_model(cfg)
+  tx = recipe.make_optimizer(cfg.optimizer, cfg.run.steps, list(shapes))
+  abstract_state, shardings = recipe.abstract_train_state(cfg, tx, mesh)
+  step = recipe.jit_train_step(recipe.make_train_step(graphdef, tx, cfg, mesh), shardings, mesh)
+  return step.trace(abstract_state, abstract_batch(cfg, mesh, with_reset)).lower().compile()

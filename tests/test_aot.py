@@ -1,0 +1,97 @@
+"""Compiling for hardware this machine does not have: TPU slices and GPU nodes (goosejax.aot).
+
+The real compilers run here (Mosaic and XLA:TPU from libtpu; XLA:GPU and ptxas from the CUDA
+plugin), so a kernel or sharded step that would not compile on the hardware fails here. Needs
+the `tpu` and `cuda` extras; CI installs both and sets GOOSEJAX_REQUIRE_TARGETS=1 so that a
+missing plugin fails instead of skipping.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import SingleDeviceSharding
+
+from goosejax import aot
+from goosejax.config import load_config
+from goosejax.wkv import wkv7
+
+PLUGINS = {"tpu": "libtpu", "cuda": "jax_cuda12_plugin"}
+
+
+def _require(platform: str) -> None:
+  if importlib.util.find_spec(PLUGINS[platform]) is None:
+    if os.environ.get("GOOSEJAX_REQUIRE_TARGETS") == "1":
+      pytest.fail(f"the `{platform}` extra is not installed (pip install 'goosejax[{platform}]')")
+    pytest.skip(f"needs the `{platform}` extra (Linux x86-64): pip install 'goosejax[{platform}]'")
+
+
+def _kernel_calls(compiled, platform: str) -> int:
+  return aot.custom_call_targets(compiled.as_text()).count(aot.KERNEL_CALL_TARGETS[platform])
+
+
+@pytest.mark.parametrize("name, error", [
+    ("v9:2x2", "unknown TPU chip 'v9'"), ("h300:8", "unknown GPU 'h300'"),
+    ("h100:0", "1-16 GPUs per host"), ("tpu", "expected a TPU slice"),
+])
+def test_bad_target_names_say_what_is_expected(name, error):
+  with pytest.raises(aot.TargetError, match=error):
+    aot.parse_target(name)
+
+
+def test_gpu_targets_parse_hosts_and_devices():
+  target = aot.parse_target("h200:4x8")
+  assert (target.platform, target.kind, target.hosts, target.devices_per_host) == ("cuda", "h200", 4, 8)
+  assert aot.parse_target("h100:8").hosts == 1
+
+
+@pytest.mark.parametrize("target, platform, devices", [
+    ("v5e:2x2", "tpu", 4), ("v5p:2x2x1", "tpu", 4), ("v6e:2x2", "tpu", 4), ("h100:4", "cuda", 4),
+    ("h200:2x8", "cuda", 16),
+])
+def test_targets_give_compile_only_devices(target, platform, devices):
+  _require(platform)
+  facts = aot.target_facts(target)
+  assert facts.devices == devices == len(aot.target_devices(target))
+  assert facts.memory_bytes >= 16 * aot.GIB and facts.peak_bf16_flops > 1e14
+
+
+@pytest.mark.parametrize("target, platform", [("v5e:2x2", "tpu"), ("v5p:2x2x1", "tpu"),
+                                              ("h100:4", "cuda")])
+def test_wkv_kernels_compile_forward_and_backward(target, platform):
+  """impl="auto" on one device of the target: exactly one kernel in the forward, two (forward
+  and backward) in forward+backward. T = 200 is not a multiple of any chunk size."""
+  _require(platform)
+  device = SingleDeviceSharding(aot.target_devices(target)[0])
+  inputs = [jax.ShapeDtypeStruct((2, 200, 4, 64), jnp.bfloat16, sharding=device) for _ in range(6)]
+
+  def forward(*xs):
+    return wkv7(*xs, impl="auto")
+
+  def loss(*xs):
+    y, state = wkv7(*xs, impl="pallas")
+    return jnp.sum(y.astype(jnp.float32)) + jnp.sum(state)
+
+  compiled_forward = jax.jit(forward).trace(*inputs).lower().compile()
+  compiled_backward = jax.jit(jax.grad(loss, argnums=tuple(range(6)))).trace(*inputs).lower().compile()
+  assert _kernel_calls(compiled_forward, platform) == 1
+  assert _kernel_calls(compiled_backward, platform) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, platform, mesh", [
+    ("v5p:2x2x1", "tpu", ["mesh.data=1", "mesh.fsdp=4"]),
+    ("v5e:2x2", "tpu", ["mesh.data=2", "mesh.tensor=2"]),
+    ("h100:4", "cuda", ["mesh.data=1", "mesh.fsdp=4"]),
+])
+def test_sharded_train_step_compiles_with_the_kernels(target, platform, mesh):
+  """The train job's step (tiny model, packed documents with resets) compiled for a 4-chip
+  slice / 4-GPU node: the WKV kernels run per device inside it, forward and backward."""
+  _require(platform)
+  cfg = load_config("tiny", ["model.vocab_size=512", "data.ctx_len=64", *mesh])
+  compiled = aot.compile_train_step(cfg, target)
+  assert _kernel_calls(compiled, platform) == 2
+  assert compiled.memory_analysis().temp_size_in_bytes < 256 * 2**20
