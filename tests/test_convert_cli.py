@@ -134,6 +134,8 @@ def test_goosejax_dtype_restriction_and_missing_parent(tmp_path, official, capsy
   assert "a goosejax checkpoint stores float32 or bfloat16" in capsys.readouterr().err
   assert convert(src, tmp_path / "no" / "such" / "out.pth", "--to", "official") == 2
   assert "parent folder" in capsys.readouterr().err
+  assert convert(src, src / "out", "--to", "hf") == 2
+  assert f"{src}/out: {src} is a file, not a folder" in capsys.readouterr().err
 
 
 def test_help_and_usage_errors(capsys):

@@ -76,6 +76,8 @@ def _describe(cfg: ModelConfig) -> str:
 
 def _check_destination(dst: Path, target: str, force: bool) -> None:
   if not dst.exists():
+    if dst.parent.is_file():
+      raise ConvertError(f"{dst}: {dst.parent} is a file, not a folder")
     if not dst.parent.is_dir():
       raise ConvertError(f"{dst}: parent folder {dst.parent} does not exist")
     return
