@@ -189,7 +189,6 @@ def hf_to_official(tensors: Mapping[str, np.ndarray], source: str = "checkpoint"
   top = {hf: official for official, hf in _TOP.items()}
   norms = {hf: official for official, hf in _NORMS.items()}
   linears = {hf: official for official, hf in _LINEARS.items()}
-  loras = {hf: official for official, hf in _LORAS.items()}
   out = {}
   for key, value in tensors.items():
     value = np.asarray(value)
