@@ -6,7 +6,7 @@ import io
 import json
 import math
 import sys
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +105,24 @@ def test_documents_from_txt_jsonl_and_binidx(tokenizer, tmp_path):
   (tmp_path / "bad.jsonl").write_text('{"text": 1}\n')
   with pytest.raises(EvalDataError, match="bad.jsonl"):
     read_lambada(tmp_path / "bad.jsonl")
+  with BinIdxWriter(tmp_path / "wide") as writer:      # ids from a larger vocabulary
+    writer.add_document([5, 6, 7])
+    writer.add_document([5, 400, 7])
+  assert load_documents(tmp_path / "wide", tokenizer, max_documents=1)[0] == [[5, 6, 7]]
+  with pytest.raises(EvalDataError, match=r"wide: item 1 has token ids outside \[0, 320\) .*\[400\]"):
+    load_documents(tmp_path / "wide", tokenizer)
+  with pytest.raises(EvalDataError, match=r"docs.jsonl: document 1 .* \[0, 300\) \(the model's.*\[301\]"):
+    load_documents(tmp_path / "docs.jsonl", tokenizer, text_field="body", vocab_size=300)
+
+
+@pytest.mark.parametrize("text, problem", [("   ", "whitespace only"), ("", "whitespace only"),
+                                            ("a dog and a ", "ends in whitespace"),
+                                            ("oneword", "no space")])
+def test_lambada_texts_without_a_last_word_are_refused_with_file_and_line(tmp_path, text, problem):
+  path = tmp_path / "lambada.jsonl"
+  path.write_text(json.dumps({"text": "the cat sat"}) + "\n\n" + json.dumps({"text": text}) + "\n")
+  with pytest.raises(EvalDataError, match=rf"lambada.jsonl:3: .*{problem}"):
+    read_lambada(path)
 
 
 def test_eval_cli_on_an_hf_directory(checkpoint, tmp_path):
@@ -127,4 +145,17 @@ def test_eval_cli_on_an_hf_directory(checkpoint, tmp_path):
   n_tokens = sum(map(len, OFFICIAL["documents"]["token_ids"]))
   assert outputs[1]["tokens"] == n_tokens
   assert outputs[1]["loss"] == pytest.approx(-sum(OFFICIAL["documents"]["logprob"]) / n_tokens, rel=1e-5)
-  assert cli.main(["eval", "ppl", "--data", str(tmp_path / "nope.jsonl")] + common) == 1
+
+  def fails(args, *names):
+    err = io.StringIO()
+    with redirect_stdout(io.StringIO()), redirect_stderr(err):
+      assert cli.main(["eval"] + args + common) == 2
+    assert err.getvalue().count("\n") == 1 and all(name in err.getvalue() for name in names), err.getvalue()
+
+  fails(["ppl", "--data", str(tmp_path / "nope.jsonl")], "nope.jsonl")
+  with BinIdxWriter(tmp_path / "wide") as writer:
+    writer.add_document([5, 400, 7])
+  fails(["ppl", "--data", str(tmp_path / "wide.bin")], "wide", "[400]")
+  lambada.write_text(lambada.read_text() + json.dumps({"text": " \t "}) + "\n")
+  fails(["lambada", "--data", str(lambada)], f"lambada.jsonl:{len(OFFICIAL['lambada']['texts']) + 1}:",
+        "whitespace only")

@@ -1,14 +1,17 @@
 """The lm-eval adapter ("goosejax") returns the log-likelihoods `goosejax eval` and the official
 runtime give, and runs a small local task end to end (no downloads)."""
+import io
 import json
 import math
 import sys
+from contextlib import redirect_stderr
 from pathlib import Path
 
 import pytest
 from flax import nnx
 
 import goosejax
+from goosejax import cli
 from goosejax.convert.official import official_to_params
 from goosejax.infer import generate
 from goosejax.model import RWKV7
@@ -100,3 +103,13 @@ metric_list:
   assert metrics["acc,none"] == pytest.approx(OFFICIAL["lambada"]["accuracy"])
   assert math.log(metrics["perplexity,none"]) == pytest.approx(math.log(OFFICIAL["lambada"]["perplexity"]),
                                                                rel=1e-5)
+
+
+def test_an_unknown_task_is_one_line_with_close_names_before_the_model_loads(tmp_path):
+  err = io.StringIO()
+  with redirect_stderr(err):     # the model path does not exist: the task check comes first
+    rc = cli.main(["eval", "lm-eval", "--model", str(tmp_path / "absent.pth"),
+                   "--tasks", "lambada_openai,lambada_opnai", "--quiet"])
+  assert rc == 2 and err.getvalue().count("\n") == 1, err.getvalue()
+  assert "unknown lm-eval task 'lambada_opnai'" in err.getvalue()
+  assert "did you mean lambada_openai" in err.getvalue()

@@ -56,56 +56,76 @@ def _report(task: str, result: dict, as_json: bool) -> None:
 
 
 def main(argv: list[str]) -> int:
-  args = _parser().parse_args(argv)
-  try:
-    from goosejax.data.tokenizer import load_tokenizer
-    from goosejax.eval.scoring import Progress
-    from goosejax.infer.loading import load_model
+  """Exit status 0, 2 for bad input (one line naming it), 130 on Ctrl-C."""
+  from goosejax.cli import describe_os_error
+  from goosejax.errors import GoosejaxError
+  from goosejax.eval.scoring import Progress
 
+  args = _parser().parse_args(argv)
+  bar = Progress(f"eval {args.task}", enabled=not args.quiet)
+  try:
     if args.task == "lm-eval":
-      return _run_lm_eval(args)
-    tokenizer = load_tokenizer(args.tokenizer)
-    model = load_model(args.model, args.dtype)
-    if tokenizer.vocab_size > model.config.vocab_size:
-      raise ValueError(f"tokenizer {args.tokenizer!r} has {tokenizer.vocab_size} ids but the model "
-                       f"only {model.config.vocab_size}; pass the model's tokenizer")
-    if args.task == "ppl":
-      from goosejax.eval.ppl import load_documents, perplexity
-      docs, n_bytes = load_documents(args.data, tokenizer, text_field=args.text_field,
-                                     max_documents=args.max_documents)
-      bar = Progress("eval ppl", enabled=not args.quiet)
-      result = perplexity(model, docs, n_bytes, batch_size=args.batch_size,
-                          chunk_len=args.chunk_len, progress=bar.update)
+      _run_lm_eval(args)
     else:
-      from goosejax.eval.lambada import evaluate_lambada, read_lambada
-      texts = read_lambada(args.data)
-      bar = Progress("eval lambada", enabled=not args.quiet)
-      result = evaluate_lambada(model, tokenizer, texts, batch_size=args.batch_size,
-                                chunk_len=args.chunk_len, progress=bar.update)
+      _report(args.task, _run_eval(args, bar).as_dict(), args.json)
+  except GoosejaxError as e:   # data files, tokenizer, model, task names, settings
     bar.close()
-    _report(args.task, result.as_dict(), args.json)
-  except (ValueError, OSError) as e:
     print(f"goosejax eval: error: {e}", file=sys.stderr)
-    return 1
+    return 2
+  except OSError as e:
+    bar.close()
+    print(f"goosejax eval: error: {describe_os_error(e)}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    bar.close()
+    print("goosejax eval: interrupted", file=sys.stderr)
+    return 130
   return 0
 
 
-def _run_lm_eval(args) -> int:
+def _run_eval(args, bar):
+  """`eval ppl` or `eval lambada`: the PerplexityResult or LambadaResult."""
+  from goosejax.data.tokenizer import load_tokenizer
+  from goosejax.eval.scoring import EvalDataError
+  from goosejax.infer.loading import load_model
+
+  tokenizer = load_tokenizer(args.tokenizer)
+  model = load_model(args.model, args.dtype)
+  vocab_size = model.config.vocab_size
+  if tokenizer.vocab_size > vocab_size:
+    raise EvalDataError(f"tokenizer {args.tokenizer!r} has {tokenizer.vocab_size} ids but the model "
+                        f"only {vocab_size}; pass the model's tokenizer")
+  bar.restart_clock()
+  if args.task == "ppl":
+    from goosejax.eval.ppl import load_documents, perplexity
+    docs, n_bytes = load_documents(args.data, tokenizer, text_field=args.text_field,
+                                   max_documents=args.max_documents, vocab_size=vocab_size)
+    result = perplexity(model, docs, n_bytes, batch_size=args.batch_size,
+                        chunk_len=args.chunk_len, progress=bar.update)
+  else:
+    from goosejax.eval.lambada import evaluate_lambada, read_lambada
+    texts = read_lambada(args.data)
+    result = evaluate_lambada(model, tokenizer, texts, batch_size=args.batch_size,
+                              chunk_len=args.chunk_len, progress=bar.update)
+  bar.close()
+  return result
+
+
+def _run_lm_eval(args) -> None:
+  from goosejax.eval.scoring import EvalDataError
   try:
     import lm_eval
     from lm_eval.tasks import TaskManager
   except ImportError:
-    print("goosejax eval lm-eval: error: lm-evaluation-harness is not installed; "
-          "pip install 'goosejax[lmeval]'", file=sys.stderr)
-    return 1
-  from goosejax.eval.lm_eval_adapter import GoosejaxLM
+    raise EvalDataError("lm-evaluation-harness is not installed; pip install 'goosejax[lmeval]'") from None
+  from goosejax.eval.lm_eval_adapter import GoosejaxLM, check_task_names
 
+  manager = TaskManager(include_path=args.include_path) if args.include_path else TaskManager()
+  tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
+  check_task_names(manager, tasks)     # before the model load, which can take minutes
   lm = GoosejaxLM(pretrained=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
                   batch_size=args.batch_size, chunk_len=args.chunk_len)
-  manager = TaskManager(include_path=args.include_path) if args.include_path else TaskManager()
-  results = lm_eval.simple_evaluate(model=lm, tasks=args.tasks.split(","),
-                                    num_fewshot=args.num_fewshot, limit=args.limit,
-                                    task_manager=manager)
+  results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot,
+                                    limit=args.limit, task_manager=manager)
   for task, metrics in results["results"].items():
     _report(task, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, args.json)
-  return 0

@@ -15,8 +15,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from goosejax.eval.ppl import DOCUMENT_START, EvalDataError
-from goosejax.eval.scoring import score_sequences
+from goosejax.eval.ppl import DOCUMENT_START
+from goosejax.eval.scoring import EvalDataError, score_sequences
 from goosejax.model.rwkv7 import RWKV7
 
 
@@ -40,10 +40,23 @@ class LambadaResult:
 
 def split_last_word(text: str) -> tuple[str, str]:
   """(context, " " + last word): the official split at the last space."""
-  if " " not in text:
-    raise EvalDataError(f"LAMBADA text has no space to split the last word off: {text[:60]!r}")
+  problem = _split_problem(text)
+  if problem:
+    raise EvalDataError(f"LAMBADA text {text[:60]!r}: {problem}")
   context, word = text.rsplit(" ", 1)
   return context, " " + word
+
+
+def _split_problem(text: str) -> str | None:
+  """Why `text` cannot be split into a context and a last word to score (None if it can)."""
+  if not text.strip():
+    return "empty or whitespace only"
+  if " " not in text:
+    return "no space to split the last word off"
+  context, word = text.rsplit(" ", 1)
+  if not word.strip():
+    return "ends in whitespace, so the last word would be empty"
+  return None
 
 
 def read_lambada(path: str | Path, text_field: str = "text") -> list[str]:
@@ -52,23 +65,30 @@ def read_lambada(path: str | Path, text_field: str = "text") -> list[str]:
   if not path.is_file():
     raise EvalDataError(f"{path}: file not found (expected LAMBADA jsonl, e.g. RWKV-LM's "
                         "RWKV-v7/misc/lambada_test.jsonl)")
-  texts = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-        text = record[text_field]
-      except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise EvalDataError(f"{path}:{number}: expected a JSON object with a string "
-                            f"{text_field!r} field ({e})") from None
-      if not isinstance(text, str):
-        raise EvalDataError(f"{path}:{number}: field {text_field!r} is not a string")
-      texts.append(text)
+  try:
+    with open(path, encoding="utf-8") as f:
+      texts = [_lambada_text(path, number, line, text_field) for number, line in enumerate(f, 1)
+               if line.strip()]
+  except UnicodeDecodeError as e:
+    raise EvalDataError(f"{path}: not UTF-8 text ({e.reason})") from None
   if not texts:
     raise EvalDataError(f"{path}: no documents")
   return texts
+
+
+def _lambada_text(path: Path, number: int, line: str, text_field: str) -> str:
+  """The text of line `number`, or an EvalDataError naming the file and line."""
+  try:
+    text = json.loads(line)[text_field]
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    raise EvalDataError(f"{path}:{number}: expected a JSON object with a string "
+                        f"{text_field!r} field ({e})") from None
+  if not isinstance(text, str):
+    raise EvalDataError(f"{path}:{number}: field {text_field!r} is not a string")
+  problem = _split_problem(text)
+  if problem:   # scoring it anyway would count a meaningless target
+    raise EvalDataError(f"{path}:{number}: LAMBADA text {text[:60]!r}: {problem}")
+  return text
 
 
 def evaluate_lambada(model: RWKV7, tokenizer, texts: Sequence[str], *, batch_size: int = 4,

@@ -15,15 +15,31 @@ do_sample is set, and stops at the end-of-text token or the first `until` string
 """
 from __future__ import annotations
 
-from typing import Any
+import difflib
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from goosejax.eval.ppl import DOCUMENT_START
-from goosejax.eval.scoring import score_sequences
+from goosejax.eval.scoring import EvalDataError, score_sequences
 from goosejax.infer.generate import generate
+
+
+def check_task_names(task_manager, names: Sequence[str]) -> None:
+  """An EvalDataError naming the first of `names` that is neither a task, group or tag of
+  `task_manager` nor a task YAML file, with the closest known names."""
+  if not names:
+    raise EvalDataError("--tasks: expected at least one lm-eval task name")
+  known = task_manager.all_tasks
+  for name in names:
+    if name in known or (name.endswith((".yaml", ".yml")) and Path(name).is_file()):
+      continue
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see `lm-eval ls tasks`"
+    raise EvalDataError(f"unknown lm-eval task {name!r}{hint}")
 
 
 @register_model("goosejax")

@@ -14,15 +14,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from goosejax.errors import GoosejaxError
-from goosejax.eval.scoring import score_sequences
+from goosejax.eval.scoring import EvalDataError, score_sequences
 from goosejax.model.rwkv7 import RWKV7
 
 DOCUMENT_START = 0
-
-
-class EvalDataError(GoosejaxError):
-  """An evaluation data file cannot be used (the message names the file and the problem)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,12 +62,15 @@ def perplexity(model: RWKV7, documents: Sequence[Sequence[int]], byte_counts: Se
 
 
 def load_documents(path: str | Path, tokenizer, *, text_field: str = "text",
-                   max_documents: int | None = None) -> tuple[list[list[int]], list[int]]:
+                   max_documents: int | None = None, vocab_size: int | None = None
+                   ) -> tuple[list[list[int]], list[int]]:
   """(token documents, UTF-8 byte count per document) from a .txt, .jsonl or binidx file.
 
   .txt is one document, .jsonl one per line (its `text_field`), binidx one per item (a
   `.bin`/`.idx` path or the common prefix); binidx items drop their trailing end-of-text id
-  and their bytes are counted from the decoded text.
+  and their bytes are counted from the decoded text. Token ids beyond the tokenizer's or
+  (given vocab_size) the model's vocabulary are an error naming the file and document, e.g.
+  binidx made with another tokenizer.
   """
   from goosejax.data.binidx import BinIdxDataset, prefix_of
   from goosejax.data.documents import read_documents
@@ -82,6 +80,7 @@ def load_documents(path: str | Path, tokenizer, *, text_field: str = "text",
   prefix = prefix_of(path)
   is_binidx = path.suffix in (".bin", ".idx") or (
       not path.exists() and prefix.with_name(prefix.name + ".idx").is_file())
+  limit, whose = _id_limit(tokenizer, vocab_size)
   docs, n_bytes = [], []
   try:
     if is_binidx:
@@ -94,14 +93,16 @@ def load_documents(path: str | Path, tokenizer, *, text_field: str = "text",
         if ids and ids[-1] == eot:
           ids = ids[:-1]
         if ids:
+          _check_ids(f"{path}: item {i}", ids, limit, whose)   # before decoding them
           docs.append(ids)
           n_bytes.append(len(tokenizer.decode(ids).encode("utf-8")))
     else:
-      for text in read_documents(path, text_field=text_field):
+      for number, text in enumerate(read_documents(path, text_field=text_field), 1):
         if max_documents is not None and len(docs) >= max_documents:
           break
         ids = tokenizer.encode(text)
         if ids:
+          _check_ids(f"{path}: document {number}", ids, limit, whose)
           docs.append(ids)
           n_bytes.append(len(text.encode("utf-8")))
   except DataError as e:
@@ -109,3 +110,17 @@ def load_documents(path: str | Path, tokenizer, *, text_field: str = "text",
   if not docs:
     raise EvalDataError(f"{path}: no non-empty documents to evaluate")
   return docs, n_bytes
+
+
+def _id_limit(tokenizer, vocab_size: int | None) -> tuple[int, str]:
+  """(the first id the tokenizer or the model cannot take, whose vocabulary ends there)."""
+  if vocab_size is not None and vocab_size < tokenizer.vocab_size:
+    return vocab_size, "the model's"
+  return tokenizer.vocab_size, "the tokenizer's"
+
+
+def _check_ids(where: str, ids: Sequence[int], limit: int, whose: str) -> None:
+  bad = sorted({t for t in ids if not 0 <= t < limit})
+  if bad:
+    raise EvalDataError(f"{where} has token ids outside [0, {limit}) ({whose} vocabulary): "
+                        f"{bad[:8]}; was it tokenized for another model?")

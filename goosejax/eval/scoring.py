@@ -21,7 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from goosejax.errors import GoosejaxError
 from goosejax.model.rwkv7 import RWKV7
+
+
+class EvalDataError(GoosejaxError):
+  """Evaluation input goosejax cannot use: a data file, a sequence or a setting (the message
+  names it and the problem)."""
 
 
 class SequenceScore(NamedTuple):
@@ -63,6 +69,11 @@ class Progress:
     self.label, self.enabled = label, enabled
     self.stream = stream or sys.stderr
     self.start = time.perf_counter()
+    self.open_line = False
+
+  def restart_clock(self) -> None:
+    """Measure the rate from now on (e.g. after loading the model)."""
+    self.start = time.perf_counter()
 
   def update(self, done_tokens: int, total_tokens: int) -> None:
     if not self.enabled:
@@ -74,11 +85,14 @@ class Progress:
     self.stream.write(f"\r{self.label}: {done_tokens:,}/{total_tokens:,} tokens ({share:5.1f}%) "
                       f"{rate:,.0f} tok/s, ETA {eta:,.0f} s   ")
     self.stream.flush()
+    self.open_line = True
 
   def close(self) -> None:
-    if self.enabled:
+    """End the progress line (if one was written), e.g. before an error or interrupt message."""
+    if self.open_line:
       self.stream.write("\n")
       self.stream.flush()
+      self.open_line = False
 
 
 def score_sequences(model: RWKV7, sequences: Sequence[Sequence[int]], *, batch_size: int = 4,
@@ -90,15 +104,15 @@ def score_sequences(model: RWKV7, sequences: Sequence[Sequence[int]], *, batch_s
   progress: called after each chunk with (sequence tokens processed, total tokens).
   """
   if batch_size < 1 or chunk_len < 1:
-    raise ValueError(f"batch_size={batch_size}, chunk_len={chunk_len}: expected both >= 1")
+    raise EvalDataError(f"batch_size={batch_size}, chunk_len={chunk_len}: expected both >= 1")
   vocab = model.config.vocab_size
   lengths = [len(s) for s in sequences]
   for i, s in enumerate(sequences):
     if not lengths[i]:
-      raise ValueError(f"sequence {i} is empty; each needs at least one token (start with 0)")
+      raise EvalDataError(f"sequence {i} is empty; each needs at least one token (start with 0)")
     bad = [t for t in s if not 0 <= int(t) < vocab]
     if bad:
-      raise ValueError(f"sequence {i} has token ids outside [0, {vocab}): {bad[:8]}")
+      raise EvalDataError(f"sequence {i} has token ids outside [0, {vocab}): {bad[:8]}")
   if not sequences:
     return []
   rows = min(batch_size, len(sequences))
