@@ -213,12 +213,28 @@ def _layouts(config: DataConfig, streams: Sequence[TokenStream]) -> list[_Layout
   return layouts
 
 
-def _fingerprint(config: DataConfig, layouts: Sequence[_Layout]) -> str:
+def _order_settings(config: DataConfig, layouts: Sequence[_Layout]) -> dict[str, Any]:
+  """What the sample order depends on, by name (a saved state keeps it, so a refused resume
+  can say which setting changed)."""
+  return {"data.source": config.source, "data.tokenizer": config.tokenizer,
+          "data.ctx_len": config.ctx_len, "data.order": config.order, "data.seed": config.seed,
+          "data.weights": list(config.weights), "data.pack_documents": config.pack_documents,
+          "data.validation_fraction": config.validation_fraction,
+          "files (name, tokens, training windows, prime)":
+              [[Path(l.stream.name).name, len(l.stream), l.n_train, l.prime] for l in layouts]}
+
+
+def _fingerprint(settings: dict[str, Any]) -> str:
   """Identifies the sample order, so a state never resumes on different data or settings."""
-  described = [config.source, config.tokenizer, config.ctx_len, config.order, config.seed,
-               list(config.weights), config.pack_documents, config.validation_fraction,
-               [(Path(l.stream.name).name, len(l.stream), l.n_train, l.prime) for l in layouts]]
-  return hashlib.sha256(json.dumps(described).encode()).hexdigest()[:16]
+  return hashlib.sha256(json.dumps(list(settings.values())).encode()).hexdigest()[:16]
+
+
+def _changed_settings(saved: Any, now: dict[str, Any]) -> str:
+  """'data.ctx_len 16 -> 32, ...' for a state that recorded its settings, else ''."""
+  if not isinstance(saved, dict):
+    return ""
+  return ", ".join(f"{key} {saved.get(key)!r} -> {value!r}" for key, value in now.items()
+                   if saved.get(key) != value)
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -249,7 +265,7 @@ def _prepare(config: DataConfig):
     raise DataError("data.magic_prime is set, but data.paths has several datasets; leave it "
                     "unset so that each dataset gets its own prime")
   layouts = _layouts(config, load_streams(config))
-  return layouts, _fingerprint(config, layouts)
+  return layouts, _order_settings(config, layouts)
 
 
 # ----------------------------------------------------------------------------- iterators
@@ -259,17 +275,18 @@ class BatchIterator:
   """Batches of one process, checkpointable: `get_state()` / `set_state(state)`.
 
   The state is a small JSON-serializable dict (format, global step, global batch size,
-  process index/count, data fingerprint). Its step is global, so every process holds the
-  same state up to `process_index`, and one saved copy (e.g. Orbax `args.JsonSave`)
-  restores any process count. It is not a `grain.DatasetIterator`: Grain's own checkpoint
+  process index/count, data fingerprint and the settings it hashes). Its step is global, so
+  every process holds the same state up to `process_index`, and one saved copy (e.g. Orbax
+  `args.JsonSave`) restores any process count. It is not a `grain.DatasetIterator`: Grain's own checkpoint
   handler, which writes one file per process index, is not needed.
   """
 
-  def __init__(self, batched: grain.MapDataset, *, fingerprint: str, global_batch_size: int,
-               process_index: int, process_count: int):
+  def __init__(self, batched: grain.MapDataset, *, settings: dict[str, Any],
+               global_batch_size: int, process_index: int, process_count: int):
     self._dataset = batched
     self._iterator = iter(batched.to_iter_dataset(grain.ReadOptions(**_READ_OPTIONS)))
-    self.fingerprint = fingerprint
+    self.settings = settings
+    self.fingerprint = _fingerprint(settings)
     self.global_batch_size = global_batch_size
     self.process_index, self.process_count = process_index, process_count
 
@@ -286,7 +303,8 @@ class BatchIterator:
   def get_state(self) -> dict[str, Any]:
     return {"format": STATE_FORMAT, "step": int(self._iterator.get_state()["next_index"]),
             "global_batch_size": self.global_batch_size, "process_index": self.process_index,
-            "process_count": self.process_count, "fingerprint": self.fingerprint}
+            "process_count": self.process_count, "fingerprint": self.fingerprint,
+            "settings": self.settings}
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Resume after `state["step"]` global batches; any process count works."""
@@ -295,9 +313,11 @@ class BatchIterator:
       raise DataError(f"data iterator state: expected a dict with format {STATE_FORMAT!r} and keys "
                       f"{list(keys)}, got {str(state)[:120]}")
     if state["fingerprint"] != self.fingerprint:
+      changed = _changed_settings(state.get("settings"), self.settings) or (
+          f"fingerprint {state['fingerprint']} != {self.fingerprint}: paths, sizes, ctx_len, "
+          "order, seed, weights, packing or validation split changed")
       raise DataError("data iterator state was saved for different data or data settings "
-                      f"(fingerprint {state['fingerprint']} != {self.fingerprint}: paths, sizes, "
-                      "ctx_len, order, seed, weights, packing or validation split changed)")
+                      f"({changed}); set them back or start a new run")
     if state["global_batch_size"] != self.global_batch_size:
       raise DataError(f"data iterator state was saved with global batch size "
                       f"{state['global_batch_size']}, this run uses {self.global_batch_size}; "
@@ -314,7 +334,7 @@ def make_train_iterator(config: DataConfig, process_index: int | None = None,
   """
   process_index, process_count = _process(process_index, process_count)
   local_batch = _local_batch(config, process_count)
-  layouts, fingerprint = _prepare(config)
+  layouts, settings = _prepare(config)
   components = []
   for i, (layout, reader) in enumerate(zip(layouts, _readers(config, layouts, vocab_size))):
     if layout.prime is None:
@@ -332,7 +352,7 @@ def make_train_iterator(config: DataConfig, process_index: int | None = None,
   else:
     samples = grain.MapDataset.mix([c for c, _ in kept], [w for _, w in kept])
   batched = samples[process_index::process_count].batch(local_batch, drop_remainder=True)
-  return BatchIterator(batched, fingerprint=fingerprint, global_batch_size=config.batch_size,
+  return BatchIterator(batched, settings=settings, global_batch_size=config.batch_size,
                        process_index=process_index, process_count=process_count)
 
 
@@ -348,14 +368,14 @@ def make_validation_iterator(config: DataConfig, process_index: int | None = Non
     return None
   process_index, process_count = _process(process_index, process_count)
   local_batch = _local_batch(config, process_count)
-  layouts, fingerprint = _prepare(config)
+  layouts, settings = _prepare(config)
   parts = [grain.MapDataset.range(l.n_train, l.n_slots).map(reader)
            for l, reader in zip(layouts, _readers(config, layouts, vocab_size))]
   windows = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
   n_batches = len(windows) // config.batch_size
   windows = windows[:n_batches * config.batch_size]
   batched = windows[process_index::process_count].batch(local_batch, drop_remainder=True)
-  return BatchIterator(batched, fingerprint=fingerprint, global_batch_size=config.batch_size,
+  return BatchIterator(batched, settings=settings, global_batch_size=config.batch_size,
                        process_index=process_index, process_count=process_count)
 
 

@@ -14,6 +14,15 @@ mid-save leaves the previous checkpoints as the latest; incomplete temporaries a
 listed. Saves are asynchronous: arrays are copied off the devices, then written while
 training continues. The newest `keep` checkpoints are kept.
 
+Failures: a save is refused before it starts when the filesystem has less free space than
+the state's size, and a background save that fails (a full disk, an I/O error) is reported
+by `raise_if_save_failed()` at the next step boundary; both raise CheckpointSaveError
+naming the step, the space needed and free, and the newest complete checkpoint, which is
+kept. `restore_newest` falls back past checkpoints that do not restore (a truncated or
+deleted array file): it renames each to `<step>.corrupt-<time>`, a name Orbax and goosejax
+never read as a step, and says so; when none restores it refuses, naming each, and renames
+nothing.
+
 This is the run-directory layout of goosejax/checkpoint.py (a CheckpointManager step with
 params/ as a flat dict and meta/metadata): `goosejax.load_pretrained(RUN_DIR)` and
 `goosejax.checkpoint.load_checkpoint(RUN_DIR)` read a run's newest checkpoint for inference.
@@ -22,10 +31,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
+import shutil
+import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -33,6 +47,11 @@ from goosejax.checkpoint import FORMAT_VERSION, RUN_CHECKPOINTS, CheckpointError
 from goosejax.config import Config, ConfigError, config_from_dict
 
 CONFIG_FILE = "config.json"
+CORRUPT_SUFFIX = ".corrupt-"
+
+
+class CheckpointSaveError(CheckpointError):
+  """A checkpoint could not be written (e.g. the disk is full); older ones are kept."""
 
 
 class DataStateHandler(ocp.CheckpointHandler):
@@ -93,6 +112,8 @@ class TrainCheckpointer:
         cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=("params", "opt_state", "meta", "data"), options=options)
+    self.pending_step: int | None = None    # a save started and not yet known to be complete
+    self.state_bytes = 0                    # size of the arrays of the last save
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -102,12 +123,61 @@ class TrainCheckpointer:
 
   def save(self, step: int, params: Any, opt_state: Any, data_state: Any,
            meta: Mapping[str, Any]) -> None:
-    """Starts a save of the state after `step` updates; returns once arrays are off-device."""
+    """Starts a save of the state after `step` updates; returns once arrays are off-device.
+    Raises CheckpointSaveError when there is no room for it or the previous save failed."""
+    self.state_bytes = _tree_bytes(params) + _tree_bytes(opt_state)
+    self._check_room(step)
     meta = {"format_version": FORMAT_VERSION, "step": step, **meta}
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
         meta=ocp.args.JsonSave(meta), data=DataStateSave(data_state))
-    self.manager.save(step, args=args, force=True)
+    previous, self.pending_step = self.pending_step, step
+    try:
+      self.manager.save(step, args=args, force=True)  # first waits for `previous`
+    except Exception as e:  # Orbax reports I/O failures as ValueError or bare Exception
+      failed = previous if previous is not None and not self._on_disk(previous) else step
+      self.pending_step = None
+      raise self._save_failed(failed, e) from None
+
+  def raise_if_save_failed(self) -> None:
+    """Without blocking: raise CheckpointSaveError if the background save has failed."""
+    if self.pending_step is not None and not self.manager.is_saving_in_progress():
+      self.wait()
+
+  def wait(self) -> None:
+    """Blocks until background saves are on disk; CheckpointSaveError if one failed."""
+    step, self.pending_step = self.pending_step, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._save_failed(step, e) from None
+
+  def close(self) -> None:
+    try:
+      self.wait()
+    finally:
+      self.manager.close()  # Orbax raises a failed save once per thread: not again here
+
+  def _on_disk(self, step: int) -> bool:
+    return (self.directory / str(step)).is_dir()
+
+  def _check_room(self, step: int) -> None:
+    free = shutil.disk_usage(self.directory).free
+    if not _all_processes(free >= self.state_bytes):
+      raise CheckpointSaveError(self._no_room_message(step, "not started", free))
+
+  def _save_failed(self, step: int | None, error: BaseException) -> CheckpointSaveError:
+    free = shutil.disk_usage(self.directory).free
+    return CheckpointSaveError(self._no_room_message(step, f"failed ({short_reason(error)})", free))
+
+  def _no_room_message(self, step: int | None, what: str, free: int) -> str:
+    kept = [s for s in _complete_steps(self.directory) if s != step]
+    newest = f"the newest complete checkpoint, step {kept[-1]}, is kept" if kept else \
+        "no complete checkpoint exists yet"
+    where = self.directory / str(step) if step is not None else self.directory
+    return (f"checkpoint {where} {what}: the state needs about "
+            f"{_mib(self.state_bytes)}, the filesystem has {_mib(free)} free; {newest}. Free "
+            "space (or lower run.keep_checkpoints) and rerun the same command to resume")
 
   def restore(self, step: int, params_like: Any, opt_state_like: Any) -> tuple[Any, Any, Any, dict]:
     """(params, opt_state, data state, meta) of `step`, placed like the `*_like` arrays
@@ -123,13 +193,84 @@ class TrainCheckpointer:
                             f"{meta.get('format_version')!r}, this goosejax reads {FORMAT_VERSION}")
     return restored.params, restored.opt_state, restored.data, meta
 
-  def wait(self) -> None:
-    """Blocks until background saves are on disk."""
-    self.manager.wait_until_finished()
+  def restore_newest(self, params_like: Any, opt_state_like: Any,
+                     say: Callable[[str], None]) -> tuple[int, Any, Any, Any, dict] | None:
+    """(step, params, opt_state, data state, meta) of the newest checkpoint that restores,
+    None when there is none. Newer ones that do not restore are renamed aside (see module
+    doc); if none restores, CheckpointError names each and nothing is renamed."""
+    failed: list[tuple[int, str]] = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        restored, reason = self.restore(step, params_like, opt_state_like), None
+      except Exception as e:  # any read failure (tensorstore raises bare Exception)
+        restored, reason = None, short_reason(e)
+      if _all_processes(reason is None):
+        self._set_aside(failed, step, say)
+        return (step, *restored)
+      failed.append((step, reason or "failed on another process"))
+    if failed:
+      listed = "; ".join(f"step {s}: {r}" for s, r in failed)
+      raise CheckpointError(f"{self.directory}: no checkpoint restores ({listed}); nothing was "
+                            "moved or deleted. Remove the broken step directories to start over")
+    return None
 
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+  def _set_aside(self, failed: list[tuple[int, str]], restored_step: int,
+                 say: Callable[[str], None]) -> None:
+    """Rename the checkpoints in `failed` so that no later run reads them as steps."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for step, reason in failed:
+      aside = self.directory / f"{step}{CORRUPT_SUFFIX}{stamp}"
+      if jax.process_index() == 0:
+        (self.directory / str(step)).rename(aside)
+      say(f"checkpoint step {step} does not restore ({reason}); moved it to {aside} and "
+          f"resuming from step {restored_step}")
+    if failed:
+      _sync("goosejax_set_aside_corrupt_checkpoints")
+      self.manager.reload()
+
+
+def short_reason(error: BaseException) -> str:
+  """The gist of an Orbax/TensorStore error, on one line: its innermost cause, without the
+  TensorStore spec dump, e.g. 'blocks.ffn.value/0.0.0: Requested byte range ...'."""
+  chain = [error]
+  while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  for e in chain:
+    if isinstance(e, OSError) and e.strerror:
+      return e.strerror + (f": {e.filename}" if e.filename else "")
+  text = str(chain[-1]).strip().splitlines()[0] if str(chain[-1]).strip() else type(chain[-1]).__name__
+  text = re.sub(r"\s*\[os_error_code='?\d+'?\]", "", text)
+  array = re.search(r'Error (?:reading|writing) "([^"]+)"', text)
+  gist = text.rsplit(": ", 1)[-1]
+  return (f"{array.group(1)}: {gist}" if array else gist)[:240]
+
+
+def _complete_steps(directory: Path) -> list[int]:
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def _tree_bytes(tree: Any) -> int:
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
+             if hasattr(x, "shape"))
+
+
+def _mib(n: int) -> str:
+  return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def _all_processes(ok: bool) -> bool:
+  """`ok` on every process (a collective in multi-process runs: all must call it)."""
+  if jax.process_count() == 1:
+    return bool(ok)
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    ocp.multihost.sync_global_processes(name)
 
 
 def write_run_config(run_dir: str | Path, cfg: Config) -> None:
@@ -138,6 +279,18 @@ def write_run_config(run_dir: str | Path, cfg: Config) -> None:
   tmp = path.with_suffix(".json.tmp")
   tmp.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
   tmp.replace(path)
+
+
+def read_checkpoint_config(run_dir: str | Path) -> tuple[Config, Path] | None:
+  """(config, its file) saved in the newest checkpoint whose meta reads (what config.json
+  held when it was written); None without checkpoints."""
+  for step in reversed(_complete_steps(Path(run_dir) / RUN_CHECKPOINTS)):
+    path = Path(run_dir) / RUN_CHECKPOINTS / str(step) / "meta" / "metadata"
+    try:
+      return config_from_dict(json.loads(path.read_text())["config"], str(path)), path
+    except (OSError, KeyError, TypeError, json.JSONDecodeError, ConfigError):
+      continue  # unreadable: an older checkpoint may still say
+  return None
 
 
 def read_run_config(run_dir: str | Path) -> Config | None:

@@ -6,8 +6,11 @@
 Re-running the same command on the same run directory resumes from its newest checkpoint.
 Multi-host: run the same command on every host; TPU slices, SLURM and Open MPI are detected,
 or pass --coordinator-address/--num-processes/--process-id (see launch/).
+One `goosejax train` at a time holds a run directory (RUN_DIR/train.lock).
 Exit status: 0 finished, 143 stopped by a signal after checkpointing, 1 non-finite loss,
-2 bad arguments, config, data or run directory.
+2 bad arguments, config, data or run directory (also: the run directory is in use, a
+checkpoint could not be written, e.g. the disk is full, or no checkpoint restores),
+130 interrupted by a second Ctrl-C.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
              "mesh.data=1 mesh.fsdp=-1 model.dtype=bfloat16.\n\nExit status: 0 finished; "
              "143 stopped by SIGTERM/SIGINT after writing a checkpoint (rerun to resume); "
              "1 non-finite loss (the last good checkpoint is kept); 2 bad arguments, config, "
-             "data or run directory.")
+             "data or run directory, the run directory in use by another train, a checkpoint "
+             "that could not be written (disk full) or none that restores; 130 a second Ctrl-C.")
   parser.add_argument("--config", required=True,
                       help="YAML file or preset name (tiny, rwkv7-0.1b, ...)")
   parser.add_argument("--run-dir", required=True, help="checkpoints, metrics and logs go here")
@@ -63,19 +67,12 @@ def _enable_compilation_cache(directory: str | None) -> None:
 
 def main(argv: list[str]) -> int:
   args = build_parser().parse_args(argv)
-  from goosejax.config import ConfigError, load_config
-  from goosejax.sharding import ShardingError
+  from goosejax.cli import describe_os_error
+  from goosejax.config import load_config
+  from goosejax.errors import GoosejaxError
   from goosejax.train import distributed
-  from goosejax.train.checkpoint import CheckpointError
   from goosejax.train.loop import NonFiniteLossError, train
 
-  expected_errors: tuple[type[BaseException], ...] = (
-      ConfigError, ShardingError, CheckpointError, distributed.DistributedError)
-  try:
-    from goosejax.data import DataError
-    expected_errors += (DataError,)
-  except ImportError:
-    pass
   try:
     distributed.initialize(distributed.DistributedSettings(
         mode=args.distributed, coordinator_address=args.coordinator_address,
@@ -86,8 +83,11 @@ def main(argv: list[str]) -> int:
     _enable_compilation_cache(args.compilation_cache)
     result = train(cfg, args.run_dir, init_from=args.init_from,
                    progress_bar=False if args.no_progress_bar else None)
-  except expected_errors as e:
+  except GoosejaxError as e:  # config, data, run directory, checkpoints, distributed set-up
     print(f"goosejax train: error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:
+    print(f"goosejax train: error: {describe_os_error(e)}", file=sys.stderr)
     return 2
   except NonFiniteLossError as e:
     print(f"goosejax train: {e}", file=sys.stderr)

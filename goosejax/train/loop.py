@@ -10,6 +10,12 @@ checkpoint is written first), or with `NonFiniteLossError` when a loss or gradie
 NaN/inf; no checkpoint is written from a non-finite step, so the newest one on disk is the
 last good state. Re-running the same command resumes from the newest checkpoint and
 reproduces the uninterrupted run's losses bit for bit.
+
+The run directory is safe from the run itself: one `train` at a time holds it (run_lock);
+everything is checked (the directory, the model and data settings against config.json or
+the checkpoints, --init-from) before config.json is written; a checkpoint that cannot be
+written (full disk) stops the run at the next step with CheckpointSaveError; a newest
+checkpoint that does not restore is moved aside and the one before it resumes.
 """
 from __future__ import annotations
 
@@ -26,11 +32,12 @@ import jax
 import numpy as np
 
 from goosejax import sharding
+from goosejax.checkpoint import checkpoint_steps
 from goosejax.config import Config, ConfigError
-from goosejax.train import recipe
+from goosejax.train import recipe, run_lock
 from goosejax.train.batches import BatchIterator, open_batches
-from goosejax.train.checkpoint import (CheckpointError, TrainCheckpointer, read_run_config,
-                                       write_run_config)
+from goosejax.train.checkpoint import (CheckpointError, TrainCheckpointer, read_checkpoint_config,
+                                       read_run_config, write_run_config)
 from goosejax.train.metrics import (MetricsLogger, flops_per_token, memory_summary,
                                     peak_flops_per_device)
 
@@ -92,21 +99,67 @@ def _check_batch_layout(cfg: Config, mesh) -> None:
                       "mesh.data x mesh.fsdp a multiple of the process count")
 
 
+# Data settings the saved data position depends on. data.paths is left to the data
+# pipeline's own check (file names and sizes), so a corpus may move to another directory.
+_DATA_POSITION_SETTINGS = ("source", "tokenizer", "ctx_len", "batch_size", "order", "seed",
+                           "weights", "pack_documents", "validation_fraction", "magic_prime")
+
+
+def _changes(section: str, before: Any, now: Any, keys: Any = None) -> list[str]:
+  """['model.n_layer 2 -> 3', ...] for the fields of two config dataclasses that differ."""
+  keys = keys or [f.name for f in dataclasses.fields(before)]
+  return [f"{section}.{k} {getattr(before, k)!r} -> {getattr(now, k)!r}" for k in keys
+          if getattr(before, k) != getattr(now, k)]
+
+
 def _check_run_dir(run_dir: Path, cfg: Config) -> None:
-  previous = read_run_config(run_dir)
+  """The config must continue what the run directory holds: the same model, and the same
+  data settings once a checkpoint records a data position. Reads config.json, or the
+  newest checkpoint's saved config when config.json is gone."""
+  previous, source = read_run_config(run_dir), run_dir / "config.json"
   if previous is None:
+    from_checkpoint = read_checkpoint_config(run_dir)
+    if from_checkpoint is None:
+      return
+    previous, source = from_checkpoint
+  changed = _changes("model", previous.model, cfg.model)
+  if changed:
+    raise CheckpointError(f"{run_dir} holds a different model ({source} vs now: "
+                          f"{', '.join(changed)}); use a new --run-dir")
+  if not checkpoint_steps(run_dir):
     return
-  if previous.model != cfg.model:
-    changed = {k: (v, getattr(cfg.model, k)) for k, v in dataclasses.asdict(previous.model).items()
-               if getattr(cfg.model, k) != v}
-    raise CheckpointError(f"{run_dir}: this run directory holds a different model "
-                          f"(config.json vs now: {changed}); use a new --run-dir")
+  changed = _changes("data", previous.data, cfg.data, _DATA_POSITION_SETTINGS)
+  if changed:
+    raise CheckpointError(f"{run_dir}: its checkpoints resume a data position that depends on "
+                          f"the data settings, which changed ({source} vs now: "
+                          f"{', '.join(changed)}); set them back or use a new --run-dir")
+
+
+def _take_run_dir_lock(run_dir: Path, say: Callable[[str], None]) -> "run_lock.RunLock | None":
+  """Process 0 takes the lock; every process raises if it could not."""
+  lock, error = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = run_lock.acquire(run_dir, say)
+    except run_lock.RunDirError as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    taken = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+    if not taken and error is None:
+      error = run_lock.RunDirError(f"{run_dir}: process 0 could not take the run-directory "
+                                   "lock (its message says why)")
+  if error is not None:
+    raise error
+  return lock
 
 
 def load_init_params(path: str | Path, cfg: Config) -> dict[str, np.ndarray]:
   """Starting weights: an official .pth, a goosejax checkpoint or a run directory's latest
   step (goosejax.convert.pretrained.read_params), checked against the model config."""
   from goosejax.convert.pretrained import read_params
+  if not Path(path).exists():
+    raise CheckpointError(f"--init-from {path}: no such file or directory")
   _, params, _ = read_params(path)
   params = {name: np.asarray(value, np.float32) for name, value in params.items()}
   _, expected = recipe.abstract_model(cfg)
@@ -117,6 +170,27 @@ def load_init_params(path: str | Path, cfg: Config) -> dict[str, np.ndarray]:
     raise CheckpointError(f"--init-from {path}: the weights do not fit the configured model "
                           f"(model.* settings): (found, expected) shapes {wrong}, unexpected {extra}")
   return params
+
+
+def _restore_or_init(cfg: Config, run_dir: Path, init_from: str | Path | None, tx: Any,
+                     mesh: jax.sharding.Mesh,
+                     checkpointer: TrainCheckpointer, train_batches: BatchIterator,
+                     say: Callable[[str], None]) -> tuple[recipe.TrainState, Any, int | None]:
+  """(state, its shardings, the restored step or None): the newest checkpoint that restores
+  (with its data position), else fresh or --init-from weights."""
+  if checkpointer.all_steps():
+    abstract, shardings = recipe.abstract_train_state(cfg, tx, mesh)
+    restored = checkpointer.restore_newest(abstract.params, abstract.opt_state, say)
+    if restored is not None:
+      latest, params, opt_state, data_state, _ = restored
+      step0 = recipe.place_on_mesh({"step": np.int32(latest)}, {"step": shardings.step})["step"]
+      train_batches.set_state(data_state)
+      say(f"resumed {run_dir} from step {latest}")
+      return recipe.TrainState(step0, params, opt_state), shardings, latest
+  init_params = load_init_params(init_from, cfg) if init_from is not None else None
+  state, shardings = recipe.init_train_state(cfg, tx, mesh, init_params)
+  say(f"new run in {run_dir}" + (f", weights from {init_from}" if init_from else ""))
+  return state, shardings, None
 
 
 def _finite(*values: float) -> bool:
@@ -137,9 +211,22 @@ def train(cfg: Config, run_dir: str | Path, *, init_from: str | Path | None = No
   say = (lambda line: print(line, file=out, flush=True)) if primary else (lambda line: None)
   mesh = mesh or sharding.make_mesh(cfg.mesh)
   _check_batch_layout(cfg, mesh)
+  lock = _take_run_dir_lock(run_dir, say)
+  try:
+    return _train_holding_lock(cfg, run_dir, init_from, train_batches, open_validation, mesh,
+                               stop_at_step, out, say, progress_bar)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_holding_lock(cfg: Config, run_dir: Path, init_from: str | Path | None,
+                        train_batches: BatchIterator | None,
+                        open_validation: Callable[[], BatchIterator | None] | None,
+                        mesh: jax.sharding.Mesh, stop_at_step: int | None, out: TextIO,
+                        say: Callable[[str], None], progress_bar: bool | None) -> RunResult:
+  primary = jax.process_index() == 0
   _check_run_dir(run_dir, cfg)
-  if primary:
-    write_run_config(run_dir, cfg)
   pidx, pcount = jax.process_index(), jax.process_count()
   if train_batches is None:
     train_batches = open_batches(cfg, "train", pidx, pcount)
@@ -149,18 +236,14 @@ def train(cfg: Config, run_dir: str | Path, *, init_from: str | Path | None = No
   graphdef, shapes = recipe.abstract_model(cfg)
   tx = recipe.make_optimizer(cfg.optimizer, cfg.run.steps, list(shapes))
   checkpointer = TrainCheckpointer(run_dir, cfg.run.keep_checkpoints, cfg.run.async_checkpointing)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    abstract, shardings = recipe.abstract_train_state(cfg, tx, mesh)
-    params, opt_state, data_state, _ = checkpointer.restore(latest, abstract.params, abstract.opt_state)
-    step0 = recipe.place_on_mesh({"step": np.int32(latest)}, {"step": shardings.step})["step"]
-    state = recipe.TrainState(step0, params, opt_state)
-    train_batches.set_state(data_state)
-    say(f"resumed {run_dir} from step {latest}")
-  else:
-    init_params = load_init_params(init_from, cfg) if init_from is not None else None
-    state, shardings = recipe.init_train_state(cfg, tx, mesh, init_params)
-    say(f"new run in {run_dir}" + (f", weights from {init_from}" if init_from else ""))
+  try:
+    state, shardings, latest = _restore_or_init(cfg, run_dir, init_from, tx, mesh, checkpointer,
+                                                train_batches, say)
+    if primary:
+      write_run_config(run_dir, cfg)  # only now: everything above has accepted this config
+  except BaseException:
+    checkpointer.close()
+    raise
   start = latest or 0
   total = cfg.run.steps
   n_params = sum(math.prod(s.shape) for s in shapes.values())
@@ -195,12 +278,13 @@ def train(cfg: Config, run_dir: str | Path, *, init_from: str | Path | None = No
     step, metrics = pending
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not _finite(values["loss"], values["grad_norm"], values["param_norm"]):
-      where = (f"the last good checkpoint is step {last_saved} in {checkpointer.directory}"
-               if last_saved is not None else "no checkpoint was written")
+      where = (f"the last good checkpoint is step {last_saved} in {checkpointer.directory}; "
+               "rerunning resumes from it" if last_saved is not None else
+               "no checkpoint was written yet; rerunning starts over")
       raise NonFiniteLossError(
           f"step {step}: loss {values['loss']}, gradient norm {values['grad_norm']}, parameter "
-          f"norm {values['param_norm']} (lr {values['lr']:.3g}); stopping. {where}; rerunning "
-          "resumes from it (lower optimizer.lr_init or check the data)")
+          f"norm {values['param_norm']} (lr {values['lr']:.3g}); stopping. {where} (lower "
+          "optimizer.lr_init or check the data)")
     losses[step] = values["loss"]
     logger.log_step(step, values)
     if step % cfg.run.log_every == 0 or step == total:
@@ -234,6 +318,7 @@ def train(cfg: Config, run_dir: str | Path, *, init_from: str | Path | None = No
     while step < total and stop.reason is None:
       state, metrics = compiled(state, batch)
       step += 1
+      checkpointer.raise_if_save_failed()  # a full disk stops the run now, not a save later
       # The data position a checkpoint of this step records, taken before the next batch is
       # read (which overlaps with the step running on the devices).
       data_state = train_batches.get_state()
@@ -260,6 +345,7 @@ def train(cfg: Config, run_dir: str | Path, *, init_from: str | Path | None = No
       flush(pending)
     if stop.reason is not None and step > start and last_saved != step:
       save(step, data_state)  # the signal came after this step's checkpoint decision
+    checkpointer.wait()  # the final checkpoint is on disk before the run says so
     if start >= total:
       say(f"{run_dir} already finished {start} of run.steps={total} steps; raise --steps to continue")
     reason = stop.reason or "finished"
@@ -270,8 +356,8 @@ def train(cfg: Config, run_dir: str | Path, *, init_from: str | Path | None = No
     return RunResult(step, reason, losses, val_loss)
   finally:
     restore_signals()
-    checkpointer.close()
     logger.close()
+    checkpointer.close()
 
 
 # Compiled steps by everything they depend on: a second run in the same process (a notebook,

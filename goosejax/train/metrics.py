@@ -129,7 +129,8 @@ class MetricsLogger:
   """Per-step records to RUN_DIR/metrics.jsonl and TensorBoard; interval progress lines.
 
   Only process 0 writes. On resume, records past the restored step are dropped from
-  metrics.jsonl first, so the file always describes one consistent history.
+  metrics.jsonl first, so the file always describes one consistent history. Each record
+  opens the file anew (append), so a metrics.jsonl deleted or rotated mid-run is recreated.
   """
 
   def __init__(self, run_dir: str | Path, *, total_steps: int, tokens_per_step: int,
@@ -148,7 +149,7 @@ class MetricsLogger:
     self.mark = time.perf_counter()
     self.step_times: list[float] = []
     self.last_val_loss: float | None = None
-    self.jsonl = None
+    self.jsonl: Path | None = None
     self.tb = None
     self.bar = None
     if not enabled:
@@ -159,9 +160,8 @@ class MetricsLogger:
       from tqdm import tqdm
       self.bar = tqdm(total=total_steps, initial=resume_step, unit="step", dynamic_ncols=True,
                       leave=False, file=sys.stderr)
-    path = Path(run_dir) / "metrics.jsonl"
-    _truncate_jsonl(path, resume_step)
-    self.jsonl = path.open("a")
+    self.jsonl = Path(run_dir) / "metrics.jsonl"
+    _truncate_jsonl(self.jsonl, resume_step)
     if tensorboard:
       from tensorboardX import SummaryWriter  # imported here: only the writing process needs it
       self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
@@ -180,20 +180,21 @@ class MetricsLogger:
     if self.bar is not None:
       self.bar.update(step - self.bar.n)
       self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
-    if self.jsonl is not None:
-      self.jsonl.write(json.dumps(record) + "\n")
-      self.jsonl.flush()
+    self._append(record)
     if self.tb is not None:
       for key, value in metrics.items():
         self.tb.add_scalar(f"train/{key}", float(value), step)
 
   def log_eval(self, step: int, val_loss: float) -> None:
     self.last_val_loss = val_loss
-    if self.jsonl is not None:
-      self.jsonl.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
-      self.jsonl.flush()
+    self._append({"step": step, "val_loss": val_loss})
     if self.tb is not None:
       self.tb.add_scalar("val/loss", val_loss, step)
+
+  def _append(self, record: Mapping[str, Any]) -> None:
+    if self.jsonl is not None:
+      with self.jsonl.open("a") as f:
+        f.write(json.dumps(record) + "\n")
 
   def end_interval(self, step: int) -> dict[str, float] | None:
     """Summarise the steps since the last call; print and return the summary."""
@@ -235,9 +236,6 @@ class MetricsLogger:
     if self.bar is not None:
       self.bar.close()
       self.bar = None
-    if self.jsonl is not None:
-      self.jsonl.close()
-      self.jsonl = None
     if self.tb is not None:
       self.tb.close()
       self.tb = None
