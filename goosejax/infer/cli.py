@@ -69,9 +69,9 @@ class _TextStream:
       if text.endswith("\ufffd"):
         text = text.rstrip("\ufffd")
     if len(text) > self.printed:
-      self.out.write(text[self.printed:])
+      new_text, self.printed = text[self.printed:], len(text)   # counted first: Ctrl-C may
+      self.out.write(new_text)                                   # land inside the write
       self.out.flush()
-      self.printed = len(text)
     return self.stopped
 
   def finish(self) -> None:
