@@ -5,7 +5,8 @@
   goosejax eval lm-eval --model PATH --tasks lambada_openai,piqa   (needs the `lmeval` extra)
 
 PATH is an official .pth, a goosejax checkpoint or run directory, or an HF/FLA directory.
-Results print as one line of text, or as JSON with --json.
+Results print as one line of text, or as JSON with --json. Exit status: 0 done, 2 bad input
+(one line naming the file, line, task or setting), 130 Ctrl-C.
 """
 from __future__ import annotations
 

@@ -6,6 +6,8 @@ whitespace and digit tokens. Generation stops at --max-new-tokens, at the end-of
 (unless --no-stop-eot), at any --stop-id, or when the text contains a --stop string (which is
 not printed). --state-out saves the recurrent state right after the prompt, --state-in
 starts from a saved one (prompt caching, tuned states).
+
+Exit status: 0 done, 2 bad input (one line naming the argument or file), 130 Ctrl-C.
 """
 from __future__ import annotations
 

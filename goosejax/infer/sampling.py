@@ -126,7 +126,8 @@ def _kept_tokens(probs_BV: jax.Array, cfg: SamplingConfig) -> jax.Array:
   return keep_BV
 
 
-# Below this (float32's smallest normal number) a temperature would round to 0 in float32.
+# Smaller temperatures act as this one (float32's smallest normal number): as float32 they
+# would lose precision or round to 0, and the result is the same top-token distribution.
 MIN_TEMPERATURE = float(jnp.finfo(jnp.float32).tiny)
 
 
