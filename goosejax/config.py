@@ -19,7 +19,15 @@ import yaml
 
 from goosejax.errors import GoosejaxError
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+def _presets_dir() -> Path:
+  """The preset YAMLs: goosejax/presets/ in an installed wheel (pyproject maps configs/ there),
+  configs/ beside the package in a source checkout or editable install."""
+  package = Path(__file__).resolve().parent
+  installed = package / "presets"
+  return installed if installed.is_dir() else package.parent / "configs"
+
+
+PRESETS_DIR = _presets_dir()
 
 
 class ConfigError(GoosejaxError):
