@@ -84,11 +84,13 @@ def test_sigterm_and_kill9_then_resume_reproduce_the_straight_run(tmp_path):
   process.communicate(timeout=60)
   assert process.returncode == -signal.SIGKILL, "training finished before it could be killed"
 
-  # 3. The same command again finishes the run.
+  # 3. The same command again finishes the run, taking over the killed run's lock.
+  killed = process.pid
   process = start(run_dir, cache)
   output = process.communicate(timeout=300)[0]
   assert process.returncode == 0, output
   assert "resumed" in output
+  assert f"train.lock: taking over the lock left by pid {killed} on host " in output
   assert losses(run_dir) == losses(straight)
   assert sorted(losses(run_dir)) == list(range(1, 13))
   assert checkpoint_steps(run_dir)[-1] == 12

@@ -18,7 +18,7 @@ Failures: a save is refused before it starts when the filesystem has less free s
 the state's size, and a background save that fails (a full disk, an I/O error) is reported
 by `raise_if_save_failed()` at the next step boundary; both raise CheckpointSaveError
 naming the step, the space needed and free, and the newest complete checkpoint, which is
-kept. `restore_newest` falls back past checkpoints that do not restore (a truncated or
+kept (the failed save's partial files are removed). `restore_newest` falls back past checkpoints that do not restore (a truncated or
 deleted array file): it renames each to `<step>.corrupt-<time>`, a name Orbax and goosejax
 never read as a step, and says so; when none restores it refuses, naming each, and renames
 nothing.
@@ -30,10 +30,13 @@ params/ as a flat dict and meta/metadata): `goosejax.load_pretrained(RUN_DIR)` a
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
+import logging
 import math
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -114,6 +117,7 @@ class TrainCheckpointer:
         self.directory, item_names=("params", "opt_state", "meta", "data"), options=options)
     self.pending_step: int | None = None    # a save started and not yet known to be complete
     self.state_bytes = 0                    # size of the arrays of the last save
+    self._quiet = _QuietOrbaxFailures(self)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -146,17 +150,19 @@ class TrainCheckpointer:
 
   def wait(self) -> None:
     """Blocks until background saves are on disk; CheckpointSaveError if one failed."""
-    step, self.pending_step = self.pending_step, None
     try:
       self.manager.wait_until_finished()
     except Exception as e:
-      raise self._save_failed(step, e) from None
+      raise self._save_failed(self.pending_step, e) from None
+    finally:
+      self.pending_step = None
 
   def close(self) -> None:
     try:
       self.wait()
     finally:
       self.manager.close()  # Orbax raises a failed save once per thread: not again here
+      self._quiet.remove()
 
   def _on_disk(self, step: int) -> bool:
     return (self.directory / str(step)).is_dir()
@@ -167,6 +173,9 @@ class TrainCheckpointer:
       raise CheckpointSaveError(self._no_room_message(step, "not started", free))
 
   def _save_failed(self, step: int | None, error: BaseException) -> CheckpointSaveError:
+    if step is not None and jax.process_index() == 0:
+      for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+        shutil.rmtree(partial, ignore_errors=True)  # give the space back now, not at restart
     free = shutil.disk_usage(self.directory).free
     return CheckpointSaveError(self._no_room_message(step, f"failed ({short_reason(error)})", free))
 
@@ -200,10 +209,7 @@ class TrainCheckpointer:
     doc); if none restores, CheckpointError names each and nothing is renamed."""
     failed: list[tuple[int, str]] = []
     for step in sorted(self.all_steps(), reverse=True):
-      try:
-        restored, reason = self.restore(step, params_like, opt_state_like), None
-      except Exception as e:  # any read failure (tensorstore raises bare Exception)
-        restored, reason = None, short_reason(e)
+      restored, reason = self._try_restore(step, params_like, opt_state_like)
       if _all_processes(reason is None):
         self._set_aside(failed, step, say)
         return (step, *restored)
@@ -213,6 +219,19 @@ class TrainCheckpointer:
       raise CheckpointError(f"{self.directory}: no checkpoint restores ({listed}); nothing was "
                             "moved or deleted. Remove the broken step directories to start over")
     return None
+
+  def _try_restore(self, step: int, params_like: Any, opt_state_like: Any) -> tuple[Any, str | None]:
+    """(restored, None), or (None, why not) for a checkpoint that does not restore."""
+    self._quiet.restoring = True
+    try:
+      try:
+        return self.restore(step, params_like, opt_state_like), None
+      except Exception as e:  # any read failure (TensorStore raises a bare Exception)
+        reason = short_reason(e)
+      gc.collect()  # the failed read's abandoned coroutines complain now, while quieted
+      return None, reason
+    finally:
+      self._quiet.restoring = False
 
   def _set_aside(self, failed: list[tuple[int, str]], restored_step: int,
                  say: Callable[[str], None]) -> None:
@@ -227,6 +246,47 @@ class TrainCheckpointer:
     if failed:
       _sync("goosejax_set_aside_corrupt_checkpoints")
       self.manager.reload()
+
+
+class _QuietOrbaxFailures(logging.Filter):
+  """Failed saves and restores are reported once, in one line (CheckpointSaveError, the
+  fallback notice). Without this, Orbax logs every failing write with a traceback, and
+  TensorStore callbacks into a failed operation's closed event loop or abandoned coroutines
+  print dozens of unraisable-exception tracebacks. Active only while a save is in flight or
+  a restore is being tried."""
+
+  def __init__(self, checkpointer: TrainCheckpointer):
+    super().__init__()
+    self.checkpointer = checkpointer
+    self.restoring = False
+    self.logger = logging.getLogger("absl")
+    self.logger.addFilter(self)
+    self.previous_hook = sys.unraisablehook
+    sys.unraisablehook = self.unraisable
+
+  def active(self) -> bool:
+    return self.restoring or self.checkpointer.pending_step is not None
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (self.active() and record.levelno >= logging.ERROR and "/orbax/" in record.pathname)
+
+  def unraisable(self, info: Any) -> None:
+    closed_loop = isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed"
+    if not (closed_loop or (self.active() and _raised_in_orbax(info.exc_traceback))):
+      self.previous_hook(info)
+
+  def remove(self) -> None:
+    self.logger.removeFilter(self)
+    if sys.unraisablehook == self.unraisable:
+      sys.unraisablehook = self.previous_hook
+
+
+def _raised_in_orbax(traceback: Any) -> bool:
+  while traceback is not None:
+    if "/orbax/" in traceback.tb_frame.f_code.co_filename:
+      return True
+    traceback = traceback.tb_next
+  return False
 
 
 def short_reason(error: BaseException) -> str:
