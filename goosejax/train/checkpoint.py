@@ -140,8 +140,9 @@ class TrainCheckpointer:
       self.manager.save(step, args=args, force=True)  # first waits for `previous`
     except Exception as e:  # Orbax reports I/O failures as ValueError or bare Exception
       failed = previous if previous is not None and not self._on_disk(previous) else step
+      error = self._save_failed(failed, e)
       self.pending_step = None
-      raise self._save_failed(failed, e) from None
+      raise error from None
 
   def raise_if_save_failed(self) -> None:
     """Without blocking: raise CheckpointSaveError if the background save has failed."""
@@ -173,6 +174,7 @@ class TrainCheckpointer:
       raise CheckpointSaveError(self._no_room_message(step, "not started", free))
 
   def _save_failed(self, step: int | None, error: BaseException) -> CheckpointSaveError:
+    gc.collect()  # the failed write's abandoned futures complain now, while quieted
     if step is not None and jax.process_index() == 0:
       for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
         shutil.rmtree(partial, ignore_errors=True)  # give the space back now, not at restart
@@ -181,12 +183,13 @@ class TrainCheckpointer:
 
   def _no_room_message(self, step: int | None, what: str, free: int) -> str:
     kept = [s for s in _complete_steps(self.directory) if s != step]
-    newest = f"the newest complete checkpoint, step {kept[-1]}, is kept" if kept else \
-        "no complete checkpoint exists yet"
+    then = (f"the newest complete checkpoint, step {kept[-1]}, is kept. Free space (or lower "
+            "run.keep_checkpoints) and rerun the same command to resume from it") if kept else (
+            "no complete checkpoint exists yet. Free space and rerun the same command (it "
+            "starts over)")
     where = self.directory / str(step) if step is not None else self.directory
-    return (f"checkpoint {where} {what}: the state needs about "
-            f"{_mib(self.state_bytes)}, the filesystem has {_mib(free)} free; {newest}. Free "
-            "space (or lower run.keep_checkpoints) and rerun the same command to resume")
+    return (f"checkpoint {where} {what}: the state needs about {_mib(self.state_bytes)}, the "
+            f"filesystem has {_mib(free)} free; {then}")
 
   def restore(self, step: int, params_like: Any, opt_state_like: Any) -> tuple[Any, Any, Any, dict]:
     """(params, opt_state, data state, meta) of `step`, placed like the `*_like` arrays
@@ -250,35 +253,51 @@ class TrainCheckpointer:
 
 class _QuietOrbaxFailures(logging.Filter):
   """Failed saves and restores are reported once, in one line (CheckpointSaveError, the
-  fallback notice). Without this, Orbax logs every failing write with a traceback, and
-  TensorStore callbacks into a failed operation's closed event loop or abandoned coroutines
-  print dozens of unraisable-exception tracebacks. Active only while a save is in flight or
-  a restore is being tried."""
+  fallback notice). Without this, Orbax logs every failing write with a traceback and
+  asyncio logs the failed operation's futures ('exception was never retrieved'); such
+  error records are dropped while a save is in flight or a restore is being tried."""
+
+  LOGGERS = ("absl", "asyncio")
 
   def __init__(self, checkpointer: TrainCheckpointer):
     super().__init__()
     self.checkpointer = checkpointer
     self.restoring = False
-    self.logger = logging.getLogger("absl")
-    self.logger.addFilter(self)
-    self.previous_hook = sys.unraisablehook
-    sys.unraisablehook = self.unraisable
+    for name in self.LOGGERS:
+      logging.getLogger(name).addFilter(self)
+    _drop_orbax_unraisables()
 
   def active(self) -> bool:
     return self.restoring or self.checkpointer.pending_step is not None
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (self.active() and record.levelno >= logging.ERROR and "/orbax/" in record.pathname)
-
-  def unraisable(self, info: Any) -> None:
-    closed_loop = isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed"
-    if not (closed_loop or (self.active() and _raised_in_orbax(info.exc_traceback))):
-      self.previous_hook(info)
+    if not (self.active() and record.levelno >= logging.ERROR):
+      return True
+    from_orbax = "/orbax/" in record.pathname and record.exc_info is not None
+    unretrieved = record.name == "asyncio" and "exception was never retrieved" in record.getMessage()
+    return not (from_orbax or unretrieved)
 
   def remove(self) -> None:
-    self.logger.removeFilter(self)
-    if sys.unraisablehook == self.unraisable:
-      sys.unraisablehook = self.previous_hook
+    for name in self.LOGGERS:
+      logging.getLogger(name).removeFilter(self)
+
+
+def _drop_orbax_unraisables() -> None:
+  """After a failed save or restore, TensorStore keeps calling back into the failed
+  operation's closed event loop and abandoned coroutines, printing dozens of
+  'Exception ignored' tracebacks, some after the checkpointer is closed: the process drops
+  those (and only those) from the first TrainCheckpointer on."""
+  if getattr(sys.unraisablehook, "_goosejax_orbax_filter", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(info: Any) -> None:
+    closed_loop = isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed"
+    if not (closed_loop or _raised_in_orbax(info.exc_traceback)):
+      previous(info)
+
+  hook._goosejax_orbax_filter = True
+  sys.unraisablehook = hook
 
 
 def _raised_in_orbax(traceback: Any) -> bool:
