@@ -44,6 +44,11 @@ def suggested_lora_ranks(n_embd: int) -> tuple[int, int, int, int]:
   return rank(2.5), rank(2.5), rank(1.7), rank(5.0)
 
 
+# ModelConfig fields that say how the model is computed, not what it is: a run directory
+# may resume with other values (the checkpoint's parameters are the same either way).
+EXECUTION_SETTINGS = ("dtype", "wkv_impl", "wkv_chunk_size")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vocab_size: int = 65536

@@ -178,6 +178,18 @@ def test_run_directory_of_another_model_is_refused(straight):
     run(straight[0], ["model.n_layer=3"])
 
 
+def test_resume_with_another_wkv_implementation_is_allowed_and_logged(straight, tmp_path):
+  """Execution settings are not the model's identity: the README's switch away from the
+  kernels must work on an existing run directory; n_layer is refused (test above)."""
+  run(tmp_path, stop_at_step=5)
+  result, output = run(tmp_path, ["model.wkv_impl=chunked", "model.wkv_chunk_size=16"])
+  assert result.reason == "finished" and result.step == 12
+  assert "execution settings changed" in output and "model.wkv_impl 'auto' -> 'chunked'" in output
+  reference, resumed = losses_of(straight[0]), losses_of(tmp_path)
+  assert all(abs(resumed[s] - reference[s]) <= 1e-4 * abs(reference[s]) for s in range(6, 13))
+  assert json.loads((tmp_path / "config.json").read_text())["model"]["wkv_impl"] == "chunked"
+
+
 def test_batch_that_does_not_split_over_the_mesh_is_refused(tmp_path):
   cfg = tiny(["data.batch_size=6"])
   with pytest.raises(ConfigError, match="not divisible by the 4 batch shards"):

@@ -33,7 +33,7 @@ import numpy as np
 
 from goosejax import sharding
 from goosejax.checkpoint import checkpoint_steps
-from goosejax.config import Config, ConfigError
+from goosejax.config import EXECUTION_SETTINGS, Config, ConfigError, ModelConfig
 from goosejax.train import recipe, run_lock
 from goosejax.train.batches import BatchIterator, open_batches
 from goosejax.train.checkpoint import (CheckpointError, TrainCheckpointer, read_checkpoint_config,
@@ -112,27 +112,32 @@ def _changes(section: str, before: Any, now: Any, keys: Any = None) -> list[str]
           if getattr(before, k) != getattr(now, k)]
 
 
-def _check_run_dir(run_dir: Path, cfg: Config) -> None:
+def _check_run_dir(run_dir: Path, cfg: Config) -> list[str]:
   """The config must continue what the run directory holds: the same model, and the same
   data settings once a checkpoint records a data position. Reads config.json, or the
-  newest checkpoint's saved config when config.json is gone."""
+  newest checkpoint's saved config when config.json is gone. Returns the execution settings
+  (EXECUTION_SETTINGS: compute dtype, WKV implementation and chunk size) that changed,
+  which are allowed."""
   previous, source = read_run_config(run_dir), run_dir / "config.json"
   if previous is None:
     from_checkpoint = read_checkpoint_config(run_dir)
     if from_checkpoint is None:
-      return
+      return []
     previous, source = from_checkpoint
-  changed = _changes("model", previous.model, cfg.model)
+  identity = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in EXECUTION_SETTINGS]
+  changed = _changes("model", previous.model, cfg.model, identity)
   if changed:
     raise CheckpointError(f"{run_dir} holds a different model ({source} vs now: "
                           f"{', '.join(changed)}); use a new --run-dir")
+  switched = _changes("model", previous.model, cfg.model, EXECUTION_SETTINGS)
   if not checkpoint_steps(run_dir):
-    return
+    return switched
   changed = _changes("data", previous.data, cfg.data, _DATA_POSITION_SETTINGS)
   if changed:
     raise CheckpointError(f"{run_dir}: its checkpoints resume a data position that depends on "
                           f"the data settings, which changed ({source} vs now: "
                           f"{', '.join(changed)}); set them back or use a new --run-dir")
+  return switched
 
 
 def _take_run_dir_lock(run_dir: Path, say: Callable[[str], None]) -> "run_lock.RunLock | None":
@@ -226,7 +231,10 @@ def _train_holding_lock(cfg: Config, run_dir: Path, init_from: str | Path | None
                         mesh: jax.sharding.Mesh, stop_at_step: int | None, out: TextIO,
                         say: Callable[[str], None], progress_bar: bool | None) -> RunResult:
   primary = jax.process_index() == 0
-  _check_run_dir(run_dir, cfg)
+  switched = _check_run_dir(run_dir, cfg)
+  if switched:
+    say(f"{run_dir}: execution settings changed since the last run ({', '.join(switched)}); "
+        "the model and its checkpoints are the same")
   pidx, pcount = jax.process_index(), jax.process_count()
   if train_batches is None:
     train_batches = open_batches(cfg, "train", pidx, pcount)
