@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import Callable
 
 # command name -> (module, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -40,19 +41,27 @@ def main(argv: list[str] | None = None) -> int:
   if name not in COMMANDS:
     print(f"goosejax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
     return 2
+  return exit_status(name, lambda: importlib.import_module(COMMANDS[name][0]).main(rest))
+
+
+def exit_status(command: str, body: Callable[[], int | None],
+                before_message: Callable[[], None] = lambda: None) -> int:
+  """Runs a command's `body` and maps the ways it can end to exit statuses: its own return
+  value (None = 0); 2 with one line for a GoosejaxError or an OS error on a named path; 130
+  for Ctrl-C. `before_message` runs first (e.g. to close a progress line). Anything else
+  is a bug and keeps its traceback."""
   from goosejax.errors import GoosejaxError
   try:
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    return int(body() or 0)
   except GoosejaxError as e:
-    print(f"goosejax {name}: error: {e}", file=sys.stderr)
-    return 2
+    message, status = f"error: {e}", 2
   except OSError as e:
-    print(f"goosejax {name}: error: {describe_os_error(e)}", file=sys.stderr)
-    return 2
+    message, status = f"error: {describe_os_error(e)}", 2
   except KeyboardInterrupt:
-    print(f"goosejax {name}: interrupted", file=sys.stderr)
-    return 130
+    message, status = "interrupted", 130
+  before_message()
+  print(f"goosejax {command}: {message}", file=sys.stderr)
+  return status
 
 
 def describe_os_error(error: OSError) -> str:

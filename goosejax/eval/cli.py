@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -58,30 +57,18 @@ def _report(task: str, result: dict, as_json: bool) -> None:
 
 def main(argv: list[str]) -> int:
   """Exit status 0, 2 for bad input (one line naming it), 130 on Ctrl-C."""
-  from goosejax.cli import describe_os_error
-  from goosejax.errors import GoosejaxError
+  from goosejax.cli import exit_status
   from goosejax.eval.scoring import Progress
 
   args = _parser().parse_args(argv)
   bar = Progress(f"eval {args.task}", enabled=not args.quiet)
-  try:
+
+  def run() -> None:   # bad data files, tokenizer, model, task names, settings: exit 2
     if args.task == "lm-eval":
       _run_lm_eval(args)
     else:
       _report(args.task, _run_eval(args, bar).as_dict(), args.json)
-  except GoosejaxError as e:   # data files, tokenizer, model, task names, settings
-    bar.close()
-    print(f"goosejax eval: error: {e}", file=sys.stderr)
-    return 2
-  except OSError as e:
-    bar.close()
-    print(f"goosejax eval: error: {describe_os_error(e)}", file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    bar.close()
-    print("goosejax eval: interrupted", file=sys.stderr)
-    return 130
-  return 0
+  return exit_status("eval", run, before_message=bar.close)
 
 
 def _run_eval(args, bar):

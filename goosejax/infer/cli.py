@@ -92,25 +92,13 @@ class _TextStream:
 
 def main(argv: list[str]) -> int:
   """Exit status 0, 2 for bad input (one line naming it), 130 on Ctrl-C."""
-  from goosejax.cli import describe_os_error
-  from goosejax.errors import GoosejaxError
+  from goosejax.cli import exit_status
 
   args = _parser().parse_args(argv)
   if args.prompt is None and args.prompt_file is None:
     print("goosejax generate: error: give --prompt TEXT or --prompt-file FILE", file=sys.stderr)
     return 2
-  try:
-    _run(args)
-  except GoosejaxError as e:   # arguments, prompt file, tokenizer, model, state file
-    print(f"goosejax generate: error: {e}", file=sys.stderr)
-    return 2
-  except OSError as e:
-    print(f"goosejax generate: error: {describe_os_error(e)}", file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    print("goosejax generate: interrupted", file=sys.stderr)
-    return 130
-  return 0
+  return exit_status("generate", lambda: _run(args))
 
 
 def _run(args) -> None:

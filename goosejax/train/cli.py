@@ -67,13 +67,12 @@ def _enable_compilation_cache(directory: str | None) -> None:
 
 def main(argv: list[str]) -> int:
   args = build_parser().parse_args(argv)
-  from goosejax.cli import describe_os_error
+  from goosejax.cli import exit_status
   from goosejax.config import load_config
-  from goosejax.errors import GoosejaxError
   from goosejax.train import distributed
   from goosejax.train.loop import NonFiniteLossError, train
 
-  try:
+  def run() -> int:  # config, data, run directory, checkpoints, distributed set-up: exit 2
     distributed.initialize(distributed.DistributedSettings(
         mode=args.distributed, coordinator_address=args.coordinator_address,
         num_processes=args.num_processes, process_id=args.process_id,
@@ -81,18 +80,11 @@ def main(argv: list[str]) -> int:
     cfg = load_config(args.config, args.overrides,
                       {"run.steps": args.steps, "run.checkpoint_every": args.checkpoint_every})
     _enable_compilation_cache(args.compilation_cache)
-    result = train(cfg, args.run_dir, init_from=args.init_from,
-                   progress_bar=False if args.no_progress_bar else None)
-  except GoosejaxError as e:  # config, data, run directory, checkpoints, distributed set-up
-    print(f"goosejax train: error: {e}", file=sys.stderr)
-    return 2
-  except OSError as e:
-    print(f"goosejax train: error: {describe_os_error(e)}", file=sys.stderr)
-    return 2
-  except NonFiniteLossError as e:
-    print(f"goosejax train: {e}", file=sys.stderr)
-    return 1
-  except KeyboardInterrupt:
-    print("goosejax train: interrupted", file=sys.stderr)
-    return 130
-  return 0 if result.reason in ("finished", "stop_at_step") else 143 if result.reason == "signal" else 1
+    try:
+      result = train(cfg, args.run_dir, init_from=args.init_from,
+                     progress_bar=False if args.no_progress_bar else None)
+    except NonFiniteLossError as e:
+      print(f"goosejax train: {e}", file=sys.stderr)
+      return 1
+    return {"finished": 0, "stop_at_step": 0, "signal": 143}.get(result.reason, 1)
+  return exit_status("train", run)
