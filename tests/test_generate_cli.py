@@ -110,6 +110,8 @@ def test_errors_are_one_line_and_exit_2(setup, tmp_path):
   fails(["--prompt", "x", "--state-in", str(tmp_path / "other.npz")], "other.npz", "needs (3, 1, 128)")
   rc, _, err = _run(["--model", str(tmp_path / "missing.pth"), "--tokenizer", TOKENIZER, "--prompt", "x"])
   assert rc == 2 and "missing.pth" in err and err.count("\n") == 1
+  rc, _, err = _run(["--model", path, "--tokenizer", "world", "--prompt", "x"])
+  assert rc == 2 and "'world' has 65530 ids but the model only 320" in err and err.count("\n") == 1
 
 
 def test_ctrl_c_while_streaming_exits_130_with_one_line(setup):

@@ -73,16 +73,10 @@ def main(argv: list[str]) -> int:
 
 def _run_eval(args, bar):
   """`eval ppl` or `eval lambada`: the PerplexityResult or LambadaResult."""
-  from goosejax.data.tokenizer import load_tokenizer
-  from goosejax.eval.scoring import EvalDataError
-  from goosejax.infer.loading import load_model
+  from goosejax.infer.loading import load_model_and_tokenizer
 
-  tokenizer = load_tokenizer(args.tokenizer)
-  model = load_model(args.model, args.dtype)
+  model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.tokenizer)
   vocab_size = model.config.vocab_size
-  if tokenizer.vocab_size > vocab_size:
-    raise EvalDataError(f"tokenizer {args.tokenizer!r} has {tokenizer.vocab_size} ids but the model "
-                        f"only {vocab_size}; pass the model's tokenizer")
   bar.restart_clock()
   if args.task == "ppl":
     from goosejax.eval.ppl import load_documents, perplexity

@@ -102,9 +102,8 @@ def main(argv: list[str]) -> int:
 
 
 def _run(args) -> None:
-  from goosejax.data.tokenizer import load_tokenizer
   from goosejax.infer.generate import GenerationError, generate, official_occurrence_weights
-  from goosejax.infer.loading import load_model
+  from goosejax.infer.loading import load_model_and_tokenizer
   from goosejax.infer.sampling import SamplingConfig
   from goosejax.infer.state_io import load_state, save_state
 
@@ -112,12 +111,8 @@ def _run(args) -> None:
   SamplingConfig(args.temperature, args.top_p, args.top_k, args.presence_penalty,
                  args.frequency_penalty, args.penalty_decay).validate()
   prompt = args.prompt if args.prompt_file is None else _read_prompt(args.prompt_file)
-  tokenizer = load_tokenizer(args.tokenizer)
-  model = load_model(args.model, args.dtype)
+  model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.tokenizer)
   V = model.config.vocab_size
-  if tokenizer.vocab_size > V:
-    raise GenerationError(f"tokenizer {args.tokenizer!r} has {tokenizer.vocab_size} ids but the "
-                          f"model only {V}; pass the tokenizer the model was trained with")
   ids = ([0] if args.document_start else []) + tokenizer.encode(prompt)
   if not ids:
     raise GenerationError("the prompt encodes to no tokens; give a non-empty prompt")
