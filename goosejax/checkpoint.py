@@ -40,8 +40,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from goosejax.errors import GoosejaxError
 from goosejax.config import ConfigError, ModelConfig, model_config_from_dict
+from goosejax.errors import GoosejaxError
 
 FORMAT_NAME = "goosejax-checkpoint"
 FORMAT_VERSION = 1

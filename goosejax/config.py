@@ -19,6 +19,7 @@ import yaml
 
 from goosejax.errors import GoosejaxError
 
+
 def _presets_dir() -> Path:
   """The preset YAMLs: goosejax/presets/ in an installed wheel (pyproject maps configs/ there),
   configs/ beside the package in a source checkout or editable install."""

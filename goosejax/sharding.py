@@ -21,8 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from goosejax.errors import GoosejaxError
 from goosejax.config import MeshConfig
+from goosejax.errors import GoosejaxError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

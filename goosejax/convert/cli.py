@@ -21,13 +21,13 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from goosejax.errors import GoosejaxError
 from goosejax import checkpoint
 from goosejax.config import ModelConfig
 from goosejax.convert.hf import check_fla_exact, is_hf_checkpoint, save_hf
 from goosejax.convert.official import params_to_official
 from goosejax.convert.pretrained import SOURCE_NAMES, read_params, source_kind
 from goosejax.convert.pth import write_pth
+from goosejax.errors import GoosejaxError
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
           "float16": np.dtype(np.float16)}

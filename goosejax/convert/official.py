@@ -11,8 +11,8 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from goosejax.errors import GoosejaxError
 from goosejax.config import ModelConfig
+from goosejax.errors import GoosejaxError
 
 
 class CheckpointFormatError(GoosejaxError):

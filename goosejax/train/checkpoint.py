@@ -46,7 +46,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from goosejax.checkpoint import FORMAT_VERSION, RUN_CHECKPOINTS, CheckpointError
+from goosejax.checkpoint import (FORMAT_VERSION, RUN_CHECKPOINTS, CheckpointError, checkpoint_steps,
+                                 step_directory)
 from goosejax.config import Config, ConfigError, config_from_dict
 
 CONFIG_FILE = "config.json"
@@ -182,7 +183,7 @@ class TrainCheckpointer:
     return CheckpointSaveError(self._no_room_message(step, f"failed ({short_reason(error)})", free))
 
   def _no_room_message(self, step: int | None, what: str, free: int) -> str:
-    kept = [s for s in _complete_steps(self.directory) if s != step]
+    kept = [s for s in checkpoint_steps(self.directory.parent) if s != step]
     then = (f"the newest complete checkpoint, step {kept[-1]}, is kept. Free space (or lower "
             "run.keep_checkpoints) and rerun the same command to resume from it") if kept else (
             "no complete checkpoint exists yet. Free space and rerun the same command (it "
@@ -324,12 +325,6 @@ def short_reason(error: BaseException) -> str:
   return (f"{array.group(1)}: {gist}" if array else gist)[:240]
 
 
-def _complete_steps(directory: Path) -> list[int]:
-  if not directory.is_dir():
-    return []
-  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
-
-
 def _tree_bytes(tree: Any) -> int:
   return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
              if hasattr(x, "shape"))
@@ -363,8 +358,8 @@ def write_run_config(run_dir: str | Path, cfg: Config) -> None:
 def read_checkpoint_config(run_dir: str | Path) -> tuple[Config, Path] | None:
   """(config, its file) saved in the newest checkpoint whose meta reads (what config.json
   held when it was written); None without checkpoints."""
-  for step in reversed(_complete_steps(Path(run_dir) / RUN_CHECKPOINTS)):
-    path = Path(run_dir) / RUN_CHECKPOINTS / str(step) / "meta" / "metadata"
+  for step in reversed(checkpoint_steps(run_dir)):
+    path = step_directory(run_dir, step) / "meta" / "metadata"
     try:
       return config_from_dict(json.loads(path.read_text())["config"], str(path)), path
     except (OSError, KeyError, TypeError, json.JSONDecodeError, ConfigError):

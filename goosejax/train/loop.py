@@ -26,7 +26,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Sequence, TextIO
 
 import jax
 import numpy as np
@@ -105,9 +105,8 @@ _DATA_POSITION_SETTINGS = ("source", "tokenizer", "ctx_len", "batch_size", "orde
                            "weights", "pack_documents", "validation_fraction", "magic_prime")
 
 
-def _changes(section: str, before: Any, now: Any, keys: Any = None) -> list[str]:
-  """['model.n_layer 2 -> 3', ...] for the fields of two config dataclasses that differ."""
-  keys = keys or [f.name for f in dataclasses.fields(before)]
+def _changes(section: str, before: Any, now: Any, keys: Sequence[str]) -> list[str]:
+  """['model.n_layer 2 -> 3', ...] for the `keys` of two config dataclasses that differ."""
   return [f"{section}.{k} {getattr(before, k)!r} -> {getattr(now, k)!r}" for k in keys
           if getattr(before, k) != getattr(now, k)]
 
