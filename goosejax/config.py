@@ -13,7 +13,7 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, NamedTuple, Sequence
 
 import yaml
 
@@ -50,21 +50,43 @@ def suggested_lora_ranks(n_embd: int) -> tuple[int, int, int, int]:
 EXECUTION_SETTINGS = ("dtype", "wkv_impl", "wkv_chunk_size")
 
 
+def setting(default: Any, description: str) -> Any:
+  """A config field and its description: the one place each key is documented (read by
+  `goosejax config --keys`, docs/configuration.md and tests/test_config_docs.py)."""
+  return dataclasses.field(default=default, metadata={"description": description})
+
+
+_EXECUTION = "Execution setting: a run directory may resume with another value."
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  vocab_size: int = 65536
-  n_layer: int = 12
-  n_embd: int = 768
-  head_size: int = 64
-  dim_ffn: int | None = None          # None: 4 * n_embd
-  decay_lora: int | None = None       # None: the suggestion formula (suggested_lora_ranks)
-  iclr_lora: int | None = None
-  value_lora: int | None = None
-  gate_lora: int | None = None
-  dtype: Literal["float32", "bfloat16"] = "float32"        # compute dtype (decay, WKV state stay fp32)
-  param_dtype: Literal["float32", "bfloat16"] = "float32"
-  wkv_impl: Literal["auto", "reference", "chunked", "associative", "pallas"] = "auto"
-  wkv_chunk_size: int | None = None
+  """The RWKV-7 model: its shape, and how it is computed."""
+  vocab_size: int = setting(65536, "token ids the embedding and the output head cover "
+                                   "(65536: the World tokenizer)")
+  n_layer: int = setting(12, "number of RWKV-7 blocks")
+  n_embd: int = setting(768, "model width C in channels; a multiple of head_size")
+  head_size: int = setting(64, "channels per head; n_embd / head_size heads (released models: 64)")
+  dim_ffn: int | None = setting(None, "channel-mix hidden width; null: 4 * n_embd")
+  decay_lora: int | None = setting(None, "rank of the decay LoRA; null: RWKV-LM's suggestion "
+                                         "max(32, round(k * sqrt(n_embd) / 32) * 32), k = 2.5")
+  iclr_lora: int | None = setting(None, "rank of the in-context learning rate LoRA; null: the "
+                                        "suggestion with k = 2.5")
+  value_lora: int | None = setting(None, "rank of the value-residual LoRA; null: the suggestion "
+                                         "with k = 1.7")
+  gate_lora: int | None = setting(None, "rank of the output-gate LoRA; null: the suggestion "
+                                        "with k = 5")
+  dtype: Literal["float32", "bfloat16"] = setting(
+      "float32", f"compute dtype (the decay and the WKV state stay float32). {_EXECUTION}")
+  param_dtype: Literal["float32", "bfloat16"] = setting(
+      "float32", "storage dtype of the parameters; training needs float32 (fp32 master "
+                 "weights: use dtype=bfloat16 for bf16 compute)")
+  wkv_impl: Literal["auto", "reference", "chunked", "associative", "pallas"] = setting(
+      "auto", "WKV-7 operator: auto (Pallas kernels on TPU and CUDA, the measured fastest XLA "
+              "form elsewhere), reference (token scan), chunked (chunks in a sequential scan), "
+              f"associative (chunks by associative scan) or pallas. {_EXECUTION}")
+  wkv_chunk_size: int | None = setting(
+      None, f"tokens per WKV chunk: 16, 32 or 64; null: the implementation's default. {_EXECUTION}")
 
   @property
   def n_head(self) -> int:
@@ -92,17 +114,23 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-  lr_init: float = 6e-4
-  lr_final: float = 6e-5
-  warmup_steps: int = 10
-  weight_decay: float = 0.1
-  beta1: float = 0.9
-  beta2: float = 0.99
-  eps: float = 1e-18
-  grad_clip: float = 1.0
-  l2wrap: bool = True
-  grad_accum: int = 1                 # micro-batches per step; data.batch_size must divide evenly
-  w0_lr_scale: float = 2.0            # att.w0's lr multiplier (RWKV-LM: 2x; 5x in Pile stage 2)
+  """AdamW and the learning-rate schedule (RWKV-LM's recipe)."""
+  lr_init: float = setting(6e-4, "peak learning rate, reached after the warmup; then a cosine "
+                                 "over run.steps down to lr_final")
+  lr_final: float = setting(6e-5, "learning rate at the last step")
+  warmup_steps: int = setting(10, "steps of linear warmup from 1% of lr_init; 0: none")
+  weight_decay: float = setting(0.1, "decoupled AdamW weight decay, on the large weight "
+                                     "matrices only (not LoRAs, vectors, norms, att.w0)")
+  beta1: float = setting(0.9, "Adam first-moment decay, 0 <= beta1 < 1")
+  beta2: float = setting(0.99, "Adam second-moment decay, 0 <= beta2 < 1")
+  eps: float = setting(1e-18, "Adam epsilon (RWKV-LM: 1e-18)")
+  grad_clip: float = setting(1.0, "clip gradients to this global L2 norm; 0: no clipping")
+  l2wrap: bool = setting(True, "L2Wrap: push down each position's top logit in the backward "
+                               "pass (the loss value is unchanged)")
+  grad_accum: int = setting(1, "micro-batches per step, accumulated inside one compiled step; "
+                               "must divide data.batch_size")
+  w0_lr_scale: float = setting(2.0, "learning-rate multiplier of att.w0, the decay bias "
+                                    "(RWKV-LM: 2; 5 in its Pile stage 2)")
 
   def validate(self) -> None:
     _finite(self, "optimizer")
@@ -117,17 +145,28 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  source: str = "builtin"             # builtin | binidx | arrayrecord | jsonl | text
-  paths: tuple[str, ...] = ()
-  weights: tuple[float, ...] = ()     # mixture weights, one per path (empty: equal)
-  tokenizer: str = "world"            # "world", a sentencepiece .model or a tokenizer.json
-  ctx_len: int = 512
-  batch_size: int = 8                 # global batch, in sequences
-  order: Literal["shuffle", "magic_prime"] = "shuffle"
-  pack_documents: bool = False        # emit a reset mask at document starts
-  validation_fraction: float = 0.01
-  seed: int = 0
-  magic_prime: int | None = None      # order=magic_prime: None computes RWKV-LM's prime per dataset
+  """The training corpus and how it is cut into batches."""
+  source: str = setting("builtin", "builtin (Python's standard-library source, no files "
+                                   "needed), binidx (.bin/.idx, see `goosejax prepare-data`), "
+                                   "arrayrecord, jsonl or text (tokenized when loaded)")
+  paths: tuple[str, ...] = setting((), "datasets: files, binidx prefixes or glob patterns, "
+                                       "one stream each; empty for source=builtin")
+  weights: tuple[float, ...] = setting((), "mixture weight per path, >= 0; empty: equal weights")
+  tokenizer: str = setting("world", "world (the RWKV World vocabulary), a SentencePiece .model "
+                                    "or a Hugging Face tokenizer.json")
+  ctx_len: int = setting(512, "tokens per training sequence")
+  batch_size: int = setting(8, "global batch in sequences per step, over all devices and "
+                               "micro-batches (tokens per step: batch_size * ctx_len)")
+  order: Literal["shuffle", "magic_prime"] = setting(
+      "shuffle", "sample order: shuffle (seeded, reshuffled every epoch) or magic_prime "
+                 "(RWKV-LM's order)")
+  pack_documents: bool = setting(False, "reset the WKV state and token shifts where a "
+                                        "document starts inside a sequence")
+  validation_fraction: float = setting(0.01, "share of each dataset's windows held out for "
+                                             "validation, 0 <= fraction < 1")
+  seed: int = setting(0, "seed of the shuffle order, 0 <= seed < 2**32")
+  magic_prime: int | None = setting(None, "order=magic_prime: the prime P (P % 3 == 2); null: "
+                                          "RWKV-LM's prime for each dataset's size")
 
   def validate(self) -> None:
     _finite(self, "data")
@@ -148,17 +187,27 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  data: int = -1        # -1: all devices not used by the other axes
-  fsdp: int = 1
-  tensor: int = 1
+  """How the devices are arranged: axis sizes whose product is the device count. At most
+  one axis may be -1 (the devices the other axes leave); data is -1 by default, so give
+  mesh.data=1 with mesh.fsdp=-1 or mesh.tensor=-1."""
+  data: int = setting(-1, "devices on the data-parallel axis (parameters replicated, batch "
+                          "split); -1: the devices the other axes leave")
+  fsdp: int = setting(1, "devices on the FSDP axis (parameters and batch split); -1: the "
+                         "devices the other axes leave")
+  tensor: int = setting(1, "devices on the tensor-parallel axis (heads, FFN hidden and "
+                           "vocabulary split); -1: the devices the other axes leave")
 
   def validate(self) -> None:
     sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
     for key, size in sizes.items():
       if size == 0 or size < -1:
         raise ConfigError(f"mesh.{key}={size}: expected a positive size or -1 (use what is left)")
-    if sum(size == -1 for size in sizes.values()) > 1:
-      raise ConfigError("mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    rest = [f"mesh.{key}" for key, size in sizes.items() if size == -1]
+    if len(rest) > 1:
+      hint = ("; mesh.data is -1 by default: give mesh.data=1 with mesh.fsdp=-1 or mesh.tensor=-1"
+              if "mesh.data" in rest else "")
+      raise ConfigError(f"mesh: {' and '.join(rest)} are -1 but at most one of mesh.data, "
+                        f"mesh.fsdp, mesh.tensor may be -1{hint}")
 
   def shape(self, n_devices: int) -> dict[str, int]:
     """Axis sizes for `n_devices`, resolving the -1 axis; raises if they do not fit."""
@@ -176,17 +225,23 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  steps: int = 1000
-  checkpoint_every: int = 200
-  keep_checkpoints: int = 3
-  log_every: int = 10
-  eval_every: int = 200
-  eval_batches: int = 4
-  seed: int = 0
-  remat: Literal["none", "block", "full"] = "block"
-  async_checkpointing: bool = True    # write checkpoints in the background while training goes on
-  peak_tflops: float | None = None    # per-device peak for MFU; None: known chips' table, else measured
-  tensorboard: bool = True            # event files under RUN_DIR/tensorboard
+  """The training run: length, checkpoints, logging, evaluation."""
+  steps: int = setting(1000, "total optimizer steps (also the length of the lr schedule); "
+                             "--steps sets it")
+  checkpoint_every: int = setting(200, "steps between checkpoints; --checkpoint-every sets it")
+  keep_checkpoints: int = setting(3, "newest checkpoints kept in RUN_DIR/checkpoints")
+  log_every: int = setting(10, "steps between log lines (loss, tokens/s, MFU, lr, ETA)")
+  eval_every: int = setting(200, "steps between validation-loss evaluations")
+  eval_batches: int = setting(4, "validation batches per evaluation")
+  seed: int = setting(0, "seed of the parameter initialisation")
+  remat: Literal["none", "block", "full"] = setting(
+      "block", "rematerialisation per block: none (keep activations), block (keep only "
+               "matmul outputs) or full (recompute everything in the backward pass)")
+  async_checkpointing: bool = setting(True, "write checkpoints in the background while "
+                                            "training goes on")
+  peak_tflops: float | None = setting(None, "peak TFLOP/s per device for MFU; null: the "
+                                            "datasheet of known chips, else measured")
+  tensorboard: bool = setting(True, "write TensorBoard event files under RUN_DIR/tensorboard")
 
   def validate(self) -> None:
     _finite(self, "run")
@@ -196,6 +251,7 @@ class RunConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+  """Everything a run uses, by section."""
   model: ModelConfig = ModelConfig()
   optimizer: OptimizerConfig = OptimizerConfig()
   data: DataConfig = DataConfig()
@@ -209,6 +265,21 @@ class Config:
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+
+class Key(NamedTuple):
+  """One setting, as the key reference lists it."""
+  name: str           # 'section.key'
+  type: Any           # the field's annotation
+  default: Any
+  description: str    # from setting(); '' when missing (tests/test_config_docs.py refuses that)
+
+
+def config_keys() -> list[Key]:
+  """Every setting, in declaration order."""
+  return [Key(f"{section}.{field.name}", _field_types(cls)[field.name], field.default,
+              field.metadata.get("description", ""))
+          for section, cls in _field_types(Config).items() for field in dataclasses.fields(cls)]
 
 
 def _finite(cfg, section: str) -> None:
@@ -387,13 +458,25 @@ def _base_path(path: Path, base: Any) -> Path:
     raise ConfigError(f"{path}: base: {e}") from None
 
 
-def _load_yaml(path: Path, config: Config, chain: tuple[Path, ...] = ()) -> Config:
+def _source_name(path: Path) -> str:
+  """How --explain names a config file: 'preset tiny' for a packaged preset, else its path."""
+  if path.resolve().parent == PRESETS_DIR.resolve():
+    return f"preset {path.stem}"
+  return f"file {path}"
+
+
+def _load_yaml(path: Path, config: Config, sources: dict[str, str],
+               chain: tuple[Path, ...] = ()) -> Config:
+  """`config` updated by `path` and its `base:` chain; `sources` records who set each key."""
   if path in chain:
     raise ConfigError(f"{path}: `base:` chain loops back to itself ({' -> '.join(map(str, chain))})")
   tree = _read_tree(path)
   if "base" in tree:
-    config = _load_yaml(_base_path(path, tree.pop("base")), config, chain + (path,))
-  return _apply(config, _flatten(tree, str(path)), str(path))
+    config = _load_yaml(_base_path(path, tree.pop("base")), config, sources, chain + (path,))
+  flat = _flatten(tree, str(path))
+  config = _apply(config, flat, str(path))
+  sources.update(dict.fromkeys(flat, _source_name(path)))
+  return config
 
 
 def parse_overrides(overrides: Sequence[str], source: str = "command line") -> dict[str, Any]:
@@ -413,16 +496,32 @@ def parse_overrides(overrides: Sequence[str], source: str = "command line") -> d
   return flat
 
 
-def load_config(config: str | Path | None = None, overrides: Sequence[str] = (),
-                flags: Mapping[str, Any] | None = None) -> Config:
-  """Defaults < YAML file or preset < `overrides` (section.key=value) and `flags`.
+DEFAULT_SOURCE = "default"
+COMMAND_LINE_SOURCE = "command line"
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedConfig:
+  """A config and where each value came from: {'model.n_layer': 'preset tiny', ...} with
+  DEFAULT_SOURCE, 'preset NAME', 'file PATH' or COMMAND_LINE_SOURCE for every key."""
+  config: Config
+  sources: Mapping[str, str]
+
+
+def resolve_config(config: str | Path | None = None, overrides: Sequence[str] = (),
+                   flags: Mapping[str, Any] | None = None, *, validate: bool = True) -> ResolvedConfig:
+  """Defaults < YAML file or preset (after its `base:` chain) < `overrides`
+  (section.key=value) and `flags`, noting each value's source.
 
   `flags` maps dotted keys to values from dedicated options (`{'run.steps': 10}`); None
   values mean "flag not given". A key set both by a flag and by an override is an error.
+  validate=False skips the value checks (not the key and type checks), so that a refused
+  config can still be shown.
   """
   result = Config()
+  sources = {key.name: DEFAULT_SOURCE for key in config_keys()}
   if config is not None:
-    result = _load_yaml(resolve_preset(config), result)
+    result = _load_yaml(resolve_preset(config), result, sources)
   flat = parse_overrides(overrides)
   for key, value in (flags or {}).items():
     if value is None:
@@ -430,7 +529,15 @@ def load_config(config: str | Path | None = None, overrides: Sequence[str] = (),
     if key in flat:
       raise ConfigError(f"key {key!r} is given twice: as a flag and as {key}=... on the command line")
     flat[key] = value
-  return _apply(result, flat, "command line").validate()
+  result = _apply(result, flat, COMMAND_LINE_SOURCE)
+  sources.update(dict.fromkeys(flat, COMMAND_LINE_SOURCE))
+  return ResolvedConfig(result.validate() if validate else result, sources)
+
+
+def load_config(config: str | Path | None = None, overrides: Sequence[str] = (),
+                flags: Mapping[str, Any] | None = None) -> Config:
+  """The validated config of `resolve_config` (same arguments), without the sources."""
+  return resolve_config(config, overrides, flags).config
 
 
 def config_from_dict(tree: Mapping[str, Any], source: str = "dict") -> Config:
