@@ -16,6 +16,7 @@ from typing import Callable
 
 # command name -> (module, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "config": ("goosejax.config_cli", "print the resolved config (--explain: each value's source); --keys: every key"),
     "convert": ("goosejax.convert.cli", "convert checkpoints between official .pth and goosejax formats"),
     "train": ("goosejax.train.cli", "pretrain or resume a run directory (sharded, multi-host, checkpointed)"),
     "prepare-data": ("goosejax.data.prepare", "tokenize text into binidx (.bin/.idx); train SentencePiece models"),

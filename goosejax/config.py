@@ -416,7 +416,7 @@ def resolve_preset(name_or_path: str | Path, relative_to: Path | None = None) ->
   for path in candidates:
     if path.is_file():
       return path
-  raise ConfigError(f"config {str(name_or_path)!r} is neither a file nor a preset; presets: {_presets()}")
+  raise ConfigError(f"config {str(name_or_path)!r} is neither a file nor a preset; presets: {preset_names()}")
 
 
 def _one_line(error: Exception) -> str:
@@ -424,7 +424,8 @@ def _one_line(error: Exception) -> str:
   return " ".join(str(error).split())
 
 
-def _presets() -> list[str]:
+def preset_names() -> list[str]:
+  """The packaged presets `--config NAME` accepts."""
   return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
@@ -441,7 +442,7 @@ def _read_tree(path: Path) -> dict[str, Any]:
     raise ConfigError(f"{path}: not valid YAML: {_one_line(e)}") from None
   if tree is None or tree == {}:   # a default model trained from an empty file is never intended
     raise ConfigError(f"{path}: the config file is empty; give at least `base: <preset>` "
-                      f"(presets: {_presets()})")
+                      f"(presets: {preset_names()})")
   if not isinstance(tree, dict):
     raise ConfigError(f"{path}: expected a mapping of sections, got {type(tree).__name__}")
   return tree
@@ -451,7 +452,7 @@ def _base_path(path: Path, base: Any) -> Path:
   """The file a config's `base:` names, resolved next to the config first."""
   if not isinstance(base, str):
     raise ConfigError(f"{path}: base={base!r}: expected a preset name or a YAML path "
-                      f"(presets: {_presets()})")
+                      f"(presets: {preset_names()})")
   try:
     return resolve_preset(base, path.parent)
   except ConfigError as e:

@@ -29,6 +29,31 @@ def test_bad_arguments_exit_2_with_a_message(tmp_path, capsys):
     goosejax_main(["train", "--run-dir", str(tmp_path)])            # --config is required
 
 
+def test_overrides_stand_anywhere_among_the_flags(tmp_path, monkeypatch):
+  from goosejax.train import loop
+  seen = {}
+
+  def train(cfg, run_dir, **kwargs):   # the parsed config is all this test needs: do not train
+    seen.update(cfg=cfg, run_dir=run_dir)
+    return loop.RunResult(step=0, reason="finished", losses={}, val_loss=None)
+
+  monkeypatch.setattr(loop, "train", train)
+  run_dir = str(tmp_path / "x")
+  assert goosejax_main(["train", "model.n_layer=3", "--config", "tiny", "data.ctx_len=256",
+                        "--run-dir", run_dir, "mesh.data=8", "--steps", "5", "run.seed=4"]) == 0
+  cfg = seen["cfg"]
+  assert (cfg.model.n_layer, cfg.data.ctx_len, cfg.mesh.data, cfg.run.steps, cfg.run.seed) == (3, 256, 8, 5, 4)
+  assert seen["run_dir"] == run_dir
+
+
+def test_help_points_to_the_key_reference(capsys):
+  with pytest.raises(SystemExit):
+    goosejax_main(["train", "--help"])
+  out = capsys.readouterr().out
+  assert "goosejax config --keys" in out and "docs/configuration.md" in out
+  assert "anywhere on the command line" in out
+
+
 def losses(run_dir):
   records = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
   return {r["step"]: r["loss"] for r in records if "loss" in r}

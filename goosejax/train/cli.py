@@ -1,7 +1,12 @@
 """`goosejax train`: pretrain (or resume) a run directory.
 
     goosejax train --config configs/tiny.yaml --run-dir runs/tiny
-    goosejax train --config rwkv7-0.1b --run-dir runs/x data.paths=[data/pile] --steps 20000
+    goosejax train --config rwkv7-0.1b data.paths=[data/pile] --run-dir runs/x --steps 20000
+
+Config overrides (section.key=value) may stand anywhere among the flags; `goosejax config
+--keys` lists the keys, and `goosejax config` with the same arguments shows the resolved
+config without training. The run directory gets it as RUN_DIR/config.yaml (each value's
+source noted), next to config.json.
 
 Re-running the same command on the same run directory resumes from its newest checkpoint.
 Multi-host: run the same command on every host; TPU slices, SLURM and Open MPI are detected,
@@ -17,7 +22,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from pathlib import Path
+
+from goosejax import config_args
 
 DEFAULT_COMPILATION_CACHE = "~/.cache/goosejax/jax"
 
@@ -26,17 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="goosejax train", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog="Any config key can be set as section.key=value, e.g. optimizer.lr_init=3e-4 "
-             "mesh.data=1 mesh.fsdp=-1 model.dtype=bfloat16.\n\nExit status: 0 finished; "
-             "143 stopped by SIGTERM/SIGINT after writing a checkpoint (rerun to resume); "
-             "1 non-finite loss (the last good checkpoint is kept); 2 bad arguments, config, "
-             "data or run directory, the run directory in use by another train, a checkpoint "
-             "that could not be written (disk full) or none that restores; 130 a second Ctrl-C.")
-  parser.add_argument("--config", required=True,
-                      help="YAML file or preset name (tiny, rwkv7-0.1b, ...)")
+      epilog=config_args.KEYS_HELP + "\n\n" + textwrap.fill(
+          "Exit status: 0 finished; 143 stopped by SIGTERM/SIGINT after writing a checkpoint "
+          "(rerun to resume); 1 non-finite loss (the last good checkpoint is kept); 2 bad "
+          "arguments, config, data or run directory, the run directory in use by another "
+          "train, a checkpoint that could not be written (disk full) or none that restores; "
+          "130 a second Ctrl-C.", config_args.HELP_WIDTH))
+  config_args.add_config_arguments(parser)
   parser.add_argument("--run-dir", required=True, help="checkpoints, metrics and logs go here")
-  parser.add_argument("--steps", type=int, help="total training steps (run.steps)")
-  parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (run.checkpoint_every)")
   parser.add_argument("--init-from", help="start from these weights: a goosejax run directory or "
                                           "anything goosejax.load_pretrained reads")
   parser.add_argument("--no-progress-bar", action="store_true", help="log lines only")
@@ -51,7 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
   group.add_argument("--process-id", type=int)
   group.add_argument("--distributed-timeout", type=int, default=300,
                      help="seconds to wait for all processes at start-up (default 300)")
-  parser.add_argument("overrides", nargs="*", metavar="section.key=value")
   return parser
 
 
@@ -66,9 +70,8 @@ def _enable_compilation_cache(directory: str | None) -> None:
 
 
 def main(argv: list[str]) -> int:
-  args = build_parser().parse_args(argv)
+  args = config_args.parse_args(build_parser(), argv)
   from goosejax.cli import exit_status
-  from goosejax.config import load_config
   from goosejax.train import distributed
   from goosejax.train.loop import NonFiniteLossError, train
 
@@ -77,11 +80,10 @@ def main(argv: list[str]) -> int:
         mode=args.distributed, coordinator_address=args.coordinator_address,
         num_processes=args.num_processes, process_id=args.process_id,
         timeout_s=args.distributed_timeout))
-    cfg = load_config(args.config, args.overrides,
-                      {"run.steps": args.steps, "run.checkpoint_every": args.checkpoint_every})
+    resolved = config_args.resolve(args)
     _enable_compilation_cache(args.compilation_cache)
     try:
-      result = train(cfg, args.run_dir, init_from=args.init_from,
+      result = train(resolved.config, args.run_dir, init_from=args.init_from,
                      progress_bar=False if args.no_progress_bar else None)
     except NonFiniteLossError as e:
       print(f"goosejax train: {e}", file=sys.stderr)

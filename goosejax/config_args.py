@@ -1,0 +1,41 @@
+"""The command-line side of configuration, shared by every command that builds a Config
+(`goosejax train`, `goosejax config`): `--config`, the flags that set a key under another
+name, and `section.key=value` overrides, which may stand before, between and after flags."""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from goosejax.config import ResolvedConfig, preset_names, resolve_config
+
+HELP_WIDTH = 88
+KEYS_HELP = """\
+Overrides: any config key as section.key=value, anywhere on the command line
+(e.g. optimizer.lr_init=3e-4 mesh.data=1 mesh.fsdp=-1 data.paths=[a,b]).
+`goosejax config --keys` lists every key with its type, default and meaning (as does
+docs/configuration.md); `goosejax config` with the same --config, flags and overrides
+prints the resolved configuration, with --explain each value's source."""
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, config_required: bool = True) -> None:
+  """--config, --steps, --checkpoint-every and the section.key=value overrides."""
+  parser.add_argument("--config", required=config_required, metavar="YAML_OR_PRESET",
+                      help=f"YAML file or preset name ({', '.join(preset_names())})")
+  parser.add_argument("--steps", type=int, help="total training steps (run.steps)")
+  parser.add_argument("--checkpoint-every", type=int,
+                      help="steps between checkpoints (run.checkpoint_every)")
+  parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                      help="set a config key; see below")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+  """Like parser.parse_args, but overrides may come anywhere: plain parse_args takes the
+  positionals in one run and refuses any after a later flag."""
+  return parser.parse_intermixed_args(argv)
+
+
+def resolve(args: argparse.Namespace, *, validate: bool = True) -> ResolvedConfig:
+  """The config these arguments describe, with each value's source."""
+  return resolve_config(args.config, args.overrides,
+                        {"run.steps": args.steps, "run.checkpoint_every": args.checkpoint_every},
+                        validate=validate)
