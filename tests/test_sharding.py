@@ -9,6 +9,7 @@ from goosejax.config import ConfigError, MeshConfig, load_config
 from goosejax.train import recipe, train
 from goosejax.train.batches import SyntheticBatches
 from goosejax.train.metrics import read_metrics
+from test_train_loop import COMPILED_STEPS
 
 # Shared with tests/test_train_loop.py so compiled steps are reused within one pytest process.
 TINY = ["model.vocab_size=256", "data.ctx_len=16", "data.batch_size=8", "run.steps=12",
@@ -91,7 +92,7 @@ def run_steps(mesh, run_dir):
   batches = SyntheticBatches(256, 16, 8, split="train")
   train(cfg, run_dir, mesh=mesh, train_batches=batches, stop_at_step=STEPS,
         open_validation=lambda: SyntheticBatches(256, 16, 8, split="validation"),
-        progress_bar=False)
+        progress_bar=False, compiled_steps=COMPILED_STEPS)
   return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
 
 

@@ -12,7 +12,7 @@ import goosejax
 from goosejax import sharding
 from goosejax.checkpoint import checkpoint_steps
 from goosejax.config import ConfigError, MeshConfig, load_config
-from goosejax.train import NonFiniteLossError, recipe, train
+from goosejax.train import CompiledSteps, NonFiniteLossError, recipe, train
 from goosejax.train.batches import SyntheticBatches
 from goosejax.train.checkpoint import CheckpointError, TrainCheckpointer
 from goosejax.train.metrics import flops_per_token, read_metrics
@@ -21,6 +21,8 @@ from goosejax.train.metrics import flops_per_token, read_metrics
 TINY = ["model.vocab_size=256", "data.ctx_len=16", "data.batch_size=8", "run.steps=12",
         "run.checkpoint_every=4", "run.log_every=4", "run.eval_every=6", "run.eval_batches=1",
         "run.tensorboard=false", "run.peak_tflops=0.05"]
+# One compiled train/eval step per distinct setting for the whole test session.
+COMPILED_STEPS = CompiledSteps(max_entries=16)
 
 
 def one_device():
@@ -54,7 +56,7 @@ def run(run_dir, overrides=(), batches=None, **kwargs):
   out = io.StringIO()
   result = train(cfg, run_dir, mesh=one_device(), train_batches=batches or SyntheticBatches(256, 16, 8),
                  open_validation=lambda: SyntheticBatches(256, 16, 8, split="validation"),
-                 out=out, progress_bar=False, **kwargs)
+                 out=out, progress_bar=False, compiled_steps=COMPILED_STEPS, **kwargs)
   return result, out.getvalue()
 
 
@@ -244,3 +246,15 @@ def test_sigterm_during_evaluation_still_checkpoints_that_step(straight, tmp_pat
   assert signal.getsignal(signal.SIGTERM) == handler_before      # the loop's handler is removed
   run(tmp_path)
   assert losses_of(tmp_path) == losses_of(straight[0])
+
+
+def test_compiled_steps_are_reused_by_key_and_bounded():
+  steps, built = CompiledSteps(max_entries=2), []
+  build = lambda name: lambda: built.append(name) or name
+  assert steps.get_or_build("a", build("a")) == "a"
+  assert steps.get_or_build("a", build("again")) == "a"      # reused, not rebuilt
+  steps.get_or_build("b", build("b"))
+  steps.get_or_build("a", build("a2"))                       # touch "a": "b" is now oldest
+  steps.get_or_build("c", build("c"))
+  assert built == ["a", "b", "c"] and len(steps) == 2
+  assert steps.get_or_build("b", build("b2")) == "b2"        # "b" was evicted

@@ -4,9 +4,10 @@
     result = train(load_config("tiny"), "runs/tiny")      # what `goosejax train` runs
 
 Modules: recipe (optimizer groups, schedule, L2Wrap loss, train/eval steps, sharded state),
-loop (the run), checkpoint (Orbax run directories), metrics (FLOPs/MFU, logs), batches
+loop (the run), compiled_steps (reusing compiled steps across runs), checkpoint (Orbax run directories), metrics (FLOPs/MFU, logs), batches
 (the data interface), distributed (multi-host start-up), cli (`goosejax train`).
 """
+from goosejax.train.compiled_steps import CompiledSteps
 from goosejax.train.loop import NonFiniteLossError, RunResult, train
 
-__all__ = ["NonFiniteLossError", "RunResult", "train"]
+__all__ = ["CompiledSteps", "NonFiniteLossError", "RunResult", "train"]

@@ -19,7 +19,6 @@ checkpoint that does not restore is moved aside and the one before it resumes.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 import signal
@@ -38,6 +37,7 @@ from goosejax.train import recipe, run_lock
 from goosejax.train.batches import BatchIterator, open_batches
 from goosejax.train.checkpoint import (CheckpointError, TrainCheckpointer, read_checkpoint_config,
                                        read_run_config, write_run_config)
+from goosejax.train.compiled_steps import CompiledSteps
 from goosejax.train.metrics import (MetricsLogger, flops_per_token, memory_summary,
                                     peak_flops_per_device)
 
@@ -205,9 +205,11 @@ def train(cfg: Config, run_dir: str | Path, *, init_from: str | Path | None = No
           train_batches: BatchIterator | None = None,
           open_validation: Callable[[], BatchIterator | None] | None = None,
           mesh: jax.sharding.Mesh | None = None, stop_at_step: int | None = None,
-          out: TextIO | None = None, progress_bar: bool | None = None) -> RunResult:
+          out: TextIO | None = None, progress_bar: bool | None = None,
+          compiled_steps: CompiledSteps | None = None) -> RunResult:
   """Run (or resume) training in `run_dir`. Batches default to `open_batches(cfg, ...)`;
-  `stop_at_step` ends the run cleanly after that step, as a preemption would."""
+  `stop_at_step` ends the run cleanly after that step, as a preemption would;
+  `compiled_steps` lets several runs in one process share their compiled steps."""
   recipe.check_trainable(cfg)
   run_dir = Path(run_dir)
   primary = jax.process_index() == 0
@@ -218,7 +220,8 @@ def train(cfg: Config, run_dir: str | Path, *, init_from: str | Path | None = No
   lock = _take_run_dir_lock(run_dir, say)
   try:
     return _train_holding_lock(cfg, run_dir, init_from, train_batches, open_validation, mesh,
-                               stop_at_step, out, say, progress_bar)
+                               stop_at_step, out, say, progress_bar,
+                               compiled_steps if compiled_steps is not None else CompiledSteps())
   finally:
     if lock is not None:
       lock.release()
@@ -228,7 +231,8 @@ def _train_holding_lock(cfg: Config, run_dir: Path, init_from: str | Path | None
                         train_batches: BatchIterator | None,
                         open_validation: Callable[[], BatchIterator | None] | None,
                         mesh: jax.sharding.Mesh, stop_at_step: int | None, out: TextIO,
-                        say: Callable[[str], None], progress_bar: bool | None) -> RunResult:
+                        say: Callable[[str], None], progress_bar: bool | None,
+                        compiled_steps: CompiledSteps) -> RunResult:
   primary = jax.process_index() == 0
   switched = _check_run_dir(run_dir, cfg)
   if switched:
@@ -257,8 +261,9 @@ def _train_holding_lock(cfg: Config, run_dir: Path, init_from: str | Path | None
   say(f"model: {n_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)} over {mesh.devices.size} "
       f"devices ({jax.devices()[0].device_kind}), {pcount} process(es)")
 
-  eval_step = _memoized(("eval", cfg.model, cfg.run.remat, mesh), lambda: recipe.jit_eval_step(
-      recipe.make_eval_step(graphdef, cfg, mesh), shardings, mesh))
+  eval_step = compiled_steps.get_or_build(
+      ("eval", cfg.model, cfg.run.remat, mesh),
+      lambda: recipe.jit_eval_step(recipe.make_eval_step(graphdef, cfg, mesh), shardings, mesh))
   tokens_per_step = cfg.data.batch_size * cfg.data.ctx_len
   peak, peak_source = peak_flops_per_device(cfg.run.peak_tflops)
   logger = MetricsLogger(
@@ -315,7 +320,7 @@ def _train_holding_lock(cfg: Config, run_dir: Path, init_from: str | Path | None
     if step < total:
       batch = sharding.host_to_global(next(train_batches), mesh)
       signature = tuple((k, v.shape, v.dtype.name) for k, v in sorted(batch.items()))
-      compiled = _memoized(
+      compiled = compiled_steps.get_or_build(
           ("train", cfg.model, cfg.optimizer, cfg.run.steps, cfg.run.remat, mesh, signature),
           lambda: recipe.jit_train_step(recipe.make_train_step(graphdef, tx, cfg, mesh),
                                         shardings, mesh).lower(state, batch).compile())
@@ -365,22 +370,6 @@ def _train_holding_lock(cfg: Config, run_dir: Path, init_from: str | Path | None
     restore_signals()
     logger.close()
     checkpointer.close()
-
-
-# Compiled steps by everything they depend on: a second run in the same process (a notebook,
-# the tests) reuses them instead of compiling again.
-_MEMO: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
-_MEMO_SIZE = 8
-
-
-def _memoized(key: tuple, build: Callable[[], Any]) -> Any:
-  if key in _MEMO:
-    _MEMO.move_to_end(key)
-    return _MEMO[key]
-  value = _MEMO[key] = build()
-  while len(_MEMO) > _MEMO_SIZE:
-    _MEMO.popitem(last=False)
-  return value
 
 
 def _preemption_reached(step: int) -> bool:
