@@ -1,0 +1,96 @@
+"""The kernels' first-use self-check: a correct kernel passes, a wrong or failing one is
+reported in one line and switched off (on CPU, with the kernel body in the interpreter)."""
+import jax
+import jax.numpy as jnp
+import pytest
+
+import pallas_kernels
+from goosejax.wkv import self_check
+
+CHUNK = 16
+
+
+@pytest.fixture(autouse=True)
+def fresh_checks(monkeypatch):
+  monkeypatch.setattr(self_check, "KERNEL_CHECKS", {})
+
+
+def interpreted(r, log_w, k, v, a, b, state, reset):
+  return pallas_kernels.wkv7_pallas(r, log_w, k, v, a, b, state, reset=reset, chunk_size=CHUNK,
+                                    backend="tpu", interpret=True)
+
+
+def test_a_correct_kernel_passes_even_when_called_while_tracing():
+  warnings = []
+  # Called from inside a jit trace, as wkv7 does: the check must run, not be staged.
+  jax.jit(lambda x: x + self_check.check_platform("tpu", interpreted, CHUNK, warnings.append)
+          .passed)(jnp.zeros(()))
+  check = self_check.KERNEL_CHECKS["tpu"]
+  assert check.passed and not warnings, check
+  worst = float(check.detail.split()[3])
+  assert worst < 1e-4, check.detail
+
+
+def test_check_inputs_use_the_strongest_decay_and_a_ragged_length():
+  r, log_w, *_, state, reset = self_check.check_inputs(CHUNK)
+  assert r.shape[1] % CHUNK != 0
+  assert float(log_w.min()) == pytest.approx(self_check.STRONGEST_LOG_DECAY)
+  assert bool(reset.any()) and float(jnp.abs(state).max()) > 0
+
+
+@jax.custom_vjp
+def gradient_times_1_05(x):
+  return x
+
+
+gradient_times_1_05.defvjp(lambda x: (x, None), lambda _, g: (1.05 * g,))
+
+
+def wrong_output(r, log_w, k, v, a, b, state, reset):
+  y, final = interpreted(r, log_w, k, v, a, b, state, reset)
+  return y.at[:, -1].multiply(1.05), final
+
+
+def wrong_gradient(r, log_w, k, v, a, b, state, reset):
+  """Exact forward; the gradient with respect to r 5% off."""
+  return interpreted(gradient_times_1_05(r), log_w, k, v, a, b, state, reset)
+
+
+@pytest.mark.parametrize("kernel", [wrong_output, wrong_gradient])
+def test_a_wrong_kernel_fails_with_one_warning_naming_the_error(kernel):
+  warnings = []
+  check = self_check.check_platform("cuda", kernel, CHUNK, warnings.append)
+  assert not check.passed and f"> {self_check.TOLERANCE:g}" in check.detail
+  if kernel is wrong_gradient:
+    assert "(dr)" in check.detail
+  assert len(warnings) == 1 and "cuda" in warnings[0] and "XLA chunked form" in warnings[0]
+  # Once per process: a second call returns the first outcome without warning again.
+  assert self_check.check_platform("cuda", interpreted, CHUNK, warnings.append) is check
+  assert len(warnings) == 1
+
+
+def test_a_kernel_that_raises_fails_with_the_error_named():
+  def broken(*args):
+    raise RuntimeError("Mosaic failed to legalize\nmore detail")
+
+  warnings = []
+  check = self_check.check_platform("tpu", broken, CHUNK, warnings.append)
+  assert not check.passed and check.detail == "RuntimeError: Mosaic failed to legalize"
+  assert "RuntimeError: Mosaic failed to legalize" in warnings[0]
+
+
+def test_on_cpu_nothing_is_checked_and_the_line_says_what_runs():
+  assert self_check.local_platform() is None
+  assert self_check.kernels_usable("tpu", CHUNK) and not self_check.KERNEL_CHECKS
+  assert "XLA chunked form on cpu" in self_check.describe_wkv("auto", CHUNK)
+  assert "interpreter" in self_check.describe_wkv("pallas", CHUNK)
+  assert "impl=chunked" in self_check.describe_wkv("chunked", CHUNK)
+
+
+def test_on_a_local_accelerator_the_line_reports_the_check(monkeypatch):
+  monkeypatch.setattr(self_check, "local_platform", lambda: "tpu")
+  monkeypatch.setitem(self_check.KERNEL_CHECKS, "tpu",
+                      self_check.KernelCheck("tpu", False, "worst relative error 3.0e-01 (y)"))
+  assert not self_check.kernels_usable("tpu", CHUNK)
+  line = self_check.describe_wkv("auto", 64)
+  assert "XLA chunked form on tpu" in line and "3.0e-01" in line
