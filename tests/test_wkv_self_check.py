@@ -94,3 +94,22 @@ def test_on_a_local_accelerator_the_line_reports_the_check(monkeypatch):
   assert not self_check.kernels_usable("tpu", CHUNK)
   line = self_check.describe_wkv("auto", 64)
   assert "XLA chunked form on tpu" in line and "3.0e-01" in line
+
+
+@pytest.mark.parametrize("impl", ["auto", "pallas"])
+def test_a_failed_check_keeps_the_kernel_out_of_the_compiled_program(monkeypatch, impl):
+  """As if this process ran on a TPU whose kernel failed its check: the program compiled for
+  that TPU (real Mosaic/XLA:TPU compiler) runs the XLA form, no kernel call."""
+  from jax.sharding import SingleDeviceSharding
+
+  from goosejax import aot
+  from goosejax.wkv import wkv7
+  from test_aot import _kernel_calls, _require
+
+  _require("tpu")
+  monkeypatch.setattr(self_check, "local_platform", lambda: "tpu")
+  monkeypatch.setitem(self_check.KERNEL_CHECKS, "tpu", self_check.KernelCheck("tpu", False, "test"))
+  device = SingleDeviceSharding(aot.target_devices("v5e:2x2")[0])
+  inputs = [jax.ShapeDtypeStruct((1, 100, 2, 64), jnp.bfloat16, sharding=device) for _ in range(6)]
+  compiled = jax.jit(lambda *xs: wkv7(*xs, impl=impl)).trace(*inputs).lower().compile()
+  assert _kernel_calls(compiled, "tpu") == 0

@@ -1,6 +1,7 @@
 """`wkv7`: the single entry point of the WKV-7 operator, dispatching on `impl`."""
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -11,6 +12,7 @@ import pallas_kernels
 from goosejax import sharding
 from goosejax.errors import GoosejaxError
 from goosejax.wkv.chunked import CHUNK_SIZES, wkv7_chunked
+from goosejax.wkv import self_check
 from goosejax.wkv.reference import compute_dtype, wkv7_reference, wkv7_step
 
 IMPLEMENTATIONS = ("auto", "reference", "chunked", "associative", "pallas")
@@ -151,13 +153,27 @@ def _per_device(kernel, mesh):
   return run
 
 
+def kernel_chunk_size(impl: str, platform: str, chunk_size: int | None) -> int:
+  """The chunk size the `platform` kernel runs for `impl` ("auto" or "pallas") and the
+  configured chunk size: the configured one where that kernel takes it, else its default
+  (auto) or its largest (pallas: Triton stops at 32)."""
+  allowed = PALLAS_CHUNK_SIZES[platform]
+  if chunk_size in allowed:
+    return chunk_size
+  return PALLAS_AUTO_CHUNK_SIZES[platform] if impl == "auto" else max(allowed)
+
+
 def _pallas_kernels(chunk_size: int, mesh) -> dict[str, object]:
-  """The compiled kernels of each accelerator platform, per device under `mesh`. A chunk size
-  a platform's kernel does not take (Triton stops at 32) becomes that kernel's largest."""
+  """The compiled kernels of each accelerator platform, per device under `mesh` (the XLA form
+  on a platform whose kernel failed its self-check here)."""
   branches = {}
-  for platform, allowed in PALLAS_CHUNK_SIZES.items():
-    size = chunk_size if chunk_size in allowed else max(allowed)
-    branches[platform] = _per_device(pallas_kernels.platform_callables(chunk_size=size)[platform], mesh)
+  for platform in PALLAS_CHUNK_SIZES:
+    size = kernel_chunk_size("pallas", platform, chunk_size)
+    if self_check.kernels_usable(platform, size):
+      branches[platform] = _per_device(pallas_kernels.platform_callables(chunk_size=size)[platform], mesh)
+    else:  # failed its self-check on this process's devices
+      branches[platform] = functools.partial(_xla_chunked, dtype=jnp.float32, impl="chunked",
+                                             chunk_size=DEFAULT_CHUNK_SIZES["chunked"])
   return branches
 
 
@@ -198,9 +214,10 @@ def _auto(r, log_w, k, v, a, b, state, reset, chunk_size, dtype):
   branches = {"cpu": xla_branch("cpu")}
   if dtype != jnp.float64:  # the kernels take fp32/bf16/fp16; under a mesh each device runs its block
     mesh = _ambient_mesh()
-    for platform, default_chunk in PALLAS_AUTO_CHUNK_SIZES.items():
-      usable = chunk_size in PALLAS_CHUNK_SIZES[platform]
-      kernel = pallas_kernels.platform_callables(chunk_size=chunk_size if usable else default_chunk)
-      branches[platform] = _per_device(kernel[platform], mesh)
+    for platform in PALLAS_AUTO_CHUNK_SIZES:
+      size = kernel_chunk_size("auto", platform, chunk_size)
+      if self_check.kernels_usable(platform, size):  # else the default XLA branch runs there
+        kernel = pallas_kernels.platform_callables(chunk_size=size)
+        branches[platform] = _per_device(kernel[platform], mesh)
   return jax.lax.platform_dependent(r, log_w, k, v, a, b, state, reset,
                                     default=xla_branch("gpu"), **branches)
