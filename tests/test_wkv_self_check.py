@@ -113,3 +113,15 @@ def test_a_failed_check_keeps_the_kernel_out_of_the_compiled_program(monkeypatch
   inputs = [jax.ShapeDtypeStruct((1, 100, 2, 64), jnp.bfloat16, sharding=device) for _ in range(6)]
   compiled = jax.jit(lambda *xs: wkv7(*xs, impl=impl)).trace(*inputs).lower().compile()
   assert _kernel_calls(compiled, "tpu") == 0
+
+
+def test_startup_line_names_the_implementation_and_the_kernel_chunk(monkeypatch):
+  from goosejax.wkv import dispatch
+  assert "XLA chunked form on cpu" in dispatch.startup_line("auto", None)
+  checked = []
+  monkeypatch.setattr(self_check, "local_platform", lambda: "cuda")
+  monkeypatch.setattr(self_check, "kernels_usable", lambda platform, size: checked.append(size) or True)
+  monkeypatch.setitem(self_check.KERNEL_CHECKS, "cuda", self_check.KernelCheck("cuda", True, "ok"))
+  assert "Pallas kernels on cuda" in dispatch.startup_line("auto", 64)
+  assert "Pallas kernels on cuda" in dispatch.startup_line("pallas", 64)
+  assert checked == [dispatch.PALLAS_AUTO_CHUNK_SIZES["cuda"], 32]   # Triton takes <= 32

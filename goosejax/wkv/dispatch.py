@@ -221,3 +221,12 @@ def _auto(r, log_w, k, v, a, b, state, reset, chunk_size, dtype):
         branches[platform] = _per_device(kernel[platform], mesh)
   return jax.lax.platform_dependent(r, log_w, k, v, a, b, state, reset,
                                     default=xla_branch("gpu"), **branches)
+
+
+def startup_line(impl: str, chunk_size: int | None) -> str:
+  """Which WKV implementation `impl` runs on this process's devices, for start-up output (runs
+  the kernel self-check now on a TPU or CUDA device)."""
+  platform = self_check.local_platform()
+  if platform is None:
+    return self_check.describe_wkv(impl, chunk_size or DEFAULT_CHUNK_SIZES["pallas"])
+  return self_check.describe_wkv(impl, kernel_chunk_size(impl, platform, chunk_size))
