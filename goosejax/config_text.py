@@ -9,6 +9,7 @@ import math
 import textwrap
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import yaml
@@ -117,3 +118,10 @@ def keys_markdown() -> str:
     lines += [f"| `{key}` | {_cell(type_)} | `{default}` | {_cell(description)} |"
               for key, type_, default, description in _rows(keys)]
   return "\n".join(lines) + "\n"
+
+
+def write_config_yaml(path: Path, cfg: Config, sources: Mapping[str, str] | None = None) -> None:
+  """`to_yaml(cfg, sources)` into `path`, replaced whole (a reader never sees half a file)."""
+  tmp = path.with_name(f"{path.name}.tmp")
+  tmp.write_text(to_yaml(cfg, sources))
+  tmp.replace(path)

@@ -140,3 +140,23 @@ def test_keys_table_fits_the_terminal(width):
   assert max(len(line) for line in lines) <= width
   assert sum(line.startswith("model.") for line in lines) == \
       sum(key.name.startswith("model.") for key in config_keys())
+
+
+def test_train_writes_the_resolved_yaml_next_to_config_json(tmp_path):
+  import io
+
+  from goosejax.train import train
+  from goosejax.train.batches import SyntheticBatches
+  from goosejax.train.checkpoint import read_run_config
+  from test_train_loop import COMPILED_STEPS, TINY, one_device
+
+  resolved = resolve_config("tiny", TINY)
+  out = io.StringIO()
+  train(resolved.config, tmp_path, mesh=one_device(), train_batches=SyntheticBatches(256, 16, 8),
+        open_validation=lambda: SyntheticBatches(256, 16, 8, split="validation"), out=out,
+        progress_bar=False, compiled_steps=COMPILED_STEPS, stop_at_step=1,
+        config_sources=resolved.sources)
+  path = tmp_path / "config.yaml"
+  assert f"resolved config: {path}" in out.getvalue()
+  assert load_config(path) == resolved.config == read_run_config(tmp_path)
+  assert explained(path.read_text()) == resolved.sources

@@ -1,6 +1,7 @@
-"""`goosejax train` as users run it: argument errors, and the tiny preset on the built-in
-corpus trained straight for 12 steps vs. stopped by SIGTERM, killed with SIGKILL and resumed
-with the same command: the losses agree bit for bit at every step."""
+"""`goosejax train` as users run it: argument errors, overrides among the flags, and the tiny
+preset on the built-in corpus trained straight for 12 steps (its config.yaml read back) vs.
+stopped by SIGTERM, killed with SIGKILL and resumed with the same command: the losses agree
+bit for bit at every step."""
 import json
 import os
 import signal
@@ -11,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from goosejax import config_args
 from goosejax.checkpoint import checkpoint_steps
 from goosejax.cli import main as goosejax_main
+from goosejax.config import load_config
+from goosejax.train.cli import build_parser
 
 ARGS = ["--config", "tiny", "--steps", "12", "--checkpoint-every", "4", "--no-progress-bar",
         "data.ctx_len=16", "data.batch_size=8", "run.log_every=4", "run.eval_every=100",
@@ -90,6 +94,9 @@ def test_sigterm_and_kill9_then_resume_reproduce_the_straight_run(tmp_path):
   output = process.communicate(timeout=300)[0]
   assert process.returncode == 0, output
   assert "compiled train step, memory per device" in output and "step 12/12 |" in output
+  assert f"resolved config: {straight / 'config.yaml'}" in output
+  args = config_args.parse_args(build_parser(), ["--run-dir", str(straight), *ARGS])
+  assert load_config(straight / "config.yaml") == config_args.resolve(args).config
 
   run_dir = tmp_path / "interrupted"
   # 1. Preemption: SIGTERM once training is under way -> checkpoint, exit 143.

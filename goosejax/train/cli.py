@@ -84,7 +84,8 @@ def main(argv: list[str]) -> int:
     _enable_compilation_cache(args.compilation_cache)
     try:
       result = train(resolved.config, args.run_dir, init_from=args.init_from,
-                     progress_bar=False if args.no_progress_bar else None)
+                     progress_bar=False if args.no_progress_bar else None,
+                     config_sources=resolved.sources)
     except NonFiniteLossError as e:
       print(f"goosejax train: {e}", file=sys.stderr)
       return 1

@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Callable, Mapping, Sequence, TextIO
 
 import jax
 import numpy as np
@@ -33,6 +33,7 @@ import numpy as np
 from goosejax import sharding
 from goosejax.checkpoint import checkpoint_steps
 from goosejax.config import EXECUTION_SETTINGS, Config, ConfigError, ModelConfig
+from goosejax.config_text import write_config_yaml
 from goosejax.train import recipe, run_lock
 from goosejax.train.batches import BatchIterator, open_batches
 from goosejax.train.checkpoint import (CheckpointError, TrainCheckpointer, read_checkpoint_config,
@@ -40,6 +41,11 @@ from goosejax.train.checkpoint import (CheckpointError, TrainCheckpointer, read_
 from goosejax.train.compiled_steps import CompiledSteps
 from goosejax.train.metrics import (MetricsLogger, flops_per_token, memory_summary,
                                     peak_flops_per_device)
+
+
+# The config as YAML for people (`goosejax config`'s output, each value's source noted);
+# resuming reads config.json.
+RESOLVED_CONFIG_FILE = "config.yaml"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -206,10 +212,12 @@ def train(cfg: Config, run_dir: str | Path, *, init_from: str | Path | None = No
           open_validation: Callable[[], BatchIterator | None] | None = None,
           mesh: jax.sharding.Mesh | None = None, stop_at_step: int | None = None,
           out: TextIO | None = None, progress_bar: bool | None = None,
-          compiled_steps: CompiledSteps | None = None) -> RunResult:
+          compiled_steps: CompiledSteps | None = None,
+          config_sources: Mapping[str, str] | None = None) -> RunResult:
   """Run (or resume) training in `run_dir`. Batches default to `open_batches(cfg, ...)`;
   `stop_at_step` ends the run cleanly after that step, as a preemption would;
-  `compiled_steps` lets several runs in one process share their compiled steps."""
+  `compiled_steps` lets several runs in one process share their compiled steps;
+  `config_sources` (config.ResolvedConfig.sources) annotates RUN_DIR/config.yaml."""
   recipe.check_trainable(cfg)
   run_dir = Path(run_dir)
   primary = jax.process_index() == 0
@@ -221,7 +229,8 @@ def train(cfg: Config, run_dir: str | Path, *, init_from: str | Path | None = No
   try:
     return _train_holding_lock(cfg, run_dir, init_from, train_batches, open_validation, mesh,
                                stop_at_step, out, say, progress_bar,
-                               compiled_steps if compiled_steps is not None else CompiledSteps())
+                               compiled_steps if compiled_steps is not None else CompiledSteps(),
+                               config_sources)
   finally:
     if lock is not None:
       lock.release()
@@ -232,7 +241,8 @@ def _train_holding_lock(cfg: Config, run_dir: Path, init_from: str | Path | None
                         open_validation: Callable[[], BatchIterator | None] | None,
                         mesh: jax.sharding.Mesh, stop_at_step: int | None, out: TextIO,
                         say: Callable[[str], None], progress_bar: bool | None,
-                        compiled_steps: CompiledSteps) -> RunResult:
+                        compiled_steps: CompiledSteps,
+                        config_sources: Mapping[str, str] | None) -> RunResult:
   primary = jax.process_index() == 0
   switched = _check_run_dir(run_dir, cfg)
   if switched:
@@ -252,6 +262,8 @@ def _train_holding_lock(cfg: Config, run_dir: Path, init_from: str | Path | None
                                                 train_batches, say)
     if primary:
       write_run_config(run_dir, cfg)  # only now: everything above has accepted this config
+      write_config_yaml(run_dir / RESOLVED_CONFIG_FILE, cfg, config_sources)
+      say(f"resolved config: {run_dir / RESOLVED_CONFIG_FILE} (`--config` reads it back)")
   except BaseException:
     checkpointer.close()
     raise
