@@ -8,7 +8,6 @@ from typing import Sequence
 
 from goosejax.config import ResolvedConfig, preset_names, resolve_config
 
-HELP_WIDTH = 88
 KEYS_HELP = """\
 Overrides: any config key as section.key=value, anywhere on the command line
 (e.g. optimizer.lr_init=3e-4 mesh.data=1 mesh.fsdp=-1 data.paths=[a,b]).

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
           "(rerun to resume); 1 non-finite loss (the last good checkpoint is kept); 2 bad "
           "arguments, config, data or run directory, the run directory in use by another "
           "train, a checkpoint that could not be written (disk full) or none that restores; "
-          "130 a second Ctrl-C.", config_args.HELP_WIDTH))
+          "130 a second Ctrl-C.", 88))
   config_args.add_config_arguments(parser)
   parser.add_argument("--run-dir", required=True, help="checkpoints, metrics and logs go here")
   parser.add_argument("--init-from", help="start from these weights: a goosejax run directory or "
