@@ -187,31 +187,38 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """How the devices are arranged: axis sizes whose product is the device count. At most
-  one axis may be -1 (the devices the other axes leave); data is -1 by default, so give
-  mesh.data=1 with mesh.fsdp=-1 or mesh.tensor=-1."""
-  data: int = setting(-1, "devices on the data-parallel axis (parameters replicated, batch "
-                          "split); -1: the devices the other axes leave")
+  """How the devices are arranged: axis sizes whose product is the device count. One axis
+  may be -1 (the devices the other axes leave); mesh.data does that by default unless
+  mesh.fsdp or mesh.tensor is -1."""
+  data: int | None = setting(None, "devices on the data-parallel axis (parameters replicated, "
+                                   "batch split); -1: the devices the other axes leave; unset "
+                                   "(null): -1, or 1 when mesh.fsdp or mesh.tensor is -1")
   fsdp: int = setting(1, "devices on the FSDP axis (parameters and batch split); -1: the "
                          "devices the other axes leave")
   tensor: int = setting(1, "devices on the tensor-parallel axis (heads, FFN hidden and "
                            "vocabulary split); -1: the devices the other axes leave")
 
+  def sizes(self) -> dict[str, int]:
+    """The axis sizes as given, mesh.data's default resolved (-1 stays -1)."""
+    data = self.data
+    if data is None:
+      data = 1 if -1 in (self.fsdp, self.tensor) else -1
+    return {"data": data, "fsdp": self.fsdp, "tensor": self.tensor}
+
   def validate(self) -> None:
-    sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
-    for key, size in sizes.items():
-      if size == 0 or size < -1:
-        raise ConfigError(f"mesh.{key}={size}: expected a positive size or -1 (use what is left)")
-    rest = [f"mesh.{key}" for key, size in sizes.items() if size == -1]
+    given = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+    for key, size in given.items():
+      if size is not None and (isinstance(size, bool) or not isinstance(size, int)
+                               or size == 0 or size < -1):
+        raise ConfigError(f"mesh.{key}={size!r}: expected a positive size or -1 (use what is left)")
+    rest = [f"mesh.{key}" for key, size in self.sizes().items() if size == -1]
     if len(rest) > 1:
-      hint = ("; mesh.data is -1 by default: give mesh.data=1 with mesh.fsdp=-1 or mesh.tensor=-1"
-              if "mesh.data" in rest else "")
       raise ConfigError(f"mesh: {' and '.join(rest)} are -1 but at most one of mesh.data, "
-                        f"mesh.fsdp, mesh.tensor may be -1{hint}")
+                        "mesh.fsdp, mesh.tensor may be -1")
 
   def shape(self, n_devices: int) -> dict[str, int]:
     """Axis sizes for `n_devices`, resolving the -1 axis; raises if they do not fit."""
-    sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+    sizes = self.sizes()
     known = math.prod(s for s in sizes.values() if s != -1)
     if any(s == -1 for s in sizes.values()):
       if n_devices % known:

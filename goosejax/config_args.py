@@ -10,7 +10,7 @@ from goosejax.config import ResolvedConfig, preset_names, resolve_config
 
 KEYS_HELP = """\
 Overrides: any config key as section.key=value, anywhere on the command line
-(e.g. optimizer.lr_init=3e-4 mesh.data=1 mesh.fsdp=-1 data.paths=[a,b]).
+(e.g. optimizer.lr_init=3e-4 mesh.fsdp=-1 data.paths=[a,b]).
 `goosejax config --keys` lists every key with its type, default and meaning (as does
 docs/configuration.md); `goosejax config` with the same --config, flags and overrides
 prints the resolved configuration, with --explain each value's source."""

@@ -1,6 +1,6 @@
 """`goosejax config`: the configuration a run will use, and what every key means.
 
-    goosejax config --config rwkv7-1.5b mesh.data=1 mesh.fsdp=-1            # resolved YAML
+    goosejax config --config rwkv7-1.5b mesh.fsdp=-1                         # resolved YAML
     goosejax config --config my.yaml --steps 500 data.ctx_len=1024 --explain  # + each source
     goosejax config --keys                                                   # key reference
 

@@ -112,6 +112,13 @@ def test_mesh_shapes():
     MeshConfig(data=-1, fsdp=3).shape(8)
   with pytest.raises(ConfigError, match="at most one"):
     load_config("tiny", ["mesh.data=-1", "mesh.fsdp=-1"])
+  # mesh.data unset: the rest of the devices, or 1 when another axis takes the rest.
+  assert MeshConfig().shape(8) == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert MeshConfig(fsdp=-1).shape(8) == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert MeshConfig(tensor=-1, fsdp=2).shape(8) == {"data": 1, "fsdp": 2, "tensor": 4}
+  assert load_config("tiny", ["mesh.data=null"]).mesh.data is None
+  with pytest.raises(ConfigError, match="mesh.data=0"):
+    load_config("tiny", ["mesh.data=0"])
 
 
 def test_round_trip_through_dict():

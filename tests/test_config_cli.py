@@ -97,10 +97,16 @@ def test_overrides_stand_anywhere_among_the_flags(capsys):
 
 
 def test_a_refused_config_is_shown_then_refused_on_one_line(capsys):
-  status, out, err = config_command(capsys, "--config", "rwkv7-1.5b", "mesh.fsdp=-1", "--explain")
+  status, out, err = config_command(capsys, "--config", "rwkv7-1.5b", "mesh.data=-1",
+                                    "mesh.fsdp=-1", "--explain")
   assert status == 2
-  assert explained(out)["mesh.data"] == "default" and explained(out)["mesh.fsdp"] == "command line"
-  assert err.count("\n") == 1 and "mesh.data and mesh.fsdp are -1" in err and "mesh.data=1" in err
+  assert explained(out)["mesh.data"] == explained(out)["mesh.fsdp"] == "command line"
+  assert err.count("\n") == 1 and "mesh.data and mesh.fsdp are -1" in err
+
+
+def test_fsdp_alone_takes_the_devices_data_leaves_by_default(capsys):
+  status, out, _ = config_command(capsys, "--config", "rwkv7-1.5b", "mesh.fsdp=-1", "--explain")
+  assert status == 0 and explained(out)["mesh.data"] == "default"
 
 
 @pytest.mark.parametrize("argv, fragment", [
