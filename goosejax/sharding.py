@@ -23,6 +23,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from goosejax.config import MeshConfig
 from goosejax.errors import GoosejaxError
+from goosejax.param_table import PARAMS
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -31,7 +32,6 @@ RULES: dict[str, tuple[str, ...]] = {
     # activations
     "batch": ("data", "fsdp"),
     "length": (),
-    "act_embed": (),
     "act_vocab": ("tensor",),
     # parameters
     "layers": (),
@@ -45,30 +45,9 @@ RULES: dict[str, tuple[str, ...]] = {
     "head_dim": (),
 }
 
-# Every parameter's logical axes, by its dotted name (goosejax.model.params). Stacked layer
-# parameters lead with "layers"; Linear weights are [in, out].
-_VECTOR = ("layers", "channel")
-PARAM_AXES: dict[str, tuple[str, ...]] = {
-    "emb": ("vocab", "embed"),
-    "head": ("embed", "vocab"),
-    "ln0.weight": ("channel",), "ln0.bias": ("channel",),
-    "ln_out.weight": ("channel",), "ln_out.bias": ("channel",),
-    "blocks.ln1.weight": _VECTOR, "blocks.ln1.bias": _VECTOR,
-    "blocks.ln2.weight": _VECTOR, "blocks.ln2.bias": _VECTOR,
-    **{f"blocks.att.{name}": _VECTOR for name in (
-        "x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a",
-        "ln_x_weight", "ln_x_bias")},
-    "blocks.att.r_k": ("layers", "head_index", "head_dim"),
-    **{f"blocks.att.{down}": ("layers", "embed", "lora") for down in ("w1", "a1", "v1", "g1")},
-    **{f"blocks.att.{up}": ("layers", "lora", "embed") for up in ("w2", "a2", "v2", "g2")},
-    "blocks.att.receptance": ("layers", "embed", "heads"),
-    "blocks.att.key": ("layers", "embed", "heads"),
-    "blocks.att.value": ("layers", "embed", "heads"),
-    "blocks.att.output": ("layers", "heads", "embed"),
-    "blocks.ffn.x_k": _VECTOR,
-    "blocks.ffn.key": ("layers", "embed", "mlp"),
-    "blocks.ffn.value": ("layers", "mlp", "embed"),
-}
+# Every parameter's logical axes, by its dotted name (goosejax.model.params); declared in
+# goosejax.param_table. Stacked layer parameters lead with "layers"; Linear weights are [in, out].
+PARAM_AXES: dict[str, tuple[str, ...]] = {p.name: p.axes for p in PARAMS}
 
 BATCH_AXES = ("batch", "length")
 LOGITS_AXES = ("batch", "length", "act_vocab")
@@ -87,8 +66,7 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
                        devices=devices)
 
 
-def logical_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                 rules: Mapping[str, tuple[str, ...]] = RULES) -> PartitionSpec:
+def logical_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
   """PartitionSpec for a tensor whose dims carry logical `names` (None: never split)."""
   if len(names) != len(shape):
     raise ShardingError(f"logical axes {tuple(names)} do not match shape {tuple(shape)}")
@@ -98,9 +76,9 @@ def logical_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
     if name is None:
       spec.append(None)
       continue
-    if name not in rules:
-      raise ShardingError(f"logical axis {name!r} has no rule; known: {sorted(rules)}")
-    axes = tuple(a for a in rules[name] if mesh.shape.get(a, 1) > 1)
+    if name not in RULES:
+      raise ShardingError(f"logical axis {name!r} has no rule; known: {sorted(RULES)}")
+    axes = tuple(a for a in RULES[name] if mesh.shape.get(a, 1) > 1)
     clash = used.intersection(axes)
     if clash:
       raise ShardingError(f"logical axes {tuple(names)}: mesh axis {sorted(clash)} is used twice")
@@ -114,8 +92,8 @@ def logical_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
 
 def param_axes(name: str) -> tuple[str, ...]:
   if name not in PARAM_AXES:
-    raise ShardingError(f"parameter {name!r} has no logical axes in goosejax.sharding.PARAM_AXES; "
-                        "add it there so it can be placed on the mesh")
+    raise ShardingError(f"parameter {name!r} has no logical axes (goosejax.sharding.PARAM_AXES): "
+                        "declare it in goosejax.param_table.PARAMS so it can be placed on the mesh")
   return PARAM_AXES[name]
 
 
@@ -193,9 +171,3 @@ def host_to_global(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax
     global_shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
     result[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
   return result
-
-
-def describe(shardings: Mapping[str, NamedSharding]) -> str:
-  """One line per parameter: name and PartitionSpec (for logs and tests)."""
-  width = max(len(name) for name in shardings)
-  return "\n".join(f"{name:<{width}}  {tuple(s.spec)}" for name, s in sorted(shardings.items()))

@@ -6,6 +6,8 @@ then transposed to goosejax's [in, out] storage.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,21 +51,28 @@ def head_gain(vocab_size: int, n_embd: int) -> float:
   return 0.5 * (vocab_size / n_embd) ** 0.5 if vocab_size > n_embd else 0.5
 
 
+@functools.partial(jax.jit, static_argnames=("count", "shape"))
+def _orthogonal_draws(key: jax.Array, gain: jax.Array, count: int, shape: tuple[int, int]) -> jax.Array:
+  """[count, *shape] orthogonal matrices times `gain`, in fp32 (bf16 QR is inaccurate).
+
+  Jitted so that a second model of the same sizes in one process (tests, notebooks, a
+  resumed run) reuses the compiled draw instead of compiling it again (~1 s each on CPU).
+  lax.map, not vmap: a batched QR inside jit can deadlock the CPU thread pool (2 cores)."""
+  draw = jax.nn.initializers.orthogonal()
+  return gain * jax.lax.map(lambda k: draw(k, shape, jnp.float32), jax.random.split(key, count))
+
+
 def orthogonal_stack(key: jax.Array, n_layer: int, out_dim: int, in_dim: int, gain: float,
                      dtype) -> jax.Array:
   """[L, in, out] = transposes of L orthogonal [out, in] matrices scaled by `gain`
   (torch.nn.init.orthogonal_ on the official [out, in] weight)."""
   if gain == 0:
     return jnp.zeros((n_layer, in_dim, out_dim), dtype)
-  init = jax.nn.initializers.orthogonal(scale=gain)
-  # lax.map, not vmap: a batched QR inside jit can deadlock the CPU thread pool (2 cores).
-  mats = jax.lax.map(lambda k: init(k, (out_dim, in_dim), jnp.float32), jax.random.split(key, n_layer))
+  mats = _orthogonal_draws(key, jnp.float32(gain), n_layer, (out_dim, in_dim))
   return jnp.swapaxes(mats, -1, -2).astype(dtype)
 
 
 def lora_up_stack(key: jax.Array, n_layer: int, rank: int, n_embd: int, dtype) -> jax.Array:
   """The LoRA up-projections (w2, a2, v2, g2): [L, rank, C] with orthonormal rows, gain 0.1
   (RWKV_Tmix_x070's ortho_init, lines 524-565: rank < C, so its sqrt factor is 1)."""
-  init = jax.nn.initializers.orthogonal(scale=0.1)
-  mats = jax.lax.map(lambda k: init(k, (rank, n_embd), jnp.float32), jax.random.split(key, n_layer))
-  return mats.astype(dtype)
+  return _orthogonal_draws(key, jnp.float32(0.1), n_layer, (rank, n_embd)).astype(dtype)

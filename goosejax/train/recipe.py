@@ -1,8 +1,8 @@
 """The RWKV-7 training recipe (spec §3.2) as pure JAX functions.
 
-* Parameter groups as in RWKV-LM's `configure_optimizers`: `att.w0` at `w0_lr_scale` x lr
-  (2x) without weight decay; decoupled weight decay only on the big `.weight` matrices
-  (`DECAY_PARAMS`); nothing else decays (LoRAs, vectors, norms).
+* Parameter groups as in RWKV-LM's `configure_optimizers`, declared per parameter in
+  goosejax.param_table: `att.w0` at `w0_lr_scale` x lr (2x) without weight decay; decoupled
+  weight decay only on the big `.weight` matrices; nothing else decays (LoRAs, vectors, norms).
 * AdamW with bias correction, betas (0.9, 0.99), eps 1e-18, global-norm clipping at 1.0.
 * Learning rate: warmup from 1% over `warmup_steps`, cosine from lr_init to lr_final over
   the whole run (RWKV-LM's token-based formula; tokens per step are constant here).
@@ -19,7 +19,6 @@ merged back inside the step.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -31,13 +30,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from goosejax import sharding
-from goosejax.config import Config, ConfigError, ModelConfig, OptimizerConfig
+from goosejax.config import Config, ConfigError, OptimizerConfig
 from goosejax.model import RWKV7
+from goosejax.param_table import BY_NAME, Group
 
-DECAY_PARAMS = frozenset({
-    "emb", "head", "blocks.att.receptance", "blocks.att.key", "blocks.att.value",
-    "blocks.att.output", "blocks.ffn.key", "blocks.ffn.value"})
-W0_PARAM = "blocks.att.w0"
 L2WRAP_SCALE = 1e-4
 
 Params = dict[str, jax.Array]
@@ -53,11 +49,10 @@ class TrainState(NamedTuple):
 # ----------------------------------------------------------------------------- optimizer
 
 
-def param_group(name: str) -> str:
-  """'w0' (2x lr, no decay), 'decay' (weight decay) or 'no_decay'."""
-  if name == W0_PARAM:
-    return "w0"
-  return "decay" if name in DECAY_PARAMS else "no_decay"
+def param_group(name: str) -> Group:
+  """'w0' (2x lr, no decay), 'decay' (weight decay) or 'no_decay', as goosejax.param_table
+  declares; a name outside the table (a toy optimizer test's) is plain 'no_decay'."""
+  return BY_NAME[name].group if name in BY_NAME else "no_decay"
 
 
 def learning_rate(step: jax.Array | int, opt: OptimizerConfig, total_steps: int) -> jax.Array:
@@ -214,22 +209,15 @@ def init_train_state(cfg: Config, tx: optax.GradientTransformation, mesh: Mesh,
   if params is None and init_on_host:
     # jaxlib's CPU QR (the orthogonal init) hands its batch to the thread pool it runs on;
     # inside one jitted program several QRs run at once and can deadlock that pool (seen on
-    # a 2-core machine even with one device). Op-by-op they cannot. CPU devices share host
-    # memory anyway, so initialise eagerly and place the result on the mesh.
-    params = dict(_eager_init(cfg.model, cfg.run.seed))
+    # a 2-core machine even with one device). Outside it each draw is its own small program
+    # (goosejax.model.init), QRs one after another. CPU devices share host memory anyway,
+    # so initialise there and place the result on the mesh.
+    _, params = split_params(build_model(cfg))
   if params is not None:
     params = place_on_mesh(params, shardings.params)
   param_in = None if params is None else shardings.params
   state = jax.jit(create, in_shardings=(param_in,), out_shardings=shardings)(params)
   return state, shardings
-
-
-@functools.lru_cache(maxsize=1)
-def _eager_init(model_cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
-  """Host copy of a fresh initialisation, op by op; a second run in the same process with the
-  same model and seed (tests, notebooks) reuses it instead of paying the slow eager init again."""
-  _, params = split_params(RWKV7(model_cfg, rngs=nnx.Rngs(seed)))
-  return {name: np.asarray(value) for name, value in params.items()}
 
 
 def place_on_mesh(host: Mapping[str, Any], shardings: Mapping[str, jax.sharding.Sharding]) -> Params:
@@ -259,7 +247,7 @@ def _micro_batches(batch: Batch, accum: int) -> dict[str, jax.Array]:
   return {key: split(value) for key, value in batch.items()}
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, cfg: Config, mesh: Mesh | None,
+def make_loss_fn(graphdef: nnx.GraphDef, mesh: Mesh | None,
                  use_l2wrap: bool) -> Callable[[Params, Batch], jax.Array]:
   def loss_fn(params: Params, batch: Batch) -> jax.Array:
     model = merge_params(graphdef, params)
@@ -277,7 +265,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: Config, mesh: Mesh | None,
 def make_grad_fn(graphdef: nnx.GraphDef, cfg: Config,
                  mesh: Mesh | None) -> Callable[[Params, Batch], tuple[jax.Array, Params]]:
   """(params, batch) -> (mean loss, mean gradients) over `grad_accum` micro-batches."""
-  grad_fn = jax.value_and_grad(make_loss_fn(graphdef, cfg, mesh, cfg.optimizer.l2wrap))
+  grad_fn = jax.value_and_grad(make_loss_fn(graphdef, mesh, cfg.optimizer.l2wrap))
   accum = cfg.optimizer.grad_accum
   if accum == 1:
     return grad_fn
@@ -319,7 +307,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
 def make_eval_step(graphdef: nnx.GraphDef, cfg: Config,
                    mesh: Mesh | None) -> Callable[[Params, Batch], jax.Array]:
   """(params, batch) -> mean cross-entropy (no L2Wrap)."""
-  return make_loss_fn(graphdef, cfg, mesh, use_l2wrap=False)
+  return make_loss_fn(graphdef, mesh, use_l2wrap=False)
 
 
 def jit_train_step(step_fn, shardings: TrainState, mesh: Mesh):
