@@ -84,6 +84,7 @@ def test_straight_run_logs_and_learns(straight):
   for field in ("loss", "tok/s", "tok/s/dev", "MFU", "lr", "|g|", "ETA"):
     assert field in lines[first_step]
   assert "step 6: validation loss" in output
+  assert "wkv: impl=auto runs the XLA chunked form on cpu" in output   # which WKV runs
   val = [r for r in read_metrics(run_dir) if "val_loss" in r]
   assert [r["step"] for r in val] == [6, 12] and val[-1]["val_loss"] == pytest.approx(result.val_loss)
   events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))

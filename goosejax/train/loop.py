@@ -41,6 +41,7 @@ from goosejax.train.checkpoint import (CheckpointError, TrainCheckpointer, read_
 from goosejax.train.compiled_steps import CompiledSteps
 from goosejax.train.metrics import (MetricsLogger, flops_per_token, memory_summary,
                                     peak_flops_per_device)
+from goosejax.wkv.dispatch import startup_line
 
 
 # The config as YAML for people (`goosejax config`'s output, each value's source noted);
@@ -272,6 +273,7 @@ def _train_holding_lock(cfg: Config, run_dir: Path, init_from: str | Path | None
   n_params = sum(math.prod(s.shape) for s in shapes.values())
   say(f"model: {n_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)} over {mesh.devices.size} "
       f"devices ({jax.devices()[0].device_kind}), {pcount} process(es)")
+  say(startup_line(cfg.model.wkv_impl, cfg.model.wkv_chunk_size))
 
   eval_step = compiled_steps.get_or_build(
       ("eval", cfg.model, cfg.run.remat, mesh),
