@@ -4,8 +4,9 @@ The layout is FLA's `RWKV7ForCausalLM` (fla-hub/*, RWKV/RWKV7-Goose-*-HF), spec 
 `model.embeddings`, `model.layers.{i}.{pre_norm,attn_norm,attn,ffn_norm,ffn}`, `model.norm`,
 `lm_head`. The LoRAs are `nn.Sequential(Linear, act, Linear)` modules, so their weights are the
 transposes of the official [in, out] matrices and the official bias vectors (w0, a0, v0) are
-the second Linear's bias; layer 0 has no `v_lora`. Conversion goes through the official state
-dict (goosejax/convert/official.py), so every shape check and the stacking live in one place.
+the second Linear's bias; layer 0 has no `v_lora` (each tensor's name and layout is declared
+in goosejax.param_table). Conversion goes through the official state dict
+(goosejax/convert/official.py), so every shape check and the stacking live in one place.
 
 The recurrent state differs too: FLA keeps the WKV state as [B, H, K, V] (the transpose of
 goosejax's and the official [B, H, V, K]); `state_to_fla` / `state_from_fla` convert it.
@@ -30,6 +31,7 @@ from goosejax.convert.official import (CheckpointFormatError, official_to_params
                                        params_to_official)
 from goosejax.errors import GoosejaxError
 from goosejax.model.state import RWKV7State
+from goosejax.param_table import BY_NAME, parse_hf_key, parse_official_key
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -43,11 +45,6 @@ SAFETENSORS_DTYPES: dict[str, np.dtype] = {
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 _MAX_HEADER_BYTES = 100 * 2**20
 
-_LORAS = {"w": "w_lora", "a": "a_lora", "v": "v_lora", "g": "g_lora"}
-_LINEARS = {"receptance": "r_proj", "key": "k_proj", "value": "v_proj", "output": "o_proj"}
-_NORMS = {"ln1": "attn_norm", "ln2": "ffn_norm", "ln0": "pre_norm"}
-_TOP = {"emb.weight": "model.embeddings.weight", "ln_out.weight": "model.norm.weight",
-        "ln_out.bias": "model.norm.bias", "head.weight": "lm_head.weight"}
 FLA_EXACT_HEAD_SIZE = 64
 
 
@@ -130,105 +127,42 @@ def official_to_hf(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
   """Official x070 state dict -> FLA tensor dict (layer 0's v0/v1/v2 are dropped)."""
   out = {}
   for key, value in state_dict.items():
-    name, transform = _to_hf(key)
-    if name is not None:
-      out[name] = transform(np.asarray(value))
+    found = parse_official_key(key)
+    if found is None:
+      raise CheckpointFormatError(f"official key {key!r} has no Hugging Face name")
+    param, layer = found
+    if layer == 0 and param.unused_in_layer0:
+      continue                       # FLA's layer 0 has no value-residual LoRA
+    value = param.official_layout.from_file(np.asarray(value))
+    out[param.hf_key(layer)] = param.hf_layout.to_file(value)
   return out
 
 
 def hf_name(official_key: str) -> str:
   """The FLA tensor name that holds an official key (what messages about an HF file say)."""
-  name, _ = _to_hf(official_key)
-  return name if name is not None else official_key
-
-
-def _to_hf(key: str):
-  """(FLA name, value transform) of one official key; (None, None) for what FLA drops."""
-  same = lambda v: v
-  if key in _TOP:
-    return _TOP[key], same
-  m = re.fullmatch(r"blocks\.(\d+)\.(\w+)\.(.+)", key)
-  if m is None:
-    raise CheckpointFormatError(f"official key {key!r} has no Hugging Face name")
-  layer, part, rest = m.groups()
-  prefix = f"model.layers.{layer}."
-  if part in _NORMS:
-    return prefix + f"{_NORMS[part]}.{rest}", same
-  if part == "ffn":
-    return prefix + f"ffn.{rest}", (lambda v: v.reshape(-1)) if rest == "x_k" else same
-  if part == "att":
-    name, transform = _attention_to_hf(rest, int(layer))
-    return (None, None) if name is None else (prefix + "attn." + name, transform)
-  raise CheckpointFormatError(f"official key {key!r} has no Hugging Face name")
-
-
-def _attention_to_hf(rest: str, layer: int):
-  C_of = lambda v: v.reshape(-1)
-  if m := re.fullmatch(r"([wavg])([012])", rest):
-    kind, index = m.groups()
-    if kind == "v" and layer == 0:
-      return None, None            # FLA's layer 0 has no value-residual LoRA
-    lora = _LORAS[kind]
-    return {"0": (f"{lora}.lora.2.bias", C_of), "1": (f"{lora}.lora.0.weight", np.transpose),
-            "2": (f"{lora}.lora.2.weight", np.transpose)}[index]
-  if rest.startswith("x_"):
-    return rest, lambda v: v.reshape(1, 1, -1)
-  if rest in ("k_k", "k_a"):
-    return rest, C_of
-  if rest == "r_k":
-    return rest, lambda v: v
-  if rest.endswith(".weight") and rest[:-7] in _LINEARS:
-    return f"{_LINEARS[rest[:-7]]}.weight", lambda v: v
-  if rest.startswith("ln_x."):
-    return "g_norm." + rest[5:], lambda v: v
-  raise CheckpointFormatError(f"official key 'att.{rest}' has no Hugging Face name")
+  found = parse_official_key(official_key)
+  return official_key if found is None else found[0].hf_key(found[1])
 
 
 def hf_to_official(tensors: Mapping[str, np.ndarray], source: str = "checkpoint") -> dict[str, np.ndarray]:
   """FLA tensor dict -> official x070 state dict; unknown names are errors that name them."""
-  top = {hf: official for official, hf in _TOP.items()}
-  norms = {hf: official for official, hf in _NORMS.items()}
-  linears = {hf: official for official, hf in _LINEARS.items()}
   out = {}
   for key, value in tensors.items():
     value = np.asarray(value)
-    if key in top:
-      out[top[key]] = value
+    if m := re.fullmatch(r"model\.layers\.(\d+)\.attn\.x_x", key):
+      # FLA's first layout: the six token-shift mixes stacked [6, C] as r, w, k, v, a, g.
+      for mix, row in zip("rwkvag", value):
+        out[BY_NAME[f"blocks.att.x_{mix}"].official_key(int(m.group(1)))] = row
       continue
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(\w+)\.(.+)", key)
-    name = None
-    if m is not None:
-      layer, part, rest = m.groups()
-      b = f"blocks.{layer}."
-      if part in norms and rest in ("weight", "bias"):
-        name = f"{b}{norms[part]}.{rest}"
-      elif part == "ffn" and rest in ("x_k", "key.weight", "value.weight"):
-        name = f"{b}ffn.{rest}"
-      elif part == "attn":
-        if rest == "x_x":          # FLA's first layout: the six mixes stacked [6, C] as r,w,k,v,a,g
-          for i, mix in enumerate("rwkvag"):
-            out[f"{b}att.x_{mix}"] = value[i]
-          continue
-        if lm := re.fullmatch(r"([wavg])_lora\.lora\.([02])\.(weight|bias)", rest):
-          kind, index, what = lm.groups()
-          if what == "bias" and index == "2" and kind != "g":
-            name = f"{b}att.{kind}0"
-          elif what == "weight":
-            name = f"{b}att.{kind}{'1' if index == '0' else '2'}"
-            value = value.T
-        elif re.fullmatch(r"x_[rwkvag]|k_k|k_a|r_k", rest):
-          name = f"{b}att.{rest}"
-        elif rest.endswith(".weight") and rest[:-7] in linears:
-          name = f"{b}att.{linears[rest[:-7]]}.weight"
-        elif rest in ("g_norm.weight", "g_norm.bias"):
-          name = f"{b}att.ln_x.{rest[7:]}"
-    if name is None:
+    found = parse_hf_key(key)
+    if found is None:
       hint = (" (a hybrid attention layer: goosejax runs pure RWKV-7 only)"
               if re.search(r"\.attn\.(q_proj|qkv)", key) else "")
       raise CheckpointFormatError(f"{source}: unexpected tensor {key!r} for an FLA/HF RWKV-7 "
                                   f"model{hint}")
-    out[name] = value
-  if "blocks.0.ln0.weight" not in out:
+    param, layer = found
+    out[param.official_key(layer)] = param.official_layout.to_file(param.hf_layout.from_file(value))
+  if BY_NAME["ln0.weight"].official_key() not in out:
     raise CheckpointFormatError(f"{source}: no 'model.layers.0.pre_norm.*' tensors; RWKV-7 applies "
                                 "a LayerNorm to the embeddings (FLA config norm_first=true)")
   return out
