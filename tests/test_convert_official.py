@@ -67,6 +67,18 @@ def test_round_trip_to_official_is_exact_in_both_layouts():
   assert "blocks.0.att.v0" not in without and "blocks.1.att.v0" in without
 
 
+def test_files_are_written_embedding_first_then_layer_by_layer():
+  cfg, params = official_to_params(official_state_dict())
+  keys = list(params_to_official(params, cfg))
+  assert keys[:3] == ["emb.weight", "blocks.0.ln0.weight", "blocks.0.ln0.bias"]
+  assert keys[-3:] == ["ln_out.weight", "ln_out.bias", "head.weight"]
+  layers = [int(key.split(".")[1]) for key in keys if key.startswith("blocks.")]
+  assert layers == sorted(layers)
+  layer1 = [key[len("blocks.1."):] for key in keys if key.startswith("blocks.1.")]
+  assert layer1[:3] == ["ln1.weight", "ln1.bias", "ln2.weight"]
+  assert layer1[-4:] == ["att.ln_x.bias", "ffn.x_k", "ffn.key.weight", "ffn.value.weight"]
+
+
 def _with(sd, **changes):
   """A copy of `sd` with keys set (or removed, for None)."""
   sd = dict(sd)

@@ -164,6 +164,8 @@ def _edited(hf_dir, tmp_path, edit_tensors=None, edit_config=None):
     (lambda t: t.update({"model.layers.1.attn.q_proj.weight": np.zeros((2, 2), np.float32)}), None,
      "q_proj.weight.*hybrid attention"),
     (lambda t: t.pop("model.layers.0.pre_norm.weight"), None, "pre_norm"),
+    (lambda t: t.update({"model.layers.1.pre_norm.weight": np.ones(128, np.float32)}), None,
+     r"unexpected tensor 'model\.layers\.1\.pre_norm\.weight'"),
     (None, lambda c: c.update(model_type="llama"), "model_type='llama'"),
     (None, lambda c: c.update(hidden_size=256), "hidden_size=256 but the tensors give 128"),
     (None, lambda c: c.update(attn={"layers": [1], "num_heads": 2}), "hybrid attention layers"),
