@@ -277,7 +277,7 @@ def _train_holding_lock(cfg: Config, run_dir: Path, init_from: str | Path | None
 
   eval_step = compiled_steps.get_or_build(
       ("eval", cfg.model, cfg.run.remat, mesh),
-      lambda: recipe.jit_eval_step(recipe.make_eval_step(graphdef, cfg, mesh), shardings, mesh))
+      lambda: recipe.jit_eval_step(recipe.make_eval_step(graphdef, mesh), shardings, mesh))
   tokens_per_step = cfg.data.batch_size * cfg.data.ctx_len
   peak, peak_source = peak_flops_per_device(cfg.run.peak_tflops)
   logger = MetricsLogger(

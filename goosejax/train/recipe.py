@@ -304,8 +304,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, cfg: Config,
-                   mesh: Mesh | None) -> Callable[[Params, Batch], jax.Array]:
+def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh | None) -> Callable[[Params, Batch], jax.Array]:
   """(params, batch) -> mean cross-entropy (no L2Wrap)."""
   return make_loss_fn(graphdef, mesh, use_l2wrap=False)
 
