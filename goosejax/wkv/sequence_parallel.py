@@ -1,0 +1,193 @@
+"""WKV-7 with one sequence split over the `sequence` mesh axis (goosejax.sequence_parallel).
+
+Shape letters: B batch, T tokens, S tokens of one span (T / spans), H heads, N head size,
+L chunks of one span, C tokens per chunk, P spans.
+
+A span's chunks map its incoming state affinely, S -> S M + B (`ChunkMath.summary`), so the
+span does not need its incoming state to summarise itself. Per span and WKV call:
+
+  forward   chunk terms and the associative scan of the chunk maps (as chunked.py's
+            associative form), then the exclusive scan of the span maps across devices
+            (`scan_spans`: log2(P) ppermutes of the two [B, H, N, N] matrices M, B), applied to
+            the initial state, gives the span's incoming state; then all chunk starts and
+            outputs in parallel.
+  backward  the same shape reversed: the reverse scan of the chunks' cotangent maps
+            dS0 = G + dS_end M^T, the reverse scan of the span maps across devices gives the
+            cotangent of the span's end state, then every chunk's cotangents in parallel.
+
+Both directions are log-depth in P and every device holds only its own span (plus one
+N x N state per chunk kept for the backward). Resets anywhere, including at a span's first
+token, are masks inside the chunk maps. A span whose length is not a multiple of the chunk
+size is padded at its end with identity steps.
+
+The Pallas kernels do not run here yet (they consume an incoming state but do not produce span
+summaries); every platform runs this XLA form under a sequence-split mesh.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from goosejax import sharding
+from goosejax.errors import GoosejaxError
+from goosejax.sequence_parallel import SEQUENCE_AXIS, from_neighbour, scan_spans
+from goosejax.wkv.chunked import from_chunks, reset_columns, to_chunks
+from pallas_kernels.chunk_math import ChunkMath
+from pallas_kernels.chunk_sizes import CHUNK_SIZES
+
+
+class SequenceSplitError(GoosejaxError):
+  """A sequence that cannot be split over the `sequence` mesh axis as asked."""
+
+
+class _Layout(NamedTuple):
+  """Static facts of one call: the mesh and how [B, T, H, N] inputs lie on it."""
+  mesh: object        # jax.sharding.Mesh or AbstractMesh with a `sequence` axis
+  chunk_size: int
+  x_spec: P           # [B, T, H, N]: rows, spans, heads
+  state_spec: P       # [B, H, N, N]
+  per_span_spec: P    # [P * k, B, H, N, N]: k per-span states stacked along the spans
+
+
+def _layout(mesh, shape, chunk_size: int) -> _Layout:
+  batch, length, heads, head_size = shape
+  rows_heads = sharding.logical_spec(("batch", "heads"), (batch, heads), mesh)
+  return _Layout(mesh, chunk_size,
+                 x_spec=P(rows_heads[0], SEQUENCE_AXIS, rows_heads[1], None),
+                 state_spec=P(rows_heads[0], rows_heads[1], None, None),
+                 per_span_spec=P(SEQUENCE_AXIS, rows_heads[0], rows_heads[1], None, None))
+
+
+def wkv7_sequence_parallel(r, log_w, k, v, a, b, state, *, mesh, reset=None, chunk_size: int = 64,
+                           dtype=jnp.float32):
+  """WKV-7 over [B, T, H, N] inputs whose T is split over `mesh`'s sequence axis.
+
+  T must be a multiple of the number of spans (any span length; spans are padded to whole chunks
+  locally). Batch rows and heads are split over the mesh axes their logical names map to
+  (goosejax.sharding.RULES), the time dimension over `sequence`. Computes in `dtype` (fp32 or
+  float64); returns (y [B, T, H, N] in dtype, final state [B, H, N, N])."""
+  if chunk_size not in CHUNK_SIZES:
+    raise SequenceSplitError(f"wkv7 sequence parallel: chunk_size={chunk_size}, "
+                             f"expected one of {CHUNK_SIZES}")
+  spans = dict(mesh.shape).get(SEQUENCE_AXIS, 1)
+  length = r.shape[1]
+  if length % spans:
+    raise SequenceSplitError(f"wkv7 sequence parallel: T={length} tokens do not split into "
+                             f"mesh.sequence={spans} equal spans; expected T divisible by {spans}")
+  layout = _layout(mesh, r.shape, chunk_size)
+  inputs = tuple(x.astype(dtype) for x in (r, log_w, k, v, a, b))
+  reset_BT = None if reset is None else reset.astype(bool)
+  return _wkv7_spans(layout, inputs, reset_BT, state.astype(dtype))
+
+
+# ------------------------------------------------------------------------------ one span
+
+
+def _pad_span(xs_BSHN, reset_BS, size: int):
+  """Pad the span to whole chunks with identity steps (log_w = 0 keeps the state, zero k, v, a,
+  b add nothing; no reset)."""
+  padding = -xs_BSHN[0].shape[1] % size
+  if not padding:
+    return xs_BSHN, reset_BS
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, padding)) + ((0, 0),) * (x.ndim - 2))
+  return tuple(pad(x) for x in xs_BSHN), None if reset_BS is None else pad(reset_BS)
+
+
+def _chunk_math(inputs, reset_BS, size: int):
+  math = ChunkMath.for_arrays(size, inputs[0].shape[-1], inputs[0].dtype, reset_BS is not None)
+  resets = None
+  if reset_BS is not None:
+    resets = math.reset_masks(reset_columns(reset_BS, size, inputs[0].dtype))
+  return math, resets
+
+
+def _last(tree):
+  return jax.tree.map(lambda x: x[-1], tree)
+
+
+def _first(tree):
+  return jax.tree.map(lambda x: x[0], tree)
+
+
+def _span_forward(size: int, inputs, reset_BS, initial_BHNN):
+  """One device: (y [B,S,H,N], end state [1,B,H,N,N], incoming state of each chunk [L,B,H,N,N])."""
+  length = inputs[0].shape[1]
+  inputs, reset_BS = _pad_span(inputs, reset_BS, size)
+  math, resets = _chunk_math(inputs, reset_BS, size)
+  terms = math.terms(*(to_chunks(x, size) for x in inputs), resets)
+  prefix = jax.lax.associative_scan(math.combine_affine, math.summary(terms))
+  # the map of spans 0..i applied to the initial state is the state at span i's end
+  end_BHNN = math.apply_affine(initial_BHNN, scan_spans(math.combine_affine, _last(prefix)))
+  start_BHNN = from_neighbour(end_BHNN, initial_BHNN)
+  after_LBHNN = math.apply_affine(start_BHNN[None], prefix)
+  starts_LBHNN = jnp.concatenate([start_BHNN[None], after_LBHNN[:-1]], axis=0)
+  y_LBHCN = math.outputs(starts_LBHNN, math.removals(starts_LBHNN, terms), terms)
+  return from_chunks(y_LBHCN)[:, :length], after_LBHNN[-1:], starts_LBHNN
+
+
+def _span_backward(size: int, inputs, reset_BS, starts_LBHNN, d_y_BSHN, d_final_BHNN):
+  """One device: (input cotangents [B,S,H,N] x 6, cotangent of its incoming state [1,B,H,N,N])."""
+  length = inputs[0].shape[1]
+  (*inputs, d_y_BSHN), reset_BS = _pad_span((*inputs, d_y_BSHN), reset_BS, size)
+  math, resets = _chunk_math(inputs, reset_BS, size)
+  terms, pull_back = math.terms_vjp([to_chunks(x, size) for x in inputs], resets)
+  d_y = to_chunks(d_y_BSHN, size)
+  u_from_outputs, state_from_outputs = math.output_cotangents(terms, d_y)
+  # dS0_c = G_c + dS_end_c M_c^T: G_c (no dS_end) from the chunk's outputs, then suffix
+  # compositions within the span and across the later spans
+  from_outputs = math.start_cotangent(state_from_outputs, terms,
+                                      jnp.zeros_like(state_from_outputs), u_from_outputs)
+  m_LBHNN, _ = math.summary(terms)
+  suffix = jax.lax.associative_scan(math.combine_affine,
+                                    (jnp.swapaxes(m_LBHNN, -1, -2), from_outputs), reverse=True)
+  d_start_BHNN = math.apply_affine(d_final_BHNN,
+                                   scan_spans(math.combine_affine, _first(suffix), reverse=True))
+  d_end_BHNN = from_neighbour(d_start_BHNN, d_final_BHNN, reverse=True)
+  d_starts = math.apply_affine(d_end_BHNN[None], suffix)
+  d_ends = jnp.concatenate([d_starts[1:], d_end_BHNN[None]], axis=0)
+  d_terms = math.term_cotangents(starts_LBHNN, math.removals(starts_LBHNN, terms), terms, d_y,
+                                 math.removal_cotangent(u_from_outputs, terms, d_ends), d_ends)
+  d_inputs = tuple(from_chunks(d)[:, :length] for d in pull_back(d_terms))
+  return d_inputs, d_starts[:1]
+
+
+# -------------------------------------------------------------- across spans: custom VJP
+
+
+def _forward(layout: _Layout, inputs, reset_BT, state_BHNN):
+  """(y, the end state of every span [P,B,H,N,N], chunk starts [P*L,B,H,N,N]) over the mesh."""
+  reset_spec = None if reset_BT is None else P(layout.x_spec[0], SEQUENCE_AXIS)
+  run = jax.shard_map(functools.partial(_span_forward, layout.chunk_size), mesh=layout.mesh,
+                      in_specs=((layout.x_spec,) * 6, reset_spec, layout.state_spec),
+                      out_specs=(layout.x_spec, layout.per_span_spec, layout.per_span_spec))
+  return run(inputs, reset_BT, state_BHNN)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _wkv7_spans(layout: _Layout, inputs, reset_BT, state_BHNN):
+  y_BTHN, ends_PBHNN, _ = _forward(layout, inputs, reset_BT, state_BHNN)
+  return y_BTHN, ends_PBHNN[-1]
+
+
+def _wkv7_spans_fwd(layout: _Layout, inputs, reset_BT, state_BHNN):
+  y_BTHN, ends_PBHNN, starts = _forward(layout, inputs, reset_BT, state_BHNN)
+  return (y_BTHN, ends_PBHNN[-1]), (inputs, reset_BT, starts)
+
+
+def _wkv7_spans_bwd(layout: _Layout, residuals, cotangents):
+  inputs, reset_BT, starts = residuals
+  d_y_BTHN, d_final_BHNN = cotangents
+  reset_spec = None if reset_BT is None else P(layout.x_spec[0], SEQUENCE_AXIS)
+  run = jax.shard_map(functools.partial(_span_backward, layout.chunk_size), mesh=layout.mesh,
+                      in_specs=((layout.x_spec,) * 6, reset_spec, layout.per_span_spec,
+                                layout.x_spec, layout.state_spec),
+                      out_specs=((layout.x_spec,) * 6, layout.per_span_spec))
+  d_inputs, d_starts_PBHNN = run(inputs, reset_BT, starts, d_y_BTHN, d_final_BHNN)
+  return d_inputs, None, d_starts_PBHNN[0]
+
+
+_wkv7_spans.defvjp(_wkv7_spans_fwd, _wkv7_spans_bwd)

@@ -1,0 +1,162 @@
+"""One sequence split over the `sequence` mesh axis (8 fake CPU devices) against the unsplit
+computation: WKV-7 outputs, final states and every gradient, and the token shift.
+
+T = 40 splits into spans of 20, 10 and 5 tokens for 2, 4 and 8 spans, none a multiple of the
+chunk size 16. Row 0 has the strongest decays and iclr -> 1 (wkv_inputs.make_inputs); the resets
+fall inside spans and exactly on span starts, and one row has none, so its state crosses every
+boundary.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from closeness import assert_close
+from goosejax.sequence_parallel import previous_tokens
+from goosejax.wkv import wkv7_chunked, wkv7_reference
+from goosejax.wkv.sequence_parallel import SequenceSplitError, wkv7_sequence_parallel
+from wkv_inputs import make_inputs, recurrence
+
+SPANS = (2, 4, 8)
+LENGTH = 40
+CHUNK = 16
+NAMES = ("r", "log_w", "k", "v", "a", "b", "state")
+
+
+def _mesh(sequence, data=1, tensor=1):
+  shape = (data, 1, tensor, sequence)
+  return jax.make_mesh(shape, ("data", "fsdp", "tensor", "sequence"),
+                       devices=jax.devices()[:math.prod(shape)],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 4)
+
+
+def _resets():
+  reset = np.zeros((4, LENGTH), bool)
+  reset[0, [0, 7]] = True       # drops its initial state; 7 is inside a span for every split
+  reset[1, [10, 20, 33]] = True  # 20 starts a span in every split, 10 with 4 and 8 spans
+  reset[3, [5, 19, 39]] = True   # a span start with 8 spans, a span's last token, the last token
+  return reset                   # row 2: none
+
+
+@functools.cache
+def _problem():
+  """(inputs r..b + state, reset, output weight, final-state weight) as float64 NumPy arrays."""
+  rng = np.random.default_rng(11)
+  *inputs, _ = make_inputs(rng, 4, LENGTH, 2, 8)
+  y_weight = rng.normal(size=inputs[0].shape)
+  final_weight = rng.normal(size=inputs[6].shape)
+  return tuple(inputs), _resets(), y_weight, final_weight
+
+
+def _values_and_grads(wkv, dtype):
+  """jitted (y, final state, gradients of the 7 inputs) of sum(y w_y) + sum(final w_s)."""
+  inputs, reset, y_weight, final_weight = _problem()
+  inputs = [jnp.asarray(x, dtype) for x in inputs]
+
+  def loss(*args):
+    y, final = wkv(*args, reset=jnp.asarray(reset))
+    return jnp.sum(y * y_weight.astype(dtype)) + jnp.sum(final * final_weight.astype(dtype)), (y, final)
+
+  (_, (y, final)), grads = jax.jit(
+      jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True))(*inputs)
+  return y, final, grads
+
+
+def _split(mesh, dtype):
+  return functools.partial(wkv7_sequence_parallel, mesh=mesh, chunk_size=CHUNK, dtype=dtype)
+
+
+@functools.cache
+def _unsplit_float32():
+  return _values_and_grads(functools.partial(wkv7_chunked, chunk_size=CHUNK, mode="associative"),
+                           jnp.float32)
+
+
+@pytest.mark.parametrize("spans", SPANS)
+def test_float64_equals_token_recurrence(spans):
+  """Outputs and final state against the NumPy recurrence, gradients against autodiff through
+  the token scan: 1e-9."""
+  inputs, reset, _, _ = _problem()
+  y_want, final_want = recurrence(*inputs, reset)
+  with jax.enable_x64(True):
+    y, final, grads = _values_and_grads(_split(_mesh(spans), jnp.float64), jnp.float64)
+    _, _, grads_want = _values_and_grads(wkv7_reference, jnp.float64)
+  assert y.dtype == jnp.float64 and y.shape == y_want.shape
+  assert_close(y, y_want, 1e-9, "y")
+  assert_close(final, final_want, 1e-9, "final state")
+  for name, got, want in zip(NAMES, grads, grads_want):
+    assert_close(got, want, 1e-9, f"d{name}")
+
+
+@pytest.mark.parametrize("spans,data,tensor", [(2, 1, 1), (4, 1, 1), (8, 1, 1), (2, 2, 2)],
+                         ids=["seq2", "seq4", "seq8", "data2-tensor2-seq2"])
+def test_float32_equals_unsplit_chunked_form(spans, data, tensor):
+  """The same chunk math unsplit (the associative form on one device), in float32; rows and
+  heads split over data and tensor at the same time as time over sequence."""
+  y, final, grads = _values_and_grads(_split(_mesh(spans, data, tensor), jnp.float32), jnp.float32)
+  y_want, final_want, grads_want = _unsplit_float32()
+  assert y.dtype == jnp.float32
+  assert_close(y, y_want, 1e-5, "y")
+  assert_close(final, final_want, 1e-5, "final state")
+  for name, got, want in zip(NAMES, grads, grads_want):
+    assert_close(got, want, 1e-5, f"d{name}")
+
+
+def test_only_states_cross_devices_in_log_depth():
+  """Forward+backward with 8 spans: 2 log2(8) + 1 = 7 collective-permutes each way, every
+  collective moves at most one [B, H, N, N] state (nothing of size T), and nothing gathers."""
+  inputs, reset, _, _ = _problem()
+  args = [jnp.asarray(x, jnp.float32) for x in inputs]
+  wkv = _split(_mesh(8), jnp.float32)
+
+  def loss(*args):
+    y, final = wkv(*args, reset=jnp.asarray(reset))
+    return jnp.sum(y) + jnp.sum(final)
+
+  hlo = jax.jit(jax.grad(loss, argnums=tuple(range(7)))).lower(*args).compile().as_text()
+  collectives = re.findall(r"= f32\[([\d,]*)\][^=]* (all-gather|all-reduce|all-to-all|"
+                           r"collective-permute|reduce-scatter)\(", hlo)
+  kinds = collections.Counter(kind for _, kind in collectives)
+  assert kinds["collective-permute"] == 14 and not kinds["all-gather"] and not kinds["all-to-all"]
+  state_size = math.prod(inputs[6].shape)
+  for shape, kind in collectives:
+    assert math.prod(int(d) for d in shape.split(",")) <= state_size, (kind, shape)
+
+
+def test_length_not_divisible_by_spans_is_refused():
+  x = jnp.zeros((1, 42, 1, 4))
+  with pytest.raises(SequenceSplitError, match="T=42 .* mesh.sequence=4"):
+    wkv7_sequence_parallel(x, x, x, x, x, x, jnp.zeros((1, 1, 4, 4)), mesh=_mesh(4))
+
+
+@pytest.mark.parametrize("spans,data", [(8, 1), (4, 2)])
+def test_previous_tokens_cross_span_boundaries(spans, data):
+  """[last, x_0, ..., x_{T-2}] and its gradient, split over spans (and rows over data)."""
+  rng = np.random.default_rng(5)
+  x_BTC = jnp.asarray(rng.normal(size=(2, 24, 3)), jnp.float32)
+  last_B1C = jnp.asarray(rng.normal(size=(2, 1, 3)), jnp.float32)
+  weight = jnp.asarray(rng.normal(size=x_BTC.shape), jnp.float32)
+  mesh = _mesh(spans, data)
+
+  def loss(shift, x, last):
+    prev = shift(x, last)
+    return jnp.sum(prev * weight), prev
+
+  split = jax.jit(jax.value_and_grad(
+      functools.partial(loss, lambda x, last: previous_tokens(x, last, mesh)),
+      argnums=(0, 1), has_aux=True))
+  whole = jax.value_and_grad(
+      functools.partial(loss, lambda x, last: jnp.concatenate([last, x[:, :-1]], axis=1)),
+      argnums=(0, 1), has_aux=True)
+  (_, prev), grads = split(x_BTC, last_B1C)
+  (_, prev_want), grads_want = whole(x_BTC, last_B1C)
+  np.testing.assert_array_equal(prev, prev_want)
+  for got, want in zip(grads, grads_want):
+    np.testing.assert_array_equal(got, want)
