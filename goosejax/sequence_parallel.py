@@ -6,8 +6,8 @@ shift ([B, C] per device boundary) and the recurrent state, which the WKV operat
 scan of per-span summaries (`scan_spans`, log2(P) rounds of `ppermute`, each device sending
 and keeping one summary, so no device's memory grows with P).
 
-These helpers run inside `jax.shard_map` (manual over `SEQUENCE_AXIS`), except
-`previous_tokens` and `span_mesh`, which are called from ordinary traced code.
+`span_mesh` and `previous_tokens` are called from ordinary traced code (the model); the others
+run inside `jax.shard_map`, manual over `SEQUENCE_AXIS`.
 """
 from __future__ import annotations
 
@@ -68,10 +68,14 @@ def from_neighbour(x: jax.Array, edge: jax.Array, *, reverse: bool = False) -> j
   return jnp.where(index == outer, edge, lax.ppermute(x, SEQUENCE_AXIS, pairs))
 
 
-def previous_tokens(x_BTC: jax.Array, last_B1C: jax.Array, mesh) -> jax.Array:
-  """[last, x_0, ..., x_{T-2}] for x split over the sequence axis of `mesh`: each span's first
+def previous_tokens(x_BTC: jax.Array, last_B1C: jax.Array) -> jax.Array:
+  """[last, x_0, ..., x_{T-2}]. Under a mesh that splits T (`span_mesh`) each span's first
   position receives the previous span's last token (one [B, 1, C] `ppermute`), the first span
-  `last_B1C`. Manual over the sequence axis only; batch and channels keep their sharding."""
+  `last_B1C`; manual over the sequence axis only, so rows and channels keep their sharding."""
+  mesh = span_mesh(x_BTC.shape[1])
+  if mesh is None:
+    return jnp.concatenate([last_B1C.astype(x_BTC.dtype), x_BTC[:, :-1]], axis=1)
+
   def local(x_BSC, last_B1C):
     first_B1C = from_neighbour(x_BSC[:, -1:], last_B1C.astype(x_BSC.dtype))
     return jnp.concatenate([first_B1C, x_BSC[:, :-1]], axis=1)

@@ -136,27 +136,26 @@ def test_length_not_divisible_by_spans_is_refused():
     wkv7_sequence_parallel(x, x, x, x, x, x, jnp.zeros((1, 1, 4, 4)), mesh=_mesh(4))
 
 
-@pytest.mark.parametrize("spans,data", [(8, 1), (4, 2)])
-def test_previous_tokens_cross_span_boundaries(spans, data):
-  """[last, x_0, ..., x_{T-2}] and its gradient, split over spans (and rows over data)."""
+@pytest.mark.parametrize("spans,data,length", [(8, 1, 24), (4, 2, 24), (8, 1, 20)],
+                         ids=["seq8", "data2-seq4", "seq8-indivisible"])
+def test_previous_tokens_cross_span_boundaries(spans, data, length):
+  """[last, x_0, ..., x_{T-2}] and its gradient under a mesh that splits T over spans (and rows
+  over data); T = 20 does not split into 8 spans, so its time dimension stays whole."""
   rng = np.random.default_rng(5)
-  x_BTC = jnp.asarray(rng.normal(size=(2, 24, 3)), jnp.float32)
+  x_BTC = jnp.asarray(rng.normal(size=(2, length, 3)), jnp.float32)
   last_B1C = jnp.asarray(rng.normal(size=(2, 1, 3)), jnp.float32)
   weight = jnp.asarray(rng.normal(size=x_BTC.shape), jnp.float32)
   mesh = _mesh(spans, data)
 
-  def loss(shift, x, last):
-    prev = shift(x, last)
+  def loss(x, last):
+    prev = previous_tokens(x, last)
     return jnp.sum(prev * weight), prev
 
-  split = jax.jit(jax.value_and_grad(
-      functools.partial(loss, lambda x, last: previous_tokens(x, last, mesh)),
-      argnums=(0, 1), has_aux=True))
-  whole = jax.value_and_grad(
-      functools.partial(loss, lambda x, last: jnp.concatenate([last, x[:, :-1]], axis=1)),
-      argnums=(0, 1), has_aux=True)
-  (_, prev), grads = split(x_BTC, last_B1C)
-  (_, prev_want), grads_want = whole(x_BTC, last_B1C)
-  np.testing.assert_array_equal(prev, prev_want)
-  for got, want in zip(grads, grads_want):
-    np.testing.assert_array_equal(got, want)
+  split = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+  with jax.set_mesh(mesh):
+    permutes = split.lower(x_BTC, last_B1C).as_text().count("collective_permute")
+    (_, prev), (d_x, d_last) = split(x_BTC, last_B1C)
+  assert permutes == (2 if length % spans == 0 else 0)  # forward and backward
+  np.testing.assert_array_equal(prev, jnp.concatenate([last_B1C, x_BTC[:, :-1]], axis=1))
+  np.testing.assert_array_equal(d_x, jnp.pad(weight[:, 1:], ((0, 0), (0, 1), (0, 0))))
+  np.testing.assert_array_equal(d_last, weight[:, :1])
