@@ -1,0 +1,317 @@
+"""RWKV-7 against a same-shape causal Transformer on state tracking and associative recall.
+
+  python experiments/state_tracking.py                  # reduced grid (CPU, under an hour)
+  python experiments/state_tracking.py --grid full      # the full grid (an accelerator)
+  python experiments/state_tracking.py --grid my.yaml --out /tmp/st
+
+Grids are YAML files (experiments/configs/state_tracking_{reduced,full}.yaml). Both models
+get the same ModelConfig shape, the same data, optimizer, schedule and step budget through
+one training function (experiments/synthetic_training.py).
+
+Word problems (Merrill et al. 2024): for each group, each model and each depth, one model is
+trained on words of `train_length` elements; its per-token accuracy at length T is its
+accuracy over the first T positions of held-out words (a causal model's accuracy on words of
+length T). The table reports, per group, model and length, the fewest layers above 95%.
+MQAR: accuracy on held-out sequences against the model's state size (RWKV-7: the WKV state,
+L·H·N·N = L·n_embd·head_size numbers; the Transformer's KV cache, 2·L·T·n_embd, is listed
+for reference). Writes OUT/state_tracking.md and OUT/state_tracking.png.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import yaml
+from flax import nnx
+
+from goosejax.config import ModelConfig, OptimizerConfig
+from goosejax.data.synthetic import GroupWordProblem, MultiQueryAssociativeRecall, make_group
+from goosejax.model import RWKV7
+from goosejax.model.transformer import CausalTransformer
+from synthetic_training import Budget, accuracy_by_position, train
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+SOLVED = 0.95
+EVAL_SEED_OFFSET = 1_000_003     # held-out examples come from another seed stream
+
+MODELS: dict[str, Callable[[ModelConfig, int], nnx.Module]] = {
+    "RWKV-7": lambda cfg, seed: RWKV7(cfg, rngs=nnx.Rngs(seed)),
+    "Transformer": lambda cfg, seed: CausalTransformer(cfg, rngs=nnx.Rngs(seed)),
+}
+
+
+# ----------------------------------------------------------------------------- grid
+
+
+@dataclasses.dataclass(frozen=True)
+class WordProblemGrid:
+  groups: tuple[str, ...]
+  layers: tuple[int, ...]
+  n_embd: int
+  head_size: int
+  train_length: int
+  eval_lengths: tuple[int, ...]
+  steps: int
+  batch_size: int
+  eval_examples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MQARGrid:
+  n_layer: int
+  shapes: tuple[tuple[int, int], ...]    # (n_embd, head_size) per model size
+  num_pairs: int
+  num_keys: int
+  num_values: int
+  steps: int
+  batch_size: int
+  eval_examples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  name: str
+  seed: int
+  optimizer: OptimizerConfig
+  word_problems: WordProblemGrid
+  mqar: MQARGrid
+
+
+def _tuples(value: Any) -> Any:
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def load_grid(path: Path) -> Grid:
+  tree = yaml.safe_load(path.read_text())
+  sections = {"seed", "optimizer", "word_problems", "mqar"}
+  if set(tree) != sections:
+    raise ValueError(f"{path}: expected exactly the keys {sorted(sections)}, got {sorted(tree)}")
+  optimizer = OptimizerConfig(**{k: float(v) if isinstance(v, str) else v
+                                 for k, v in tree["optimizer"].items()})
+  optimizer.validate()
+  section = lambda cls, key: cls(**{k: _tuples(v) for k, v in tree[key].items()})
+  wp = section(WordProblemGrid, "word_problems")
+  if max(wp.eval_lengths) > wp.train_length:
+    raise ValueError(f"{path}: eval_lengths {wp.eval_lengths} exceed train_length {wp.train_length}")
+  return Grid(path.stem, tree["seed"], optimizer, wp, section(MQARGrid, "mqar"))
+
+
+def model_config(vocab_size: int, n_layer: int, n_embd: int, head_size: int) -> ModelConfig:
+  """The shape both architectures get; everything else stays at the project's defaults."""
+  return ModelConfig(vocab_size=vocab_size, n_layer=n_layer, n_embd=n_embd, head_size=head_size)
+
+
+def _log(message: str) -> None:
+  print(message, flush=True)
+
+
+# ----------------------------------------------------------------------------- experiments
+
+
+@dataclasses.dataclass(frozen=True)
+class WordProblemResult:
+  group: str
+  model: str
+  n_layer: int
+  accuracy_by_length: dict[int, float]
+  final_loss: float
+
+
+def run_word_problems(grid: Grid) -> list[WordProblemResult]:
+  """Every group trains side by side (vmap) in one model per (architecture, depth); the
+  vocabulary is the largest group's order, smaller groups never use the extra ids."""
+  wp = grid.word_problems
+  groups = [make_group(name) for name in wp.groups]
+  vocab_size = max(g.order for g in groups)
+  budget = Budget(wp.steps, wp.batch_size, grid.optimizer)
+  train_sources = [GroupWordProblem(g, wp.train_length, wp.steps * wp.batch_size, grid.seed)
+                   for g in groups]
+  eval_sources = [GroupWordProblem(g, wp.train_length, wp.eval_examples, grid.seed + EVAL_SEED_OFFSET)
+                  for g in groups]
+  results = []
+  for model_name, build in MODELS.items():
+    for n_layer in wp.layers:
+      start = time.perf_counter()
+      model = build(model_config(vocab_size, n_layer, wp.n_embd, wp.head_size), grid.seed)
+      trained = train(model, train_sources, budget, log=_log)
+      correct_GT, scored_GT = accuracy_by_position(trained, eval_sources, wp.batch_size)
+      for g, group in enumerate(groups):
+        accuracy = {T: float(correct_GT[g, :T].sum() / scored_GT[g, :T].sum()) for T in wp.eval_lengths}
+        results.append(WordProblemResult(group.name, model_name, n_layer, accuracy,
+                                         float(trained.final_loss_G[g])))
+        _log(f"  {group.name:6s} {model_name:11s} L={n_layer}  " +
+             "  ".join(f"T={T}: {a:.3f}" for T, a in accuracy.items()))
+      _log(f"word problems {model_name} L={n_layer}: {time.perf_counter() - start:.0f}s")
+  return results
+
+
+@dataclasses.dataclass(frozen=True)
+class MQARResult:
+  model: str
+  n_embd: int
+  head_size: int
+  state_size: int
+  accuracy: float
+
+
+def run_mqar(grid: Grid) -> list[MQARResult]:
+  mq = grid.mqar
+  make = lambda n, seed: MultiQueryAssociativeRecall(mq.num_pairs, mq.num_keys, mq.num_values, n, seed)
+  train_source = make(mq.steps * mq.batch_size, grid.seed)
+  eval_source = make(mq.eval_examples, grid.seed + EVAL_SEED_OFFSET)
+  budget = Budget(mq.steps, mq.batch_size, grid.optimizer)
+  seq_len = train_source.seq_len
+  results = []
+  for model_name, build in MODELS.items():
+    for n_embd, head_size in mq.shapes:
+      start = time.perf_counter()
+      model = build(model_config(train_source.vocab_size, mq.n_layer, n_embd, head_size), grid.seed)
+      trained = train(model, [train_source], budget, log=_log)
+      correct_GT, scored_GT = accuracy_by_position(trained, [eval_source], mq.batch_size)
+      state_size = (mq.n_layer * n_embd * head_size if model_name == "RWKV-7"
+                    else 2 * mq.n_layer * seq_len * n_embd)
+      accuracy = float(correct_GT.sum() / scored_GT.sum())
+      results.append(MQARResult(model_name, n_embd, head_size, state_size, accuracy))
+      _log(f"mqar {model_name} C={n_embd} N={head_size} state={state_size}: {accuracy:.3f} "
+           f"({time.perf_counter() - start:.0f}s)")
+  return results
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def fewest_layers(results: list[WordProblemResult], group: str, model: str, length: int) -> int | None:
+  solved = [r.n_layer for r in results
+            if r.group == group and r.model == model and r.accuracy_by_length[length] > SOLVED]
+  return min(solved) if solved else None
+
+
+def _percent(x: float) -> str:
+  """Accuracies to 0.1%: the table is what a re-run must reproduce."""
+  return f"{100 * x:.1f}"
+
+
+def markdown(grid: Grid, command: str, words: list[WordProblemResult], recall: list[MQARResult]) -> str:
+  wp, mq, opt = grid.word_problems, grid.mqar, grid.optimizer
+  lengths = wp.eval_lengths
+  max_layers = max(wp.layers)
+  lines = [
+      f"# State tracking and associative recall: RWKV-7 vs Transformer ({grid.name} grid)",
+      "",
+      f"Generated by `{command}` (experiments/state_tracking.py, "
+      f"experiments/configs/{grid.name}.yaml). Seed {grid.seed}; accuracies are rounded to 0.1% "
+      "and a re-run with the same grid reproduces this file.",
+      "",
+      f"Both models: the same ModelConfig shape, AdamW from goosejax.train.recipe.make_optimizer "
+      f"(lr {opt.lr_init:g} -> {opt.lr_final:g} cosine, {opt.warmup_steps} warmup steps, "
+      f"weight decay {opt.weight_decay:g}, clip {opt.grad_clip:g}, L2Wrap {'on' if opt.l2wrap else 'off'}), "
+      "the same batches in the same order, the same number of steps. The Transformer is pre-norm "
+      "with rotary positions, softmax attention and a 4x GELU MLP (goosejax/model/transformer.py).",
+      "",
+      "## Group word problems",
+      "",
+      f"Width {wp.n_embd}, head size {wp.head_size}; trained on words of {wp.train_length} "
+      f"elements for {wp.steps} steps of {wp.batch_size}; accuracy at length T is the per-token "
+      f"accuracy over the first T positions of {wp.eval_examples} held-out words.",
+      "",
+      f"### Fewest layers reaching > {SOLVED:.0%} per-token accuracy "
+      f"(layers tried: {', '.join(map(str, wp.layers))}; '>{max_layers}': none did)",
+      "",
+      "| group | model | " + " | ".join(f"T={T}" for T in lengths) + " |",
+      "|---|---|" + "---|" * len(lengths),
+  ]
+  for group in wp.groups:
+    for model in MODELS:
+      cells = [fewest_layers(words, group, model, T) for T in lengths]
+      lines.append(f"| {group} | {model} | " +
+                   " | ".join(str(c) if c is not None else f">{max_layers}" for c in cells) + " |")
+  lines += [
+      "",
+      "### Per-token accuracy (%)",
+      "",
+      "| group | model | layers | " + " | ".join(f"T={T}" for T in lengths) + " | final train loss |",
+      "|---|---|---|" + "---|" * (len(lengths) + 1),
+  ]
+  for r in sorted(words, key=lambda r: (wp.groups.index(r.group), list(MODELS).index(r.model), r.n_layer)):
+    lines.append(f"| {r.group} | {r.model} | {r.n_layer} | " +
+                 " | ".join(_percent(r.accuracy_by_length[T]) for T in lengths) +
+                 f" | {r.final_loss:.2f} |")
+  lines += [
+      "",
+      "## Multi-query associative recall",
+      "",
+      f"{mq.num_pairs} key-value pairs (keys from {mq.num_keys} ids, values from {mq.num_values}), "
+      f"then every key queried once; {mq.n_layer} layers, {mq.steps} steps of {mq.batch_size}; "
+      f"accuracy over the query answers of {mq.eval_examples} held-out sequences. State: "
+      "RWKV-7's WKV state L·H·N·N; for the Transformer its KV cache at the full length, 2·L·T·C.",
+      "",
+      "| model | width | head size | state (numbers) | accuracy (%) |",
+      "|---|---|---|---|---|",
+  ]
+  for r in recall:
+    lines.append(f"| {r.model} | {r.n_embd} | {r.head_size} | {r.state_size} | {_percent(r.accuracy)} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(grid: Grid, words: list[WordProblemResult], recall: list[MQARResult], path: Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  wp = grid.word_problems
+  unsolved = max(wp.layers) + 1
+  styles = {"RWKV-7": dict(color="tab:green", marker="o"), "Transformer": dict(color="tab:blue", marker="s")}
+  fig, axes = plt.subplots(1, len(wp.groups) + 1, figsize=(3.6 * (len(wp.groups) + 1), 3.4))
+  for ax, group in zip(axes, wp.groups):
+    for offset, model in zip((-0.06, 0.06), MODELS):
+      layers = [fewest_layers(words, group, model, T) or unsolved for T in wp.eval_lengths]
+      ax.plot(wp.eval_lengths, np.array(layers) + offset, label=model, **styles[model])
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(wp.eval_lengths, [str(T) for T in wp.eval_lengths])
+    ax.set_yticks(range(1, unsolved + 1), [*map(str, range(1, unsolved)), f">{unsolved - 1}"])
+    ax.set_ylim(0.5, unsolved + 0.5)
+    ax.set_title(f"{group} word problem")
+    ax.set_xlabel("sequence length")
+  axes[0].set_ylabel(f"fewest layers with > {SOLVED:.0%} accuracy")
+  axes[0].legend(loc="upper left")
+  ax = axes[-1]
+  for model in MODELS:
+    points = sorted((r.state_size, 100 * r.accuracy) for r in recall if r.model == model)
+    ax.plot(*zip(*points), label=model, **styles[model])
+  ax.set_xscale("log", base=2)
+  ax.set_ylim(0, 102)
+  ax.set_xlabel("state / KV-cache size (numbers)")
+  ax.set_ylabel("accuracy (%)")
+  ax.set_title(f"MQAR, {grid.mqar.num_pairs} pairs, {grid.mqar.n_layer} layers")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110, metadata={"Software": None})
+  plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--grid", default="reduced",
+                      help="reduced | full | a grid YAML file (default: reduced)")
+  parser.add_argument("--out", type=Path, default=DOCS, help="directory for the .md and .png")
+  args = parser.parse_args(argv)
+  grid_path = Path(args.grid) if args.grid.endswith((".yaml", ".yml")) else CONFIGS / f"state_tracking_{args.grid}.yaml"
+  grid = load_grid(grid_path)
+  command = "python experiments/state_tracking.py" + ("" if args.grid == "reduced" else f" --grid {args.grid}")
+  start = time.perf_counter()
+  words = run_word_problems(grid)
+  recall = run_mqar(grid)
+  args.out.mkdir(parents=True, exist_ok=True)
+  (args.out / "state_tracking.md").write_text(markdown(grid, command, words, recall))
+  plot(grid, words, recall, args.out / "state_tracking.png")
+  _log(f"wrote {args.out / 'state_tracking.md'} and state_tracking.png in {time.perf_counter() - start:.0f}s")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
