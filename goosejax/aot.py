@@ -42,13 +42,17 @@ class TpuChip:
   peak_bf16_flops: float  # dense, per chip (datasheet)
 
 
-# Cloud TPU datasheets, per chip.
+# Cloud TPU system architecture pages, per chip (HBM, peak bf16):
+# cloud.google.com/tpu/docs/v4 (32 GiB, 275 TFLOP/s), .../v5e (16 GiB, 197 TFLOP/s),
+# .../v5p (95 GiB, 459 TFLOP/s), .../v6e (32 GiB, 918 TFLOP/s).
 TPU_CHIPS: dict[str, TpuChip] = {
     "v4": TpuChip("TPU v4", 32 * GIB, 275e12),
     "v5e": TpuChip("TPU v5 lite", 16 * GIB, 197e12),
     "v5p": TpuChip("TPU v5", 95 * GIB, 459e12),
     "v6e": TpuChip("TPU v6 lite", 32 * GIB, 918e12),
 }
+# Slices are laid out in 2-D (v5e, v6e) or 3-D (v4, v5p) torus topologies.
+_TPU_TOPOLOGY_DIMS = {"v4": 3, "v5e": 2, "v5p": 3, "v6e": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +69,8 @@ class GpuSpec:
   peak_bf16_flops: float       # dense tensor-core bf16 (datasheet)
 
 
+# NVIDIA datasheets: A100 SXM4 80GB (312 TFLOP/s bf16 dense), H100 SXM5 80GB and H200 SXM 141GB
+# (989 TFLOP/s bf16 dense, half the with-sparsity figure); memory as each datasheet gives it.
 GPU_SPECS: dict[str, GpuSpec] = {
     "a100": GpuSpec("NVIDIA A100-SXM4-80GB", (8, 0), 108, 80 * GIB, 2.039e12, 1.41, 40 * 2**20,
                     164 * 1024, 163 * 1024, 312e12),
@@ -146,6 +152,32 @@ def parse_target(name: str) -> Target:
       f"({sorted(GPU_SPECS)}, e.g. h100:8, h200:4x8)")
 
 
+GPUS_PER_HOST = 8
+
+
+def target_for(kind: str, devices: int) -> str:
+  """The target name of `devices` chips of `kind`: the usual slice shape for a TPU (v5p 64 ->
+  'v5p:4x4x4', v6e 16 -> 'v6e:4x4'), hosts of 8 GPUs beyond one host (h100 32 -> 'h100:4x8')."""
+  if kind in GPU_SPECS:
+    if devices > GPUS_PER_HOST and devices % GPUS_PER_HOST:
+      raise TargetError(f"{kind} x {devices}: more than one host needs a multiple of "
+                        f"{GPUS_PER_HOST} GPUs (or name the layout: {kind}:<hosts>x<per host>)")
+    hosts = max(devices // GPUS_PER_HOST, 1)
+    return f"{kind}:{devices}" if hosts == 1 else f"{kind}:{hosts}x{GPUS_PER_HOST}"
+  if kind not in TPU_CHIPS:
+    raise TargetError(f"unknown chip {kind!r}; known: {sorted(TPU_CHIPS) + sorted(GPU_SPECS)}")
+  if devices < 1 or devices & (devices - 1):
+    raise TargetError(f"{kind} x {devices}: TPU slices come in powers of two chips; "
+                      f"name another layout as {kind}:<topology>")
+  # Double the smallest side (the last of equals) from the smallest slice: 2x2x1, 2x2x2, 2x2x4,
+  # 2x4x4, 4x4x4, ... in 3-D and 1x1, 1x2, 2x2, 2x4, 4x4, ... in 2-D, as Cloud TPU names them.
+  shape = [2, 2, 1] if _TPU_TOPOLOGY_DIMS[kind] == 3 and devices >= 4 else [1] * _TPU_TOPOLOGY_DIMS[kind]
+  while math.prod(shape) < devices:
+    smallest = min(shape)
+    shape[max(i for i, side in enumerate(shape) if side == smallest)] *= 2
+  return f"{kind}:{'x'.join(map(str, shape))}"
+
+
 @functools.cache
 def target_devices(name: str) -> tuple[jax.Device, ...]:
   """The compile-only devices of target `name` (all hosts' devices, process order)."""
@@ -210,14 +242,27 @@ def abstract_batch(cfg, mesh: jax.sharding.Mesh, with_reset: bool) -> dict[str, 
   return batch
 
 
+def _train_state(cfg, mesh: jax.sharding.Mesh):
+  """(graph definition, optimizer, abstract train state carrying its shardings, the shardings)."""
+  from goosejax.train import recipe
+  graphdef, shapes = recipe.abstract_model(cfg)
+  tx = recipe.make_optimizer(cfg.optimizer, cfg.run.steps, list(shapes))
+  abstract_state, shardings = recipe.abstract_train_state(cfg, tx, mesh)
+  return graphdef, tx, abstract_state, shardings
+
+
+def train_step_inputs(cfg, mesh: jax.sharding.Mesh, *, with_reset: bool = True):
+  """(abstract train state, abstract batch) of the train job's step on `mesh`: shapes and
+  dtypes only, every leaf carrying its sharding."""
+  return _train_state(cfg, mesh)[2], abstract_batch(cfg, mesh, with_reset)
+
+
 def compile_train_step(cfg, target: str, *, with_reset: bool = True):
   """The train job's sharded step for `cfg`, compiled for `target` (a mesh over its devices
   shaped by cfg.mesh): returns jax's Compiled (memory_analysis, cost_analysis, as_text)."""
   from goosejax import sharding
   from goosejax.train import recipe
   mesh = sharding.make_mesh(cfg.mesh, target_devices(target))
-  graphdef, shapes = recipe.abstract_model(cfg)
-  tx = recipe.make_optimizer(cfg.optimizer, cfg.run.steps, list(shapes))
-  abstract_state, shardings = recipe.abstract_train_state(cfg, tx, mesh)
+  graphdef, tx, abstract_state, shardings = _train_state(cfg, mesh)
   step = recipe.jit_train_step(recipe.make_train_step(graphdef, tx, cfg, mesh), shardings, mesh)
   return step.trace(abstract_state, abstract_batch(cfg, mesh, with_reset)).lower().compile()

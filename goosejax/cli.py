@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-data": ("goosejax.data.prepare", "tokenize text into binidx (.bin/.idx); train SentencePiece models"),
     "generate": ("goosejax.infer.cli", "generate text from a prompt (streaming; sampling as the official pipeline)"),
     "eval": ("goosejax.eval.cli", "perplexity / bits per byte, LAMBADA, lm-eval tasks"),
+    "plan": ("goosejax.plan", "memory, FLOPs and step time of a config on a TPU slice or GPU cluster (compiled here)"),
 }
 
 

@@ -1,0 +1,402 @@
+"""`goosejax plan`: what a training config needs on a TPU slice or GPU cluster, from the real
+compiler, on a machine without one.
+
+  goosejax plan --config rwkv7-1.5b --topology v5p:2x2x4
+  goosejax plan --config rwkv7-1.5b --topology v6e --devices 64      (the usual 64-chip slice)
+  goosejax plan --config rwkv7-1.5b --topology h100:4x8 mesh.data=4 mesh.fsdp=8   (4 hosts x 8)
+
+The train job's sharded step is compiled for compile-only devices of the target (goosejax.aot:
+needs the `tpu` or `cuda` extra), on the mesh of the config's `mesh` section, for its batch
+(data.batch_size sequences of data.ctx_len tokens). Printed: the parameter count; per-device
+memory (parameters, optimizer state and batch from their sharded sizes, temporaries from the
+compiled program) against the device's memory; FLOPs per step from the compiled program with
+the Pallas WKV kernels added by formula, next to 6 * N * tokens; and the step time and tokens/s
+at --mfu of the datasheet peak. Compiling takes minutes for real configs; progress goes to
+stderr, the plan to stdout.
+
+Exit status: 0 the plan fits; 2 it does not fit in device memory (the figures are printed
+first), a mesh axis does not divide the slice, the batch or the model, or other bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import re
+import sys
+import threading
+import time
+
+from goosejax.errors import GoosejaxError
+
+GIB = 2**30
+
+
+class PlanError(GoosejaxError):
+  """A plan that cannot run: it does not fit, or its mesh does not divide the slice or model."""
+
+
+# ----------------------------------------------------------------------------- mesh checks
+
+
+def check_mesh_divides(cfg, sizes: dict[str, int]) -> None:
+  """Refuse a mesh that would leave work unsplit: the batch rows over data x fsdp, parameters
+  over fsdp (the embedding dim), whole heads and the FFN hidden size over tensor. (Sharding
+  itself keeps an indivisible dimension whole; a plan that silently replicates a weight matrix
+  is almost always a typo in the mesh.)"""
+  model = cfg.model
+  rows = cfg.data.batch_size // cfg.optimizer.grad_accum
+  batch_axes = sizes["data"] * sizes["fsdp"]
+  checks = [
+      ("mesh.data x mesh.fsdp", batch_axes, rows,
+       f"data.batch_size / optimizer.grad_accum = {cfg.data.batch_size} / "
+       f"{cfg.optimizer.grad_accum} = {rows} rows per micro-batch"),
+      ("mesh.fsdp", sizes["fsdp"], model.n_embd, f"model.n_embd={model.n_embd}"),
+      ("mesh.tensor", sizes["tensor"], model.n_head,
+       f"the {model.n_head} heads (model.n_embd / model.head_size)"),
+      ("mesh.tensor", sizes["tensor"], model.ffn_dim, f"the FFN hidden size {model.ffn_dim}"),
+  ]
+  for axis, size, total, what in checks:
+    if total % size:
+      raise PlanError(f"{axis} = {size} does not divide {what}; mesh {sizes}")
+
+
+# ----------------------------------------------------------------------------- WKV kernel work
+
+
+def wkv_flops_per_token_head(chunk: int, head_size: int) -> tuple[int, int]:
+  """(forward, backward) FLOPs of the WKV-7 kernels per token and head, counted from the chunked
+  algorithm they run (spec wkv7-kernels.md §1.2; pallas_kernels.chunk_math), C = chunk, N = head
+  size, per chunk and head (2mnk per m x k by k x n product):
+
+    forward   20 C^2 N + 8 C N^2 + 4 C^3 (log2 C - 1)
+      C^2 N: the decay cumsum as a triangular matmul (2), the four decayed C x C products
+             A_ab, A_ak, A_rb, A_rk (8), A_ak V and A_rk V (4), W = T a_start and U0 = T A_ak V
+             (4), A_rb U (2);
+      C N^2: U = W S0^T + U0, r_start S0^T, U^T b_end, V^T k_end (2 each);
+      C^3:   T = (I - A_ab)^{-1} by the Schur ladder, two C x C x C products per level after
+             the first.
+    backward  56 C^2 N + 20 C N^2 + 4 C^3 log2 C
+      the chunk's terms and U recomputed from its checkpoint (18 C^2 N + 4 C N^2 + the
+      ladder); then two products per forward product (one where an operand is a constant
+      mask, the cumsum): 38 C^2 N + 16 C N^2, and dA = T^T dT T^T (4 C^3).
+
+  Per token divide by C. The count is algorithmic: the TPU kernel packs two 64-wide heads into
+  the 128 lanes and masks, so its MXU does more; reset masks and elementwise work are left out.
+  At C = 64, N = 64: 197k forward + 409k backward per token and head (the spec's §1.6 estimate,
+  with a blocked inverse and the cumsum not a matmul: 111k + ~390k)."""
+  C, N, levels = chunk, head_size, int(math.log2(chunk))
+  forward = 20 * C * C * N + 8 * C * N * N + 4 * C**3 * (levels - 1)
+  backward = 56 * C * C * N + 20 * C * N * N + 4 * C**3 * levels
+  return forward // C, backward // C
+
+
+def kernel_chunk_size(model_cfg, platform: str) -> int:
+  """The chunk size the Pallas kernel runs with on `platform` ("tpu", "cuda") for this model,
+  as goosejax.wkv.dispatch chooses it for impl "auto" and "pallas"."""
+  from goosejax.wkv.dispatch import DEFAULT_CHUNK_SIZES, PALLAS_AUTO_CHUNK_SIZES, PALLAS_CHUNK_SIZES
+  allowed, requested = PALLAS_CHUNK_SIZES[platform], model_cfg.wkv_chunk_size
+  if model_cfg.wkv_impl == "pallas":
+    size = requested or DEFAULT_CHUNK_SIZES["pallas"]
+    return size if size in allowed else max(allowed)
+  return requested if requested in allowed else PALLAS_AUTO_CHUNK_SIZES[platform]
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+  """Bytes per device."""
+  parameters: int
+  optimizer: int
+  batch: int
+  temporaries: int
+  total: int            # arguments + outputs not aliased to them + temporaries + program code
+  capacity: int
+
+  @property
+  def fits(self) -> bool:
+    return self.total <= self.capacity
+
+
+@dataclasses.dataclass(frozen=True)
+class Flops:
+  """FLOPs per step, summed over devices. `compiled` and `kernels` are what the program
+  executes (recomputation under remat included); `model` is what MFU counts."""
+  compiled: float | None     # XLA ops, loop bodies counted per trip; None: nothing compiled
+  kernels: float             # the Pallas WKV kernels, by formula per run
+  six_n_tokens: float        # 6 * (parameters without the embedding lookup) * tokens
+  model: float               # six_n_tokens + one WKV forward and backward per layer (by
+                             # formula, whichever implementation runs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  config_name: str
+  target: str
+  platform: str              # "tpu" or "cuda"
+  device_kind: str
+  devices: int
+  mesh: dict[str, int]
+  parameters: int
+  embedding: int
+  tokens: int
+  memory: Memory
+  flops: Flops
+  peak_flops: float          # per device, bf16 datasheet
+  chunk_size: int            # the WKV kernels' chunk on this platform
+  kernel_runs: dict[str, int]
+  compile_seconds: float
+  compiler_message: str | None = None   # why the compiler refused the program
+
+  def step_seconds(self, mfu: float) -> float:
+    return self.flops.model / (mfu * self.peak_flops * self.devices)
+
+
+def make_plan(cfg, target: str, config_name: str, progress=None) -> Plan:
+  """Compile `cfg`'s train step for `target` and gather the plan's figures. Raises PlanError
+  for a mesh that does not divide the slice or the model (a plan that does not fit is returned;
+  `Plan.memory.fits` says so)."""
+  import jax
+  from goosejax import aot, compiled_cost, sharding
+  from goosejax.config import ConfigError
+  from goosejax.train import recipe
+
+  progress = progress or _quiet
+  recipe.check_trainable(cfg)
+  parsed = aot.parse_target(target)
+  with progress(f"compile-only devices of {target}"):
+    facts = aot.target_facts(target)
+  try:
+    sizes = cfg.mesh.shape(facts.devices)
+  except ConfigError as e:
+    raise PlanError(f"{target} has {facts.devices} devices: {e}") from None
+  check_mesh_divides(cfg, sizes)
+  mesh = sharding.make_mesh(cfg.mesh, aot.target_devices(target))
+  state, batch = aot.train_step_inputs(cfg, mesh, with_reset=cfg.data.pack_documents)
+  per_device = lambda tree: sum(_shard_bytes(leaf) for leaf in jax.tree.leaves(tree))
+  _, shapes = recipe.abstract_model(cfg)
+  parameters = sum(math.prod(shape.shape) for shape in shapes.values())
+  embedding = math.prod(shapes["emb"].shape)
+  tokens = cfg.data.batch_size * cfg.data.ctx_len
+
+  start = time.monotonic()
+  compiler_message = None
+  with progress(f"compiling the train step for {facts.devices} devices, mesh {_mesh_text(sizes)}"):
+    try:
+      compiled = aot.compile_train_step(cfg, target, with_reset=cfg.data.pack_documents)
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      compiled, compiler_message = None, str(e).splitlines()[0]
+  compile_seconds = time.monotonic() - start
+
+  params_bytes, optimizer_bytes, batch_bytes = (
+      per_device(state.params), per_device(state.opt_state), per_device(batch))
+  if compiled is not None:
+    with progress("counting FLOPs in the compiled program"):
+      cost = compiled_cost.program_cost(compiled)
+    stats = compiled.memory_analysis()
+    temporaries = stats.temp_size_in_bytes
+    total = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+             + temporaries + stats.generated_code_size_in_bytes)
+    compiled_flops, kernel_runs = cost.flops * facts.devices, cost.kernel_runs
+  else:  # the TPU compiler refuses programs larger than HBM, naming what they need
+    temporaries = _compiler_temporaries(compiler_message)
+    total = params_bytes + optimizer_bytes + batch_bytes + temporaries
+    compiled_flops, kernel_runs = None, {}
+
+  model = cfg.model
+  chunk = kernel_chunk_size(model, parsed.platform)
+  forward, backward = wkv_flops_per_token_head(chunk, model.head_size)
+  # Each kernel run covers one micro-batch: every device its rows and heads, T padded to chunks.
+  padded_tokens = cfg.data.batch_size * math.ceil(cfg.data.ctx_len / chunk) * chunk
+  run_token_heads = padded_tokens // cfg.optimizer.grad_accum * model.n_head
+  runs = lambda kind: sum(n for name, n in kernel_runs.items() if kind in name)
+  kernels = run_token_heads * (runs("forward") * forward + runs("backward") * backward)
+  six_n_tokens = 6 * (parameters - embedding) * tokens
+  wkv_model = tokens * model.n_head * model.n_layer * (forward + backward)
+  return Plan(
+      config_name=config_name, target=target, platform=parsed.platform,
+      device_kind=facts.device_kind, devices=facts.devices, mesh=sizes, parameters=parameters,
+      embedding=embedding, tokens=tokens,
+      memory=Memory(params_bytes, optimizer_bytes, batch_bytes, temporaries, total,
+                    facts.memory_bytes),
+      flops=Flops(compiled_flops, kernels, six_n_tokens, six_n_tokens + wkv_model),
+      peak_flops=facts.peak_bf16_flops, chunk_size=chunk, kernel_runs=kernel_runs,
+      compile_seconds=compile_seconds, compiler_message=compiler_message)
+
+
+def _shard_bytes(leaf) -> int:
+  shape = leaf.sharding.shard_shape(leaf.shape)
+  return math.prod(shape) * leaf.dtype.itemsize
+
+
+_XLA_SIZE = re.compile(r"temporaries \((\d+(?:\.\d+)?)([KMGT])\)")
+
+
+def _compiler_temporaries(message: str) -> int:
+  """The temporaries an out-of-memory TPU compile reports ('... HLO temporaries (39.14G) ...',
+  XLA's binary units); 0 when the message does not say."""
+  match = _XLA_SIZE.search(message)
+  if not match:
+    return 0
+  return int(float(match[1]) * 1024 ** ("KMGT".index(match[2]) + 1))
+
+
+def _mesh_text(sizes: dict[str, int]) -> str:
+  return " ".join(f"{axis}={size}" for axis, size in sizes.items())
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def format_plan(plan: Plan, cfg, mfu: float) -> str:
+  model, memory, flops = cfg.model, plan.memory, plan.flops
+  per_device_batch = cfg.data.batch_size // (plan.mesh["data"] * plan.mesh["fsdp"])
+  gib = lambda n: f"{n / GIB:9.2f}"
+  share = memory.total / memory.capacity
+  verdict = "fits" if memory.fits else "does NOT fit"
+  lines = [
+      f"plan: {plan.config_name} on {plan.target}: {plan.devices} x {plan.device_kind}, "
+      f"mesh {_mesh_text(plan.mesh)}",
+      f"parameters      {plan.parameters:,} ({plan.parameters - plan.embedding:,} without the "
+      f"embedding); L{model.n_layer} D{model.n_embd} head {model.head_size} FFN {model.ffn_dim} "
+      f"vocab {model.vocab_size}",
+      f"batch           {cfg.data.batch_size} x {cfg.data.ctx_len} = {plan.tokens:,} tokens per "
+      f"step, {per_device_batch} sequences per device; {model.dtype} compute, remat "
+      f"{cfg.run.remat}, grad_accum {cfg.optimizer.grad_accum}",
+      "memory per device           GiB",
+      f"  parameters          {gib(memory.parameters)}   fp32 master copies, sharded",
+      f"  optimizer state     {gib(memory.optimizer)}   Adam moments",
+      f"  batch               {gib(memory.batch)}",
+      f"  temporaries         {gib(memory.temporaries)}   "
+      + ("compiled: activations, gradients, workspace" if plan.compiler_message is None
+         else "as the compiler reports them"),
+      f"  total               {gib(memory.total)}   of {memory.capacity / GIB:.2f} GiB "
+      f"({share:.0%}): {verdict}",
+  ]
+  if plan.compiler_message:
+    lines.append(f"  compiler: {plan.compiler_message}")
+  lines.append("FLOPs per step, all devices")
+  if flops.compiled is not None:
+    lines.append(f"  compiled XLA ops    {flops.compiled:9.3e}   loop bodies counted per trip")
+  else:
+    lines.append("  compiled XLA ops          n/a   no program: the compiler refused it")
+  if plan.kernel_runs:
+    runs = ", ".join(f"{name} x{n}" for name, n in sorted(plan.kernel_runs.items()))
+    lines.append(f"  WKV kernels         {flops.kernels:9.3e}   by formula, chunk {plan.chunk_size}: "
+                 f"{runs}")
+  lines += [
+      f"  6 x N x tokens      {flops.six_n_tokens:9.3e}   N = parameters without the embedding",
+      f"  model FLOPs         {flops.model:9.3e}   6NT + one WKV forward and backward per layer",
+  ]
+  step = plan.step_seconds(mfu)
+  line = (f"at {mfu:.0%} MFU of {plan.peak_flops / 1e12:.0f} TFLOP/s bf16 per device: "
+          f"step {step:.3g} s, {plan.tokens / step:,.0f} tokens/s "
+          f"({plan.tokens / step / plan.devices:,.0f} per device)")
+  if flops.compiled is not None:
+    executed = (flops.compiled + flops.kernels) / (step * plan.peak_flops * plan.devices)
+    line += f"; the compiled program then runs at {executed:.0%} of peak"
+  lines.append(line)
+  if plan.platform == "cuda":
+    lines.append("note: JAX takes 75% of GPU memory unless XLA_PYTHON_CLIENT_MEM_FRACTION is raised")
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+@contextlib.contextmanager
+def _quiet(message: str):
+  yield
+
+
+@contextlib.contextmanager
+def stderr_progress(message: str):
+  """`message` on stderr, the elapsed seconds while the block runs (in place on a terminal, a
+  line every 30 s otherwise), then the time it took."""
+  stream, start, done = sys.stderr, time.monotonic(), threading.Event()
+  tty = stream.isatty()
+  stream.write(f"plan: {message} ...{'' if tty else chr(10)}")
+  stream.flush()
+
+  def tick():
+    while not done.wait(1.0 if tty else 30.0):
+      elapsed = time.monotonic() - start
+      stream.write(f"\rplan: {message} ... {elapsed:.0f} s" if tty
+                   else f"plan: {message} ... {elapsed:.0f} s\n")
+      stream.flush()
+
+  ticker = threading.Thread(target=tick, daemon=True)
+  ticker.start()
+  try:
+    yield
+  finally:
+    done.set()
+    ticker.join()
+    elapsed = time.monotonic() - start
+    stream.write(f"\rplan: {message}: {elapsed:.0f} s\n" if tty
+                 else f"plan: {message}: done in {elapsed:.0f} s\n")
+    stream.flush()
+
+
+def _fraction(text: str) -> float:
+  value = float(text)
+  if not 0 < value <= 1:
+    raise argparse.ArgumentTypeError(f"{text}: expected a fraction in (0, 1], e.g. 0.4")
+  return value
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="goosejax plan", description=__doc__.split("\n\n")[0])
+  p.add_argument("--config", required=True, help="a preset name (rwkv7-1.5b, ...) or a YAML file")
+  p.add_argument("--topology", "--target", dest="topology", required=True,
+                 help="a TPU slice (v5p:4x4x4, v6e:4x4), GPUs (h100:8, h200:4x8 = hosts x per "
+                      "host), or a bare chip (v5p, h100) with --devices")
+  p.add_argument("--devices", type=int,
+                 help="chips or GPUs: picks the usual slice shape for a bare chip, checks a named one")
+  p.add_argument("--mfu", type=_fraction, default=0.4,
+                 help="model FLOPs utilisation for the step time (default 0.4)")
+  p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                 help="config overrides, e.g. mesh.fsdp=-1 data.batch_size=256")
+  return p
+
+
+def resolve_target(topology: str, devices: int | None) -> str:
+  """A full target name from --topology and --devices."""
+  from goosejax import aot
+  if ":" not in topology:
+    if devices is None:
+      raise PlanError(f"--topology {topology}: give the layout ({topology}:<topology>) or "
+                      f"--devices N")
+    return aot.target_for(topology, devices)
+  if devices is not None:
+    count = aot.target_facts(topology).devices
+    if count != devices:
+      raise PlanError(f"--topology {topology} has {count} devices, not --devices {devices}")
+  return topology
+
+
+def main(argv: list[str]) -> int:
+  """Exit status 0 (fits), 2 (does not fit, a mesh that does not divide, bad input)."""
+  from goosejax.cli import exit_status
+  args = _parser().parse_args(argv)
+
+  def run() -> None:
+    from goosejax.config import load_config
+    cfg = load_config(args.config, args.overrides)
+    target = resolve_target(args.topology, args.devices)
+    plan = make_plan(cfg, target, args.config, stderr_progress)
+    print(format_plan(plan, cfg, args.mfu), flush=True)
+    if not plan.memory.fits:
+      m = plan.memory
+      raise PlanError(
+          f"does not fit: {m.total / GIB:.2f} GiB per device (parameters {m.parameters / GIB:.2f}, "
+          f"optimizer state {m.optimizer / GIB:.2f}, batch {m.batch / GIB:.2f}, temporaries "
+          f"{m.temporaries / GIB:.2f}) > {m.capacity / GIB:.2f} GiB of a {plan.device_kind}; "
+          f"shard more (mesh.fsdp, mesh.tensor), use more devices, or lower data.batch_size / "
+          f"raise optimizer.grad_accum")
+  return exit_status("plan", run)

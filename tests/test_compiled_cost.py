@@ -1,0 +1,80 @@
+"""goosejax.compiled_cost: FLOPs of compiled programs with loop bodies counted per trip, and Pallas
+kernel executions. XLA's own cost analysis counts a `while` body once."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import SingleDeviceSharding
+
+from goosejax import aot, compiled_cost
+from goosejax.wkv import wkv7
+
+N = 64
+MATMUL = 2 * N**3
+
+
+def _layers(x, w):
+  """A scan over the leading axis of `w`: one N x N x N matmul per step."""
+  def step(h, w_l):
+    return jnp.tanh(h @ w_l), None
+  return jax.lax.scan(step, x, w)[0]
+
+
+def _nested(x, w):
+  """3 outer steps, each scanning the 4 matrices of `w`: 12 matmuls."""
+  def outer(h, _):
+    return _layers(h, w), None
+  return jax.lax.scan(outer, x, None, length=3)[0]
+
+
+def _compile(fn, *args):
+  return jax.jit(fn).trace(*args).lower().compile()
+
+
+def _args(layers: int, sharding=None):
+  return (jax.ShapeDtypeStruct((N, N), jnp.float32, sharding=sharding),
+          jax.ShapeDtypeStruct((layers, N, N), jnp.float32, sharding=sharding))
+
+
+@pytest.mark.parametrize("fn, layers, matmuls", [(_layers, 5, 5), (_layers, 9, 9), (_nested, 4, 12)])
+def test_loop_bodies_count_once_per_trip_on_cpu(fn, layers, matmuls):
+  cost = compiled_cost.program_cost(_compile(fn, *_args(layers)))
+  assert cost.flops_counted_once < 2 * MATMUL          # what XLA reports: the body once
+  assert matmuls * MATMUL <= cost.flops < matmuls * MATMUL * 1.05   # + the tanh's
+  assert cost.kernel_runs == {}
+
+
+@pytest.mark.parametrize("target, plugin", [("v5e:2x2", "libtpu"), ("h100:1", "jax_cuda12_plugin")])
+def test_trip_counts_of_accelerator_programs(target, plugin):
+  """TPU programs carry no trip counts (read from the loop condition here); GPU ones do."""
+  if importlib.util.find_spec(plugin) is None:
+    if os.environ.get("GOOSEJAX_REQUIRE_TARGETS") == "1":
+      pytest.fail(f"{plugin} is not installed")
+    pytest.skip(f"needs {plugin}")
+  device = SingleDeviceSharding(aot.target_devices(target)[0])
+  cost = compiled_cost.program_cost(_compile(_nested, *_args(4, device)))
+  assert 12 * MATMUL <= cost.flops < 12 * MATMUL * 1.05
+
+
+def test_pallas_kernel_runs_are_counted_per_trip():
+  """The WKV kernel (interpret mode on CPU is not a custom call, so compile for a TPU) inside a
+  scan of 3 steps runs 3 times; its forward+backward 3 times each."""
+  if importlib.util.find_spec("libtpu") is None:
+    if os.environ.get("GOOSEJAX_REQUIRE_TARGETS") == "1":
+      pytest.fail("libtpu is not installed")
+    pytest.skip("needs libtpu")
+  device = SingleDeviceSharding(aot.target_devices("v5e:2x2")[0])
+  shape = jax.ShapeDtypeStruct((3, 1, 128, 2, 64), jnp.bfloat16, sharding=device)
+
+  def loss(*xs):
+    def step(total, x):
+      y, state = wkv7(*x, impl="pallas", chunk_size=64)
+      return total + jnp.sum(y.astype(jnp.float32)) + jnp.sum(state), None
+    return jax.lax.scan(step, 0.0, xs)[0]
+
+  runs = compiled_cost.program_cost(_compile(jax.grad(loss), *[shape] * 6)).kernel_runs
+  assert sorted(runs.values()) == [3, 3] and any("forward" in name for name in runs)

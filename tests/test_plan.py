@@ -1,0 +1,165 @@
+"""`goosejax plan`: a config's memory, FLOPs and step time on a TPU slice or GPU node, from the
+real compiler (compile-only devices; needs the `tpu` / `cuda` extras, required in CI by
+GOOSEJAX_REQUIRE_TARGETS=1 as in test_aot)."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from goosejax import aot, compiled_cost, plan
+from goosejax.train import recipe
+from goosejax.config import load_config
+from goosejax.wkv import wkv7
+
+PLUGINS = {"tpu": "libtpu", "cuda": "jax_cuda12_plugin"}
+TINY = ["model.vocab_size=512", "data.ctx_len=128"]
+
+
+def _require(platform: str) -> None:
+  if importlib.util.find_spec(PLUGINS[platform]) is None:
+    if os.environ.get("GOOSEJAX_REQUIRE_TARGETS") == "1":
+      pytest.fail(f"the `{platform}` extra is not installed (pip install 'goosejax[{platform}]')")
+    pytest.skip(f"needs the `{platform}` extra (Linux x86-64): pip install 'goosejax[{platform}]'")
+
+
+def _figure(text: str, label: str) -> float:
+  """The number after `label` at the start of a line of the plan."""
+  match = re.search(rf"^\s*{re.escape(label)}\s+([\d.,e+]+)", text, re.MULTILINE)
+  assert match, f"no {label!r} line in:\n{text}"
+  return float(match[1].replace(",", ""))
+
+
+def _run(capsys, *argv):
+  status = plan.main(["--config", "tiny", *argv])
+  out, err = capsys.readouterr()
+  return status, out, err
+
+
+# ----------------------------------------------------------------------------- no compiler needed
+
+
+@pytest.mark.parametrize("kind, devices, name", [
+    ("v5p", 4, "v5p:2x2x1"), ("v5p", 64, "v5p:4x4x4"), ("v4", 32, "v4:2x4x4"),
+    ("v5e", 16, "v5e:4x4"), ("v6e", 64, "v6e:8x8"), ("v6e", 256, "v6e:16x16"),
+    ("h100", 4, "h100:4"), ("h200", 8, "h200:8"), ("h100", 32, "h100:4x8"),
+])
+def test_bare_chips_get_the_usual_slice_shape(kind, devices, name):
+  assert aot.target_for(kind, devices) == name
+  assert aot.parse_target(name).kind == kind
+
+
+@pytest.mark.parametrize("topology, devices, error", [
+    ("v5p", 48, "powers of two"), ("h100", 12, "multiple of 8"), ("v5p", None, "--devices N"),
+    ("tpu9", 4, "unknown chip"),
+])
+def test_targets_that_cannot_be_laid_out_are_refused(topology, devices, error):
+  with pytest.raises(plan.GoosejaxError, match=error):
+    plan.resolve_target(topology, devices)
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_wkv_formula_matches_the_compiled_kernel_body(chunk):
+  """The TPU kernel body run by the Pallas interpreter on CPU compiles to plain XLA ops, which
+  the cost analysis counts: the formula's forward plus elementwise work, and forward+backward
+  within 15% under the formula (XLA simplifies some of the backward's products away; the
+  formula is exactly the chunk math's dot products)."""
+  T = 256
+  xs = [jax.ShapeDtypeStruct((1, T, 1, 64), jnp.float32) for _ in range(6)]
+
+  def loss(*x):
+    y, state = wkv7(*x, impl="pallas", chunk_size=chunk)
+    return jnp.sum(y) + jnp.sum(state)
+
+  def flops(fn):
+    return compiled_cost.program_cost(jax.jit(fn).trace(*xs).lower().compile()).flops / T
+
+  forward, backward = plan.wkv_flops_per_token_head(chunk, 64)
+  assert forward <= flops(lambda *x: wkv7(*x, impl="pallas", chunk_size=chunk)) < 1.1 * forward
+  assert 0.85 * (forward + backward) < flops(jax.grad(loss, argnums=tuple(range(6)))) <= forward + backward
+
+
+def test_wkv_formula_at_the_spec_point():
+  """C = 64, N = 64 as in the docstring (spec §1.6 counts 111k forward with a blocked inverse)."""
+  assert plan.wkv_flops_per_token_head(64, 64) == (196608, 409600)
+
+
+# ----------------------------------------------------------------------------- compiled plans
+
+
+@pytest.mark.slow
+def test_tiny_plan_on_a_4_chip_tpu_slice():
+  """Every figure: the parameter count, per-device sizes of the fsdp-sharded state, the compiled
+  FLOPs (each of the 2 layers counted; remat recomputes the WKV forward, so 4 forward kernel runs
+  and 2 backward), the step time at the stated MFU."""
+  _require("tpu")
+  overrides = ["mesh.data=1", "mesh.fsdp=-1", "run.remat=block", *TINY]
+  cfg = load_config("tiny", overrides)
+  result = plan.make_plan(cfg, aot.target_for("v5p", 4), "tiny")
+  text = plan.format_plan(result, cfg, mfu=0.5)
+
+  _, shapes = recipe.abstract_model(cfg)
+  parameters = sum(math.prod(s.shape) for s in shapes.values())
+  assert result.parameters == _figure(text, "parameters") == parameters
+  assert "tiny on v5p:2x2x1: 4 x TPU v5, mesh data=1 fsdp=4 tensor=1" in text
+  memory = result.memory
+  assert parameters <= memory.parameters < 1.2 * parameters   # fp32 split 4 ways; vectors whole
+  assert 2 * memory.parameters <= memory.optimizer < 2.01 * memory.parameters   # Adam's mu, nu
+  assert memory.batch == 2 * 8 * 128 * 4 // 4
+  assert memory.total > memory.parameters + memory.optimizer + memory.temporaries > 0
+  assert memory.fits and memory.capacity == 95 * 2**30 and ": fits" in text
+
+  six_nt = 6 * (parameters - 512 * 128) * 8 * 128
+  assert result.flops.six_n_tokens == six_nt
+  assert 0.9 * six_nt < result.flops.compiled < 2 * six_nt
+  assert result.kernel_runs == {"wkv7_forward_tpu": 4, "wkv7_backward_tpu": 2}
+  forward, backward = plan.wkv_flops_per_token_head(64, 64)
+  assert result.flops.kernels == 8 * 128 * 2 * (4 * forward + 2 * backward)
+  assert result.flops.model == six_nt + 8 * 128 * 2 * 2 * (forward + backward)
+  step = float(re.search(r"step ([\d.e+-]+) s", text)[1])
+  assert step == pytest.approx(result.flops.model / (0.5 * 459e12 * 4), rel=1e-2)
+
+
+@pytest.mark.slow
+def test_a_plan_that_does_not_fit_exits_2_with_the_numbers(capsys):
+  """16 sequences of 8192 tokens per v5e chip: fp32 logits alone are 32 GiB. The TPU compiler
+  refuses the program; the plan still prints what it knows and the compiler's figure."""
+  _require("tpu")
+  status, out, err = _run(capsys, "--topology", "v5e:2x2", "data.ctx_len=8192", "data.batch_size=64")
+  assert status == 2
+  assert "does NOT fit" in out and "RESOURCE_EXHAUSTED" in out
+  assert _figure(out, "temporaries") > 16
+  assert _figure(out, "6 x N x tokens") > 0
+  message = err.strip().splitlines()[-1]
+  assert message.startswith("goosejax plan: error: does not fit:") and "16.00 GiB of a TPU v5 lite" in message
+
+
+@pytest.mark.parametrize("topology, overrides, message", [
+    ("v5e:2x2", ["mesh.tensor=3"], "4 devices: mesh: 4 devices are not divisible by the fixed axes' product 3"),
+    ("v5e:2x2", ["mesh.data=1", "mesh.fsdp=4", "data.batch_size=6"],
+     "mesh.data x mesh.fsdp = 4 does not divide data.batch_size / optimizer.grad_accum = 6 / 1"),
+    ("v5e:2x2", ["mesh.data=1", "mesh.tensor=4"], "mesh.tensor = 4 does not divide the 2 heads"),
+    ("h100:3", ["mesh.data=1", "mesh.fsdp=3", "data.batch_size=6"],
+     "mesh.fsdp = 3 does not divide model.n_embd=128"),
+])
+def test_a_mesh_that_does_not_divide_exits_2_naming_the_axis(capsys, topology, overrides, message):
+  _require(aot.parse_target(topology).platform)
+  status, out, err = _run(capsys, "--topology", topology, *overrides)
+  assert status == 2 and out == ""
+  assert message in err.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_tiny_plan_on_a_4_gpu_h100_node(capsys):
+  _require("cuda")
+  status, out, err = _run(capsys, "--topology", "h100:4", "mesh.data=2", "mesh.tensor=2", *TINY)
+  assert status == 0, err
+  assert "4 x NVIDIA H100 80GB HBM3, mesh data=2 fsdp=1 tensor=2" in out
+  assert "of 80.00 GiB" in out and ": fits" in out
+  assert "wkv7_backward_triton x2, wkv7_forward_triton x2" in out and "chunk 16" in out
+  assert _figure(out, "compiled XLA ops") > _figure(out, "6 x N x tokens") * 0.9
