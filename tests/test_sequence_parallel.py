@@ -159,3 +159,25 @@ def test_previous_tokens_cross_span_boundaries(spans, data, length):
   np.testing.assert_array_equal(prev, jnp.concatenate([last_B1C, x_BTC[:, :-1]], axis=1))
   np.testing.assert_array_equal(d_x, jnp.pad(weight[:, 1:], ((0, 0), (0, 1), (0, 0))))
   np.testing.assert_array_equal(d_last, weight[:, :1])
+
+
+def test_per_device_memory_stays_flat_when_spans_double_with_the_context():
+  """Compiled forward+backward with 512 tokens per device: the same per-device arguments and
+  temporaries at T = 1024, 2048 and 4096 over 2, 4 and 8 spans (compile only)."""
+  def memory(spans):
+    shape = (1, 512 * spans, 2, 64)
+    args = [jax.ShapeDtypeStruct(shape, jnp.float32)] * 6 + [
+        jax.ShapeDtypeStruct((1, 2, 64, 64), jnp.float32)]
+    wkv = functools.partial(wkv7_sequence_parallel, mesh=_mesh(spans), chunk_size=64)
+
+    def loss(*args):
+      y, final = wkv(*args)
+      return jnp.sum(y) + jnp.sum(final)
+
+    stats = jax.jit(jax.grad(loss, argnums=tuple(range(7)))).lower(*args).compile().memory_analysis()
+    return stats.argument_size_in_bytes, stats.temp_size_in_bytes
+
+  (arguments, temporaries), *doubled = (memory(spans) for spans in SPANS)
+  for more_arguments, more_temporaries in doubled:
+    assert more_arguments == arguments
+    assert abs(more_temporaries - temporaries) <= 0.02 * temporaries, (more_temporaries, temporaries)
