@@ -159,14 +159,12 @@ def make_plan(cfg, target: str, config_name: str, progress=None) -> Plan:
   """Compile `cfg`'s train step for `target` and gather the plan's figures. Raises PlanError
   for a mesh that does not divide the slice or the model (a plan that does not fit is returned;
   `Plan.memory.fits` says so)."""
-  import jax
   from goosejax import aot, compiled_cost, sharding
   from goosejax.config import ConfigError
   from goosejax.train import recipe
 
   progress = progress or _quiet
   recipe.check_trainable(cfg)
-  parsed = aot.parse_target(target)
   with progress(f"compile-only devices of {target}"):
     facts = aot.target_facts(target)
   try:
@@ -176,57 +174,74 @@ def make_plan(cfg, target: str, config_name: str, progress=None) -> Plan:
   check_mesh_divides(cfg, sizes)
   mesh = sharding.make_mesh(cfg.mesh, aot.target_devices(target))
   state, batch = aot.train_step_inputs(cfg, mesh, with_reset=cfg.data.pack_documents)
-  per_device = lambda tree: sum(_shard_bytes(leaf) for leaf in jax.tree.leaves(tree))
   _, shapes = recipe.abstract_model(cfg)
   parameters = sum(math.prod(shape.shape) for shape in shapes.values())
   embedding = math.prod(shapes["emb"].shape)
-  tokens = cfg.data.batch_size * cfg.data.ctx_len
 
   start = time.monotonic()
-  compiler_message = None
   with progress(f"compiling the train step for {facts.devices} devices, mesh {_mesh_text(sizes)}"):
-    try:
-      compiled = aot.compile_train_step(cfg, target, with_reset=cfg.data.pack_documents)
-    except jax.errors.JaxRuntimeError as e:
-      if "RESOURCE_EXHAUSTED" not in str(e):
-        raise
-      compiled, compiler_message = None, str(e).splitlines()[0]
+    compiled, compiler_message = _compile(cfg, target)
   compile_seconds = time.monotonic() - start
-
-  params_bytes, optimizer_bytes, batch_bytes = (
-      per_device(state.params), per_device(state.opt_state), per_device(batch))
+  cost = None
   if compiled is not None:
     with progress("counting FLOPs in the compiled program"):
       cost = compiled_cost.program_cost(compiled)
-    stats = compiled.memory_analysis()
-    temporaries = stats.temp_size_in_bytes
-    total = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
-             + temporaries + stats.generated_code_size_in_bytes)
-    compiled_flops, kernel_runs = cost.flops * facts.devices, cost.kernel_runs
-  else:  # the TPU compiler refuses programs larger than HBM, naming what they need
-    temporaries = _compiler_temporaries(compiler_message)
-    total = params_bytes + optimizer_bytes + batch_bytes + temporaries
-    compiled_flops, kernel_runs = None, {}
-
-  model = cfg.model
-  chunk = kernel_chunk_size(model, parsed.platform)
-  forward, backward = wkv_flops_per_token_head(chunk, model.head_size)
-  # Each kernel run covers one micro-batch: every device its rows and heads, T padded to chunks.
-  padded_tokens = cfg.data.batch_size * math.ceil(cfg.data.ctx_len / chunk) * chunk
-  run_token_heads = padded_tokens // cfg.optimizer.grad_accum * model.n_head
-  runs = lambda kind: sum(n for name, n in kernel_runs.items() if kind in name)
-  kernels = run_token_heads * (runs("forward") * forward + runs("backward") * backward)
-  six_n_tokens = 6 * (parameters - embedding) * tokens
-  wkv_model = tokens * model.n_head * model.n_layer * (forward + backward)
+  platform = aot.parse_target(target).platform
   return Plan(
-      config_name=config_name, target=target, platform=parsed.platform,
-      device_kind=facts.device_kind, devices=facts.devices, mesh=sizes, parameters=parameters,
-      embedding=embedding, tokens=tokens,
-      memory=Memory(params_bytes, optimizer_bytes, batch_bytes, temporaries, total,
-                    facts.memory_bytes),
-      flops=Flops(compiled_flops, kernels, six_n_tokens, six_n_tokens + wkv_model),
-      peak_flops=facts.peak_bf16_flops, chunk_size=chunk, kernel_runs=kernel_runs,
-      compile_seconds=compile_seconds, compiler_message=compiler_message)
+      config_name=config_name, target=target, platform=platform, device_kind=facts.device_kind,
+      devices=facts.devices, mesh=sizes, parameters=parameters, embedding=embedding,
+      tokens=cfg.data.batch_size * cfg.data.ctx_len,
+      memory=_memory(compiled, compiler_message, state, batch, facts.memory_bytes),
+      flops=_flops(cfg, platform, parameters - embedding, cost, facts.devices),
+      peak_flops=facts.peak_bf16_flops, chunk_size=kernel_chunk_size(cfg.model, platform),
+      kernel_runs=cost.kernel_runs if cost else {}, compile_seconds=compile_seconds,
+      compiler_message=compiler_message)
+
+
+def _compile(cfg, target: str):
+  """(the compiled train step, None), or (None, the compiler's message) when the TPU compiler
+  refuses a program larger than HBM."""
+  import jax
+  from goosejax import aot
+  try:
+    return aot.compile_train_step(cfg, target, with_reset=cfg.data.pack_documents), None
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return None, str(e).splitlines()[0]
+
+
+def _memory(compiled, compiler_message: str | None, state, batch, capacity: int) -> Memory:
+  import jax
+  per_device = lambda tree: sum(_shard_bytes(leaf) for leaf in jax.tree.leaves(tree))
+  parameters, optimizer, batch = per_device(state.params), per_device(state.opt_state), per_device(batch)
+  if compiled is None:
+    temporaries = _compiler_temporaries(compiler_message)
+    return Memory(parameters, optimizer, batch, temporaries,
+                  parameters + optimizer + batch + temporaries, capacity)
+  stats = compiled.memory_analysis()
+  total = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+           + stats.temp_size_in_bytes + stats.generated_code_size_in_bytes)
+  return Memory(parameters, optimizer, batch, stats.temp_size_in_bytes, total, capacity)
+
+
+def _flops(cfg, platform: str, matmul_parameters: int, cost, devices: int) -> Flops:
+  """`matmul_parameters`: all but the embedding table (a lookup). `cost`: the compiled
+  program's ProgramCost, None when nothing compiled."""
+  model, data = cfg.model, cfg.data
+  tokens = data.batch_size * data.ctx_len
+  forward, backward = wkv_flops_per_token_head(kernel_chunk_size(model, platform), model.head_size)
+  six_n_tokens = 6 * matmul_parameters * tokens
+  wkv_model = tokens * model.n_head * model.n_layer * (forward + backward)
+  if cost is None:
+    return Flops(None, 0.0, six_n_tokens, six_n_tokens + wkv_model)
+  # Each kernel run covers one micro-batch: every device its rows and heads, T padded to chunks.
+  chunk = kernel_chunk_size(model, platform)
+  padded_tokens = data.batch_size * math.ceil(data.ctx_len / chunk) * chunk
+  run_token_heads = padded_tokens // cfg.optimizer.grad_accum * model.n_head
+  runs = lambda kind: sum(n for name, n in cost.kernel_runs.items() if kind in name)
+  kernels = run_token_heads * (runs("forward") * forward + runs("backward") * backward)
+  return Flops(cost.flops * devices, kernels, six_n_tokens, six_n_tokens + wkv_model)
 
 
 def _shard_bytes(leaf) -> int:
@@ -303,6 +318,7 @@ def format_plan(plan: Plan, cfg, mfu: float) -> str:
   lines.append(line)
   if plan.platform == "cuda":
     lines.append("note: JAX takes 75% of GPU memory unless XLA_PYTHON_CLIENT_MEM_FRACTION is raised")
+  lines.append(f"compiled here in {plan.compile_seconds:.0f} s")
   return "\n".join(lines)
 
 
