@@ -42,9 +42,10 @@ class PlanError(GoosejaxError):
 
 def check_mesh_divides(cfg, sizes: dict[str, int]) -> None:
   """Refuse a mesh that would leave work unsplit: the batch rows over data x fsdp, parameters
-  over fsdp (the embedding dim), whole heads and the FFN hidden size over tensor. (Sharding
-  itself keeps an indivisible dimension whole; a plan that silently replicates a weight matrix
-  is almost always a typo in the mesh.)"""
+  over fsdp (the embedding dim), whole heads and the FFN hidden size over tensor, each
+  sequence's tokens over sequence (where the mesh has that axis). Sharding itself keeps an
+  indivisible dimension whole; a plan that silently replicates a weight matrix is almost always
+  a typo in the mesh."""
   model = cfg.model
   rows = cfg.data.batch_size // cfg.optimizer.grad_accum
   batch_axes = sizes["data"] * sizes["fsdp"]
@@ -56,6 +57,8 @@ def check_mesh_divides(cfg, sizes: dict[str, int]) -> None:
       ("mesh.tensor", sizes["tensor"], model.n_head,
        f"the {model.n_head} heads (model.n_embd / model.head_size)"),
       ("mesh.tensor", sizes["tensor"], model.ffn_dim, f"the FFN hidden size {model.ffn_dim}"),
+      ("mesh.sequence", sizes.get("sequence", 1), cfg.data.ctx_len,
+       f"data.ctx_len={cfg.data.ctx_len}"),
   ]
   for axis, size, total, what in checks:
     if total % size:
