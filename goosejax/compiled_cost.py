@@ -33,6 +33,7 @@ _TUPLE_INDEX = re.compile(r"get-tuple-element\(%([\w.\-]+)\), index=(\d+)")
 _CONSTANT = re.compile(r"\bconstant\((-?\d+)\)")
 _PASS_THROUGH = re.compile(r"\b(?:copy|bitcast|copy-done|convert)\(%([\w.\-]+)\)")
 _TUPLE = re.compile(r"\btuple\((.*?)\)(?:, |$)")
+_ADD = re.compile(r"\badd\(%([\w.\-]+), %([\w.\-]+)\)")
 
 
 class UnknownTripCount(RuntimeError):
@@ -172,7 +173,8 @@ class _Program:
       if limit is not None and index:
         start = self._initial_value(name, loop[1], int(index[2]))
         if start is not None:
-          return max(limit - start, 0)
+          step = self._step(loop[3], int(index[2]))
+          return max(-(-(limit - start) // step), 0)
     raise UnknownTripCount(f"loop {loop[3]} in {name}: no known trip count and no `i < N` condition")
 
   def _initial_value(self, name: str, operand: str, index: int) -> int | None:
@@ -182,6 +184,21 @@ class _Program:
       return None
     names = _REFERENCE.findall(elements[1])
     return self._constant(values, names[index]) if index < len(names) else None
+
+  def _step(self, body: str, index: int) -> int:
+    """The constant the body adds to loop variable `index` (an unrolled loop steps by more than
+    1); 1, as jax's loops step, where the increment is not a visible `add`."""
+    lines = self.computations[body].lines
+    values = self._definitions(lines)
+    root = next(l for l in lines if l.lstrip().startswith("ROOT "))
+    elements = _TUPLE.search(root.split(" = ", 1)[1])
+    names = _REFERENCE.findall(elements[1]) if elements else []
+    if index < len(names) and (add := _ADD.search(values.get(names[index], ""))):
+      for operand in add.groups():
+        step = self._constant(values, operand)
+        if step:
+          return step
+    return 1
 
   @staticmethod
   def _definitions(lines: list[str]) -> dict[str, str]:
