@@ -35,3 +35,14 @@ def test_tiny_grid_writes_table_and_plot(tmp_path):
   assert "| RWKV-7 | 32 | 16 | 512 |" in table           # WKV state: L * n_embd * head_size
   assert "| Transformer | 32 | 16 | 512 |" in table      # KV cache: 2 * L * T * n_embd at T = 8
   assert (out / "state_tracking.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_committed_grids_load():
+  sys.path.insert(0, str(SCRIPT.parent))
+  from state_tracking import CONFIGS, load_grid
+  reduced = load_grid(CONFIGS / "state_tracking_reduced.yaml")
+  full = load_grid(CONFIGS / "state_tracking_full.yaml")
+  assert reduced.source == "experiments/configs/state_tracking_reduced.yaml"
+  assert "A5" in reduced.word_problems.groups
+  assert set(full.word_problems.groups) == {"Z60", "A4xZ5", "A5", "S5"}
+  assert full.word_problems.layers == (1, 2, 3, 4)

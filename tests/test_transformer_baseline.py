@@ -93,3 +93,13 @@ def test_training_function_learns_a_word_problem():
   assert scored.shape == (2, 2) and (scored == 256).all()
   assert (correct[:, 0] / 256 > 0.9).all()                 # position 0 copies its input
   assert (trained.final_loss_G < 0.6 * np.log(60)).all()
+
+
+def test_training_is_deterministic():
+  """Same seeds, same data -> bitwise the same parameters (what makes the table reproducible)."""
+  cfg = ModelConfig(vocab_size=60, n_layer=1, n_embd=32, head_size=8)
+  budget = Budget(steps=5, batch_size=8, optimizer=OptimizerConfig(lr_init=1e-2))
+  source = [GroupWordProblem(make_group("A5"), 6, 40, 0)]
+  first, second = (train(_model(cfg), source, budget) for _ in range(2))
+  for name, value in first.params_G.items():
+    np.testing.assert_array_equal(value, second.params_G[name], err_msg=name)
