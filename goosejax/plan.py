@@ -118,10 +118,11 @@ class Memory:
   temporaries: int
   total: int            # arguments + outputs not aliased to them + temporaries + program code
   capacity: int
+  refused: bool = False  # the TPU compiler refused the program: more than the HBM it can use
 
   @property
   def fits(self) -> bool:
-    return self.total <= self.capacity
+    return not self.refused and self.total <= self.capacity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +222,7 @@ def _memory(compiled, compiler_message: str | None, state, batch, capacity: int)
   if compiled is None:
     temporaries = _compiler_temporaries(compiler_message)
     return Memory(parameters, optimizer, batch, temporaries,
-                  parameters + optimizer + batch + temporaries, capacity)
+                  parameters + optimizer + batch + temporaries, capacity, refused=True)
   stats = compiled.memory_analysis()
   total = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
            + stats.temp_size_in_bytes + stats.generated_code_size_in_bytes)
@@ -273,7 +274,9 @@ def _mesh_text(sizes: dict[str, int]) -> str:
 
 def format_plan(plan: Plan, cfg, mfu: float) -> str:
   model, memory, flops = cfg.model, plan.memory, plan.flops
-  per_device_batch = cfg.data.batch_size // (plan.mesh["data"] * plan.mesh["fsdp"])
+  accum = cfg.optimizer.grad_accum
+  rows = cfg.data.batch_size // accum // (plan.mesh["data"] * plan.mesh["fsdp"])
+  per_device = f"{rows} sequences per device" + (f" in each of {accum} micro-batches" if accum > 1 else "")
   gib = lambda n: f"{n / GIB:9.2f}"
   share = memory.total / memory.capacity
   verdict = "fits" if memory.fits else "does NOT fit"
@@ -284,8 +287,7 @@ def format_plan(plan: Plan, cfg, mfu: float) -> str:
       f"embedding); L{model.n_layer} D{model.n_embd} head {model.head_size} FFN {model.ffn_dim} "
       f"vocab {model.vocab_size}",
       f"batch           {cfg.data.batch_size} x {cfg.data.ctx_len} = {plan.tokens:,} tokens per "
-      f"step, {per_device_batch} sequences per device; {model.dtype} compute, remat "
-      f"{cfg.run.remat}, grad_accum {cfg.optimizer.grad_accum}",
+      f"step, {per_device}; {model.dtype} compute, remat {cfg.run.remat}",
       "memory per device           GiB",
       f"  parameters          {gib(memory.parameters)}   fp32 master copies, sharded",
       f"  optimizer state     {gib(memory.optimizer)}   Adam moments",
@@ -412,10 +414,11 @@ def main(argv: list[str]) -> int:
     print(format_plan(plan, cfg, args.mfu), flush=True)
     if not plan.memory.fits:
       m = plan.memory
+      why = (f"the compiler refused it: {plan.compiler_message}" if m.refused
+             else f"more than the {m.capacity / GIB:.2f} GiB of a {plan.device_kind}")
       raise PlanError(
           f"does not fit: {m.total / GIB:.2f} GiB per device (parameters {m.parameters / GIB:.2f}, "
           f"optimizer state {m.optimizer / GIB:.2f}, batch {m.batch / GIB:.2f}, temporaries "
-          f"{m.temporaries / GIB:.2f}) > {m.capacity / GIB:.2f} GiB of a {plan.device_kind}; "
-          f"shard more (mesh.fsdp, mesh.tensor), use more devices, or lower data.batch_size / "
-          f"raise optimizer.grad_accum")
+          f"{m.temporaries / GIB:.2f}), {why}; shard more (mesh.fsdp, mesh.tensor), use more "
+          f"devices, or lower data.batch_size / raise optimizer.grad_accum")
   return exit_status("plan", run)
