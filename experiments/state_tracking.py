@@ -262,37 +262,65 @@ def markdown(grid: Grid, command: str, words: list[WordProblemResult], recall: l
 
 
 def plot(grid: Grid, words: list[WordProblemResult], recall: list[MQARResult], path: Path) -> None:
+  """Top row: per-token accuracy against length for every model and depth, then MQAR accuracy
+  against state size. Bottom row: the fewest layers above 95% (the table's summary)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   wp = grid.word_problems
+  lengths = wp.eval_lengths
+  colors = {"RWKV-7": "tab:green", "Transformer": "tab:blue"}
+  markers = {"RWKV-7": "o", "Transformer": "s"}
+  dashes = ["-", "--", ":", "-."]
   unsolved = max(wp.layers) + 1
-  styles = {"RWKV-7": dict(color="tab:green", marker="o"), "Transformer": dict(color="tab:blue", marker="s")}
-  fig, axes = plt.subplots(1, len(wp.groups) + 1, figsize=(3.6 * (len(wp.groups) + 1), 3.4))
-  for ax, group in zip(axes, wp.groups):
+  columns = len(wp.groups) + 1
+  fig, axes = plt.subplots(2, columns, figsize=(3.6 * columns, 6.6), squeeze=False)
+  for column, group in enumerate(wp.groups):
+    ax = axes[0, column]
+    for model in MODELS:
+      for n_layer, dash in zip(wp.layers, dashes):
+        [r] = [r for r in words if (r.group, r.model, r.n_layer) == (group, model, n_layer)]
+        ax.plot(lengths, [100 * r.accuracy_by_length[T] for T in lengths], dash,
+                color=colors[model], marker=markers[model], label=f"{model}, L={n_layer}")
+    ax.axhline(100 * SOLVED, color="gray", lw=0.8, ls=":")
+    ax.set_ylim(0, 102)
+    ax.set_title(f"{group} word problem")
+    ax.set_ylabel("per-token accuracy (%)")
+    ax = axes[1, column]
     for offset, model in zip((-0.06, 0.06), MODELS):
-      layers = [fewest_layers(words, group, model, T) or unsolved for T in wp.eval_lengths]
-      ax.plot(wp.eval_lengths, np.array(layers) + offset, label=model, **styles[model])
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(wp.eval_lengths, [str(T) for T in wp.eval_lengths])
+      layers = [fewest_layers(words, group, model, T) or unsolved for T in lengths]
+      ax.plot(lengths, np.array(layers) + offset, color=colors[model], marker=markers[model], label=model)
     ax.set_yticks(range(1, unsolved + 1), [*map(str, range(1, unsolved)), f">{unsolved - 1}"])
     ax.set_ylim(0.5, unsolved + 0.5)
-    ax.set_title(f"{group} word problem")
-    ax.set_xlabel("sequence length")
-  axes[0].set_ylabel(f"fewest layers with > {SOLVED:.0%} accuracy")
-  axes[0].legend(loc="upper left")
-  ax = axes[-1]
+    ax.set_ylabel(f"fewest layers > {SOLVED:.0%}")
+    for ax in axes[:, column]:
+      ax.set_xscale("log", base=2)
+      ax.set_xticks(lengths, [str(T) for T in lengths])
+      ax.minorticks_off()
+      ax.set_xlabel("sequence length")
+  axes[0, 0].legend(fontsize=7, loc="lower left")
+  axes[1, 0].legend(fontsize=7, loc="lower left")
+  # x: the RWKV-7 state size of each (n_embd, head_size); the Transformer of the same shape
+  # sits at the same x (its KV cache, in the table, does not depend on head size).
+  ax = axes[0, -1]
+  mq = grid.mqar
+  state_of = {shape: mq.n_layer * shape[0] * shape[1] for shape in mq.shapes}
   for model in MODELS:
-    points = sorted((r.state_size, 100 * r.accuracy) for r in recall if r.model == model)
-    ax.plot(*zip(*points), label=model, **styles[model])
+    points = sorted((state_of[r.n_embd, r.head_size], 100 * r.accuracy) for r in recall if r.model == model)
+    ax.plot(*zip(*points), color=colors[model], marker=markers[model], label=f"{model} of that shape")
   ax.set_xscale("log", base=2)
+  ax.set_xticks(sorted(state_of.values()), [f"{state_of[C, N]}\nC={C} N={N}" for C, N in sorted(state_of, key=state_of.get)],
+                fontsize=7)
+  ax.minorticks_off()
   ax.set_ylim(0, 102)
-  ax.set_xlabel("state / KV-cache size (numbers)")
+  ax.set_xlabel("RWKV-7 state size (numbers)")
   ax.set_ylabel("accuracy (%)")
-  ax.set_title(f"MQAR, {grid.mqar.num_pairs} pairs, {grid.mqar.n_layer} layers")
+  ax.set_title(f"MQAR, {grid.mqar.num_pairs} pairs, L={grid.mqar.n_layer}")
+  ax.legend(fontsize=7, loc="lower right")
+  axes[1, -1].axis("off")
   fig.tight_layout()
-  fig.savefig(path, dpi=110, metadata={"Software": None})
+  fig.savefig(path, dpi=100, metadata={"Software": None})
   plt.close(fig)
 
 
