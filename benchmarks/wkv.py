@@ -31,10 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from goosejax.wkv import auto_choice, wkv7, wkv7_chunked, wkv7_reference
+from goosejax.wkv import CHUNK_SIZES, auto_choice, wkv7, wkv7_chunked, wkv7_reference
 from goosejax.wkv.reference import compute_dtype
-
-DECAY_BOUND = 0.606531
+from pallas_kernels.chunk_sizes import LOG_DECAY_MIN
 VARIANTS = {  # name -> (mode, intra) for wkv7_chunked
     "chunked": ("sequential", "matmul"),
     "chunked+rec": ("sequential", "recurrent"),
@@ -47,7 +46,7 @@ def make_inputs(batch, length, heads, head_size, seed=0, dtype=np.float32):
   rng = np.random.default_rng(seed)
   shape = (batch, length, heads, head_size)
   r, k, v = (rng.normal(size=shape) for _ in range(3))
-  log_w = -DECAY_BOUND / (1 + np.exp(-2 * rng.normal(size=shape)))
+  log_w = LOG_DECAY_MIN / (1 + np.exp(-2 * rng.normal(size=shape)))
   kappa = rng.normal(size=shape)
   kappa /= np.linalg.norm(kappa, axis=-1, keepdims=True)
   iclr = rng.uniform(size=shape)
@@ -210,7 +209,7 @@ def main(argv=None) -> None:
   parser.add_argument("--length", type=int, nargs="+", default=[512, 4096, 16384])
   parser.add_argument("--heads", type=int, nargs="+", default=[4, 12])
   parser.add_argument("--head-size", type=int, default=64)
-  parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[16, 32, 64])
+  parser.add_argument("--chunk-sizes", type=int, nargs="+", default=list(CHUNK_SIZES))
   parser.add_argument("--impls", nargs="+", default=["reference", *VARIANTS],
                       choices=["reference", *VARIANTS])
   parser.add_argument("--repeats", type=int, default=3)

@@ -18,6 +18,7 @@ from typing import Any, Literal, Mapping, NamedTuple, Sequence
 import yaml
 
 from goosejax.errors import GoosejaxError
+from pallas_kernels.chunk_sizes import CHUNK_SIZES
 
 
 def _presets_dir() -> Path:
@@ -108,8 +109,8 @@ class ModelConfig:
     if self.n_embd % self.head_size:
       raise ConfigError(f"model.n_embd={self.n_embd} is not divisible by model.head_size="
                         f"{self.head_size}; RWKV-7 needs whole heads (released models use 64)")
-    if self.wkv_chunk_size is not None and self.wkv_chunk_size not in (16, 32, 64):
-      raise ConfigError(f"model.wkv_chunk_size={self.wkv_chunk_size}: expected 16, 32 or 64")
+    if self.wkv_chunk_size is not None and self.wkv_chunk_size not in CHUNK_SIZES:
+      raise ConfigError(f"model.wkv_chunk_size={self.wkv_chunk_size}: expected one of {CHUNK_SIZES}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,16 +8,16 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.chunk_math import ChunkConsts, ChunkLayout, chunk_backward, chunk_forward, reset_masks
+from pallas_kernels.chunk_math import ChunkConsts, ChunkLayout, ChunkMath
 
 INPUT_NAMES = ("r", "log_w", "k", "v", "a", "b")
 CONST_NAMES = ChunkConsts._fields
 
 
-def load_consts(refs: dict, layout: ChunkLayout) -> ChunkConsts:
-  """Constant masks from their refs; only what this layout reads is loaded."""
+def chunk_math(refs: dict, layout: ChunkLayout) -> ChunkMath:
+  """The chunk step with its constant masks loaded from their refs (only what `layout` reads)."""
   G = layout.heads_packed
-  return ChunkConsts(
+  consts = ChunkConsts(
       tri_incl=refs["tri_incl"][...],
       tri_strict=refs["tri_strict"][...],
       triu_strict=refs["triu_strict"][...] if layout.has_reset else None,
@@ -25,26 +25,27 @@ def load_consts(refs: dict, layout: ChunkLayout) -> ChunkConsts:
       head_lanes=[refs["head_lanes"][h] for h in range(G)] if G > 1 else None,
       block_diag=refs["block_diag"][...] if G > 1 else None,
   )
+  return ChunkMath(layout, consts)
 
 
 def _load_chunk(refs: dict, i, layout: ChunkLayout):
+  math = chunk_math(refs, layout)
   inputs = [refs[name][i].astype(jnp.float32) for name in INPUT_NAMES]
-  consts = load_consts(refs, layout)
-  resets = None
-  if layout.has_reset:
-    resets = reset_masks(refs["reset"][i].astype(jnp.float32), consts, layout.fp32_dot)
-  return inputs, consts, resets
+  resets = math.reset_masks(refs["reset"][i].astype(jnp.float32)) if layout.has_reset else None
+  return math, inputs, resets
 
 
 def forward_chunks(refs: dict, state, num_chunks: int, layout: ChunkLayout):
-  """Runs `num_chunks` chunks in order from `state` [V, K]; writes y and the per-chunk start states
-  (fp32 checkpoints for the backward). Returns the end state."""
+  """Runs `num_chunks` chunks in order from `state` [V, K]; writes y and, when there is a
+  "checkpoint" ref, each chunk's start state (fp32, for the backward). Returns the end state."""
+  checkpoints = refs.get("checkpoint")
 
   def step(i, state):
-    inputs, consts, resets = _load_chunk(refs, i, layout)
-    y, state_next = chunk_forward(state, *inputs, consts, resets, layout)
+    math, inputs, resets = _load_chunk(refs, i, layout)
+    y, state_next = math.forward(state, math.terms(*inputs, resets))
     refs["y"][i] = y.astype(refs["y"].dtype)
-    refs["checkpoint"][i] = state
+    if checkpoints is not None:
+      checkpoints[i] = state
     return state_next
 
   return lax.fori_loop(0, num_chunks, step, state)
@@ -56,10 +57,9 @@ def backward_chunks(refs: dict, dstate, num_chunks: int, layout: ChunkLayout):
 
   def step(j, dstate):
     i = num_chunks - 1 - j
-    inputs, consts, resets = _load_chunk(refs, i, layout)
-    state = refs["checkpoint"][i]
+    math, inputs, resets = _load_chunk(refs, i, layout)
     dy = refs["dy"][i].astype(jnp.float32)
-    dstate, *grads = chunk_backward(state, *inputs, dy, dstate, consts, resets, layout)
+    dstate, grads = math.backward(refs["checkpoint"][i], inputs, dy, dstate, resets)
     for name, grad in zip(INPUT_NAMES, grads):
       out = refs["d" + name]
       out[i] = grad.astype(out.dtype)

@@ -10,7 +10,9 @@ its own Triton revision, so treat these as estimates), at N = 64, bf16 inputs, T
   chunk 16: forward 40 KB shared memory, backward 71 KB; 255 registers per thread, spill stacks
             0.4 KB (forward) and 1.7 KB (backward) at 8 warps, the least of 4, 8 and 16 warps.
   chunk 32: forward 48 KB, backward 120 KB; spill stacks 1.7 KB and 3.3 KB at 8 warps.
-  chunk 64: backward 352 KB, over the 227 KB a Hopper block can have, so chunks above 32 are refused. Value tiles are independent in the forward (u, y and the state rows all split by value
+  chunk 64: backward 352 KB, over the 227 KB a Hopper block can have, so chunks above 32 are refused
+            (chunk_sizes.KERNEL_CHUNK_SIZES).
+Value tiles are independent in the forward (u, y and the state rows all split by value
 channel); in the backward the key-side gradients (r, log_w, k, a, b) are partial sums per tile, written
 in fp32 and summed by the caller. Triton needs power-of-two arrays: C, N and the tile are powers of two
 (the caller pads N).
@@ -31,7 +33,6 @@ from pallas_kernels.chunk_math import ChunkLayout, chunk_constants
 from pallas_kernels.kernel_body import CONST_NAMES, INPUT_NAMES, backward_chunks, forward_chunks
 
 _KEY_SIDE = ("r", "log_w", "k", "a", "b")
-CHUNK_SIZES = (16, 32)  # larger chunks exceed Hopper's shared memory in the backward (see above)
 NUM_WARPS = 8
 
 

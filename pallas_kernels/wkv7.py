@@ -21,9 +21,9 @@ import numpy as np
 
 from pallas_kernels import mosaic_tpu, triton_gpu
 from pallas_kernels.chunk_math import FP32_DOTS, ChunkLayout
+from pallas_kernels.chunk_sizes import KERNEL_CHUNK_SIZES
 
-BACKENDS = ("tpu", "triton")
-CHUNK_SIZES = (16, 32, 64, 128)
+BACKENDS = tuple(KERNEL_CHUNK_SIZES)
 _INPUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _TPU_BLOCK_TOKENS = 256     # tokens per TPU grid step: few grid steps, blocks well inside VMEM
 _TPU_MAX_GROUP_LANES = 512  # a single whole-width head group is allowed up to this many lanes
@@ -97,7 +97,7 @@ def plan_kernels(shape, dtype, *, chunk_size: int, backend: str | None, interpre
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
   fp32_dot = _resolve_fp32_dot(fp32_dot, backend, interpret)
-  allowed = triton_gpu.CHUNK_SIZES if backend == "triton" else CHUNK_SIZES
+  allowed = KERNEL_CHUNK_SIZES[backend]
   if chunk_size not in allowed:
     raise PallasWKVError(f"wkv7_pallas: chunk_size={chunk_size} with backend={backend!r}; expected one "
                          f"of {allowed} (Triton's backward needs too much shared memory above 32)")
@@ -223,8 +223,8 @@ def wkv7_pallas(r, log_w, k, v, a, b, state=None, *, reset=None, chunk_size: int
 
   r, k, v, a, b, log_w: [B,T,H,N] float32/bfloat16/float16; state: [B,H,N,N] or None (zeros);
   reset: [B,T] bool or None. Differentiable in all of r, log_w, k, v, a, b and state.
-  chunk_size: tokens per chunk, 16, 32, 64 or 128 on TPU and 16 or 32 with Triton (the kernels pad T
-    with identity steps).
+  chunk_size: tokens per chunk, `chunk_sizes.KERNEL_CHUNK_SIZES[backend]`: 16, 32 or 64 on TPU and
+    16 or 32 with Triton (the kernels pad T with identity steps).
   backend: "tpu" (Mosaic), "triton" (GPU) or None for the default platform's (TPU layout on CPU).
   interpret: run the kernel in the Pallas interpreter; None means "when running on CPU".
   mxu_dtype: operands of the matmuls the precision analysis allows in bf16 (the readout and the state

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from goosejax.wkv import IMPLEMENTATIONS, WKVInputError, auto_choice, wkv7
+from goosejax.wkv import CHUNK_SIZES, IMPLEMENTATIONS, WKVInputError, auto_choice, wkv7
 from goosejax.wkv.dispatch import AUTO_CHOICES
 from wkv_inputs import make_inputs, recurrence, relative_error
 
@@ -82,7 +82,7 @@ def test_bfloat16_inputs_keep_fp32_state_and_stay_close_to_float64():
 def test_auto_has_a_choice_for_every_platform():
   for platform in ("cpu", "gpu", "tpu"):
     choice = auto_choice(platform)
-    assert choice.impl in IMPLEMENTATIONS and choice.chunk_size in (16, 32, 64)
+    assert choice.impl in IMPLEMENTATIONS and choice.chunk_size in CHUNK_SIZES
     assert choice == AUTO_CHOICES[platform]
   assert auto_choice("cpu") == auto_choice() or jax.default_backend() != "cpu"
 

@@ -1,4 +1,5 @@
-"""Chunked WKV-7: intra-chunk matmul form, chunks combined sequentially or by associative scan.
+"""Chunked WKV-7: the chunk math of `pallas_kernels.chunk_math` on many chunks at once, chunks
+combined sequentially or by associative scan.
 
 Shape letters: B batch, T tokens, H heads, N head size, L chunks, C tokens per chunk,
 G chunks per group.
@@ -8,8 +9,8 @@ backward (O(T/C N^2) per head) and recompute the chunk terms there:
 
 * "sequential": a `lax.scan` over groups of G chunks. Each step slices its group out of the
   [B,T,H,N] inputs, builds the group's chunk terms together and walks the state through
-  its chunks; the backward is the reverse scan carrying dS, with `jax.vjp` of the group's
-  chunk terms inside. Memory beyond the per-chunk states is one group's temporaries.
+  its chunks; the backward is the reverse scan carrying dS, with the terms' VJP
+  (`ChunkMath.terms_vjp`) inside. Memory beyond the per-chunk states is one group's temporaries.
   The forward can instead run the token recurrence (`intra="recurrent"`, faster than small
   matmuls on CPUs), keeping the state at chunk starts; the backward is the same.
 * "associative": every chunk's terms at once, the incoming states from
@@ -25,13 +26,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from goosejax.wkv.chunk_math import (apply_affine, chunk_end_state, chunk_outputs,
-                                     chunk_removals, chunk_summary, chunk_terms, combine_affine,
-                                     output_cotangents, removal_cotangent, start_cotangent,
-                                     term_cotangents)
 from goosejax.wkv.reference import wkv7_step
+from pallas_kernels.chunk_math import ChunkMath
+from pallas_kernels.chunk_sizes import CHUNK_SIZES
 
-CHUNK_SIZES = (16, 32, 64)
 MODES = ("sequential", "associative")
 INTRA = ("matmul", "recurrent")
 
@@ -49,11 +47,12 @@ def from_chunks(x_LBHCN):
   return jnp.transpose(x_LBHCN, (1, 0, 3, 2, 4)).reshape(batch, chunks * size, heads, head_size)
 
 
-def segments(reset_BT, size: int):
-  """Within-chunk reset counts [L, B, 1, C] (int32), the masks' input for `chunk_terms`."""
+def reset_columns(reset_BT, size: int, dtype):
+  """Per-chunk reset columns [L, B, 1, C, 1] (1 = zero the state before that token), the input
+  of `ChunkMath.reset_masks`; the unit axis broadcasts over heads."""
   batch, length = reset_BT.shape
-  count_BLC = jnp.cumsum(reset_BT.reshape(batch, length // size, size).astype(jnp.int32), axis=-1)
-  return jnp.transpose(count_BLC, (1, 0, 2))[:, :, None, :]
+  reset_BLC = reset_BT.reshape(batch, length // size, size).astype(dtype)
+  return jnp.transpose(reset_BLC, (1, 0, 2))[:, :, None, :, None]
 
 
 def _group_at(x_BTHN, index, size: int, group: int):
@@ -69,12 +68,12 @@ def _put_group(x_BTHN, x_GBHCN, index, size: int, group: int):
   return jax.lax.dynamic_update_slice_in_dim(x_BTHN, x_BSHN, index * size * group, axis=1)
 
 
-def _group_segments(reset_BT, index, size: int, group: int):
-  """Within-chunk reset counts of a group of chunks as [G, B, 1, C], or None without resets."""
+def _group_resets(math, reset_BT, index, size: int, group: int):
+  """The reset masks of a group of chunks (leading dims [G, B, 1]), or None without resets."""
   if reset_BT is None:
     return None
   reset_BS = jax.lax.dynamic_slice_in_dim(reset_BT, index * size * group, size * group, axis=1)
-  return segments(reset_BS, size)
+  return math.reset_masks(reset_columns(reset_BS, size, math.consts.tri_incl.dtype))
 
 
 def _take(tree, index: int):
@@ -112,6 +111,10 @@ def _recurrent_forward(size, inputs, reset_BT, state_BHNN):
   return y_BTHN, final_BHNN, states_LBHNN
 
 
+def _chunk_math(inputs, size: int, reset_BT) -> ChunkMath:
+  return ChunkMath.for_arrays(size, inputs[0].shape[-1], inputs[0].dtype, reset_BT is not None)
+
+
 # ---------------------------------------------------------------- sequential across chunks
 
 
@@ -121,20 +124,21 @@ def _sequential_forward(size, group, inputs, reset_BT, state_BHNN):
   A group's chunk terms are built together (bigger ops, one loop step); the state then
   walks through the group's chunks one by one."""
   steps = inputs[0].shape[1] // (size * group)
+  math = _chunk_math(inputs, size, reset_BT)
 
   def step(carry, index):
     state, y = carry
-    terms = chunk_terms(*(_group_at(x, index, size, group) for x in inputs),
-                        _group_segments(reset_BT, index, size, group))
+    terms = math.terms(*(_group_at(x, index, size, group) for x in inputs),
+                       _group_resets(math, reset_BT, index, size, group))
     starts, removals = [], []
     for g in range(group):
       terms_g = _take(terms, g)
-      u = chunk_removals(state, terms_g)
+      u = math.removals(state, terms_g)
       starts.append(state)
       removals.append(u)
-      state = chunk_end_state(state, u, terms_g)
+      state = math.end_state(state, u, terms_g)
     starts_GBHNN = jnp.stack(starts)
-    y_GBHCN = chunk_outputs(starts_GBHNN, jnp.stack(removals), terms)
+    y_GBHCN = math.outputs(starts_GBHNN, jnp.stack(removals), terms)
     return (state, _put_group(y, y_GBHCN, index, size, group)), starts_GBHNN
 
   (final_BHNN, y_BTHN), starts = jax.lax.scan(
@@ -143,26 +147,26 @@ def _sequential_forward(size, group, inputs, reset_BT, state_BHNN):
 
 
 def _sequential_backward(size, group, inputs, reset_BT, states_LBHNN, d_y_BTHN, d_final_BHNN):
-  """Reverse scan over groups carrying dS; the chunk terms are recomputed under jax.vjp."""
+  """Reverse scan over groups carrying dS; the chunk terms are recomputed with their VJP."""
   steps = inputs[0].shape[1] // (size * group)
   states = states_LBHNN.reshape(steps, group, *states_LBHNN.shape[1:])
+  math = _chunk_math(inputs, size, reset_BT)
 
   def step(carry, xs):
     d_end, d_inputs = carry
     index, starts_GBHNN = xs
-    segment = _group_segments(reset_BT, index, size, group)
-    terms, pull_back = jax.vjp(lambda *x: chunk_terms(*x, segment),
-                               *(_group_at(x, index, size, group) for x in inputs))
+    terms, pull_back = math.terms_vjp([_group_at(x, index, size, group) for x in inputs],
+                                      _group_resets(math, reset_BT, index, size, group))
     d_y = _group_at(d_y_BTHN, index, size, group)
-    u_from_outputs, state_from_outputs = output_cotangents(terms, d_y)
+    u_from_outputs, state_from_outputs = math.output_cotangents(terms, d_y)
     d_ends, d_removals = [None] * group, [None] * group
     for g in reversed(range(group)):
       terms_g = _take(terms, g)
       d_ends[g] = d_end
-      d_removals[g] = removal_cotangent(u_from_outputs[g], terms_g, d_end)
-      d_end = start_cotangent(state_from_outputs[g], terms_g, d_end, d_removals[g])
-    d_terms = term_cotangents(starts_GBHNN, chunk_removals(starts_GBHNN, terms), terms, d_y,
-                              jnp.stack(d_removals), jnp.stack(d_ends))
+      d_removals[g] = math.removal_cotangent(u_from_outputs[g], terms_g, d_end)
+      d_end = math.start_cotangent(state_from_outputs[g], terms_g, d_end, d_removals[g])
+    d_terms = math.term_cotangents(starts_GBHNN, math.removals(starts_GBHNN, terms), terms, d_y,
+                                   jnp.stack(d_removals), jnp.stack(d_ends))
     d_group = pull_back(d_terms)
     d_inputs = tuple(_put_group(d, dg, index, size, group) for d, dg in zip(d_inputs, d_group))
     return (d_end, d_inputs), None
@@ -176,34 +180,40 @@ def _sequential_backward(size, group, inputs, reset_BT, states_LBHNN, d_y_BTHN, 
 # --------------------------------------------------------------- associative across chunks
 
 
+def _all_resets(math, reset_BT, size: int):
+  if reset_BT is None:
+    return None
+  return math.reset_masks(reset_columns(reset_BT, size, math.consts.tri_incl.dtype))
+
+
 def _associative_forward(size, inputs, reset_BT, state_BHNN):
   """All chunks at once, incoming states by associative scan of the affine chunk maps."""
-  segment = None if reset_BT is None else segments(reset_BT, size)
-  terms = chunk_terms(*(to_chunks(x, size) for x in inputs), segment)
-  prefix_m, prefix_b = jax.lax.associative_scan(combine_affine, chunk_summary(terms))
-  after_LBHNN = apply_affine(state_BHNN[None], (prefix_m, prefix_b))
+  math = _chunk_math(inputs, size, reset_BT)
+  terms = math.terms(*(to_chunks(x, size) for x in inputs), _all_resets(math, reset_BT, size))
+  prefix_m, prefix_b = jax.lax.associative_scan(math.combine_affine, math.summary(terms))
+  after_LBHNN = math.apply_affine(state_BHNN[None], (prefix_m, prefix_b))
   starts_LBHNN = jnp.concatenate([state_BHNN[None], after_LBHNN[:-1]], axis=0)
-  y_LBHCN = chunk_outputs(starts_LBHNN, chunk_removals(starts_LBHNN, terms), terms)
+  y_LBHCN = math.outputs(starts_LBHNN, math.removals(starts_LBHNN, terms), terms)
   return from_chunks(y_LBHCN), after_LBHNN[-1], starts_LBHNN
 
 
 def _associative_backward(size, inputs, reset_BT, starts_LBHNN, d_y_BTHN, d_final_BHNN):
-  segment = None if reset_BT is None else segments(reset_BT, size)
-  terms, pull_back = jax.vjp(lambda *x: chunk_terms(*x, segment),
-                             *(to_chunks(x, size) for x in inputs))
+  math = _chunk_math(inputs, size, reset_BT)
+  terms, pull_back = math.terms_vjp([to_chunks(x, size) for x in inputs],
+                                    _all_resets(math, reset_BT, size))
   d_y = to_chunks(d_y_BTHN, size)
-  u_from_outputs, state_from_outputs = output_cotangents(terms, d_y)
+  u_from_outputs, state_from_outputs = math.output_cotangents(terms, d_y)
   # dS0_c = G_c + dS_end_c M_c^T, G_c its part without dS_end: suffix compositions of the
   # maps x -> x M_c^T + G_c.
-  from_outputs = start_cotangent(state_from_outputs, terms, jnp.zeros_like(state_from_outputs),
-                                 u_from_outputs)
-  m_LBHNN, _ = chunk_summary(terms)
-  suffix = jax.lax.associative_scan(combine_affine, (jnp.swapaxes(m_LBHNN, -1, -2), from_outputs),
-                                    reverse=True)
-  d_starts = apply_affine(d_final_BHNN[None], suffix)
+  from_outputs = math.start_cotangent(state_from_outputs, terms,
+                                      jnp.zeros_like(state_from_outputs), u_from_outputs)
+  m_LBHNN, _ = math.summary(terms)
+  suffix = jax.lax.associative_scan(math.combine_affine,
+                                    (jnp.swapaxes(m_LBHNN, -1, -2), from_outputs), reverse=True)
+  d_starts = math.apply_affine(d_final_BHNN[None], suffix)
   d_ends = jnp.concatenate([d_starts[1:], d_final_BHNN[None]], axis=0)
-  d_terms = term_cotangents(starts_LBHNN, chunk_removals(starts_LBHNN, terms), terms, d_y,
-                            removal_cotangent(u_from_outputs, terms, d_ends), d_ends)
+  d_terms = math.term_cotangents(starts_LBHNN, math.removals(starts_LBHNN, terms), terms, d_y,
+                                 math.removal_cotangent(u_from_outputs, terms, d_ends), d_ends)
   d_inputs = tuple(from_chunks(d) for d in pull_back(d_terms))
   return d_inputs, d_starts[0]
 
