@@ -212,7 +212,7 @@ def _compile(cfg, target: str):
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
-    return None, str(e).splitlines()[0]
+    return None, str(e).splitlines()[0].rstrip(".")
 
 
 def _memory(compiled, compiler_message: str | None, state, batch, capacity: int) -> Memory:
