@@ -190,24 +190,30 @@ class DataConfig:
 class MeshConfig:
   """How the devices are arranged: axis sizes whose product is the device count. One axis
   may be -1 (the devices the other axes leave); mesh.data does that by default unless
-  mesh.fsdp or mesh.tensor is -1."""
+  mesh.fsdp, mesh.tensor or mesh.sequence is -1."""
   data: int | None = setting(None, "devices on the data-parallel axis (parameters replicated, "
                                    "batch split); -1: the devices the other axes leave; unset "
-                                   "(null): -1, or 1 when mesh.fsdp or mesh.tensor is -1")
+                                   "(null): -1, or 1 when mesh.fsdp, mesh.tensor or "
+                                   "mesh.sequence is -1")
   fsdp: int = setting(1, "devices on the FSDP axis (parameters and batch split); -1: the "
                          "devices the other axes leave")
   tensor: int = setting(1, "devices on the tensor-parallel axis (heads, FFN hidden and "
                            "vocabulary split); -1: the devices the other axes leave")
+  sequence: int = setting(1, "devices on the sequence-parallel axis (every sequence's tokens "
+                             "split into this many spans, for contexts one device cannot hold; "
+                             "data.ctx_len must be divisible by it); -1: the devices the other "
+                             "axes leave")
 
   def sizes(self) -> dict[str, int]:
     """The axis sizes as given, mesh.data's default resolved (-1 stays -1)."""
     data = self.data
     if data is None:
-      data = 1 if -1 in (self.fsdp, self.tensor) else -1
-    return {"data": data, "fsdp": self.fsdp, "tensor": self.tensor}
+      data = 1 if -1 in (self.fsdp, self.tensor, self.sequence) else -1
+    return {"data": data, "fsdp": self.fsdp, "tensor": self.tensor, "sequence": self.sequence}
 
   def validate(self) -> None:
-    given = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+    given = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor,
+             "sequence": self.sequence}
     for key, size in given.items():
       if size is not None and (isinstance(size, bool) or not isinstance(size, int)
                                or size == 0 or size < -1):
@@ -215,7 +221,7 @@ class MeshConfig:
     rest = [f"mesh.{key}" for key, size in self.sizes().items() if size == -1]
     if len(rest) > 1:
       raise ConfigError(f"mesh: {' and '.join(rest)} are -1 but at most one of mesh.data, "
-                        "mesh.fsdp, mesh.tensor may be -1")
+                        "mesh.fsdp, mesh.tensor, mesh.sequence may be -1")
 
   def shape(self, n_devices: int) -> dict[str, int]:
     """Axis sizes for `n_devices`, resolving the -1 axis; raises if they do not fit."""

@@ -1,8 +1,8 @@
 """Device mesh, logical axis names, and the one rules table that places them on the mesh.
 
 Every parameter and activation names its dimensions logically ("embed", "heads", "batch",
-...); `RULES` alone decides which mesh axes ("data", "fsdp", "tensor") each name is split
-over. The usual layouts are then just mesh shapes:
+...); `RULES` alone decides which mesh axes ("data", "fsdp", "tensor", "sequence") each name is
+split over. The usual layouts are then just mesh shapes:
 
   data parallel      mesh.data=-1                      params replicated, batch split
   FSDP / ZeRO-3      mesh.fsdp=-1                      params split on "embed", batch split
@@ -25,7 +25,7 @@ from goosejax.config import MeshConfig
 from goosejax.errors import GoosejaxError
 from goosejax.param_table import PARAMS
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 
 # logical axis name -> mesh axes it is split over (empty: replicated).
 RULES: dict[str, tuple[str, ...]] = {
@@ -58,7 +58,7 @@ class ShardingError(GoosejaxError):
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """The ("data", "fsdp", "tensor") mesh over `devices` (default: all, every process)."""
+  """The ("data", "fsdp", "tensor", "sequence") mesh over `devices` (default: all, every process)."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = cfg.shape(len(devices))
   shape = tuple(sizes[axis] for axis in MESH_AXES)

@@ -106,16 +106,21 @@ def test_missing_preset_lists_presets():
 
 
 def test_mesh_shapes():
-  assert MeshConfig(data=-1, fsdp=2).shape(8) == {"data": 4, "fsdp": 2, "tensor": 1}
-  assert MeshConfig(data=2, fsdp=2, tensor=2).shape(8) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert MeshConfig(data=-1, fsdp=2).shape(8) == {"data": 4, "fsdp": 2, "tensor": 1, "sequence": 1}
+  assert MeshConfig(data=2, fsdp=2, tensor=2).shape(8) == {"data": 2, "fsdp": 2, "tensor": 2,
+                                                          "sequence": 1}
   with pytest.raises(ConfigError, match="not divisible"):
     MeshConfig(data=-1, fsdp=3).shape(8)
   with pytest.raises(ConfigError, match="at most one"):
     load_config("tiny", ["mesh.data=-1", "mesh.fsdp=-1"])
   # mesh.data unset: the rest of the devices, or 1 when another axis takes the rest.
-  assert MeshConfig().shape(8) == {"data": 8, "fsdp": 1, "tensor": 1}
-  assert MeshConfig(fsdp=-1).shape(8) == {"data": 1, "fsdp": 8, "tensor": 1}
-  assert MeshConfig(tensor=-1, fsdp=2).shape(8) == {"data": 1, "fsdp": 2, "tensor": 4}
+  assert MeshConfig().shape(8) == {"data": 8, "fsdp": 1, "tensor": 1, "sequence": 1}
+  assert MeshConfig(fsdp=-1).shape(8) == {"data": 1, "fsdp": 8, "tensor": 1, "sequence": 1}
+  assert MeshConfig(tensor=-1, fsdp=2).shape(8) == {"data": 1, "fsdp": 2, "tensor": 4, "sequence": 1}
+  assert MeshConfig(sequence=-1).shape(8) == {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 8}
+  assert MeshConfig(sequence=2).shape(8) == {"data": 4, "fsdp": 1, "tensor": 1, "sequence": 2}
+  with pytest.raises(ConfigError, match="mesh.sequence=0"):
+    load_config("tiny", ["mesh.sequence=0"])
   assert load_config("tiny", ["mesh.data=null"]).mesh.data is None
   with pytest.raises(ConfigError, match="mesh.data=0"):
     load_config("tiny", ["mesh.data=0"])

@@ -52,7 +52,7 @@ def test_two_processes_match_one_process(tmp_path):
   outputs = [w.communicate(timeout=400)[0] for w in workers]
   for worker, output in zip(workers, outputs):
     assert worker.returncode == 0, output
-  assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8 devices (cpu), 2 process(es)" in outputs[0]
+  assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2, 'sequence': 1} over 8 devices (cpu), 2 process(es)" in outputs[0]
   ours = ("new run", "model:", "MFU against", "compiled train step", "step ", "stopped after")
   assert not [l for l in outputs[1].splitlines() if l.startswith(ours)]   # only process 0 reports
   from goosejax.train.metrics import read_metrics

@@ -19,7 +19,10 @@ import numpy as np
 import pytest
 
 from closeness import assert_close
+from goosejax.config import ConfigError, load_config
 from goosejax.sequence_parallel import previous_tokens
+from goosejax.train import train
+from goosejax.train.batches import SyntheticBatches
 from goosejax.wkv import wkv7_chunked, wkv7_reference
 from goosejax.wkv.sequence_parallel import SequenceSplitError, wkv7_sequence_parallel
 from wkv_inputs import make_inputs, recurrence
@@ -181,3 +184,9 @@ def test_per_device_memory_stays_flat_when_spans_double_with_the_context():
   for more_arguments, more_temporaries in doubled:
     assert more_arguments == arguments
     assert abs(more_temporaries - temporaries) <= 0.02 * temporaries, (more_temporaries, temporaries)
+
+
+def test_training_refuses_a_ctx_len_that_does_not_split(tmp_path):
+  cfg = load_config("tiny", ["model.vocab_size=256", "data.ctx_len=20", "mesh.sequence=8"])
+  with pytest.raises(ConfigError, match="data.ctx_len=20 does not split into mesh.sequence=8"):
+    train(cfg, tmp_path, train_batches=SyntheticBatches(256, 20, 8), open_validation=lambda: None)

@@ -55,8 +55,10 @@ def test_logical_spec_rules():
 
 
 def test_mesh_from_config():
-  assert dict(sharding.make_mesh(MeshConfig(data=-1, tensor=2)).shape) == {"data": 4, "fsdp": 1, "tensor": 2}
-  assert dict(sharding.make_mesh(MeshConfig(data=1, fsdp=-1)).shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert dict(sharding.make_mesh(MeshConfig(data=-1, tensor=2)).shape) == {"data": 4, "fsdp": 1, "tensor": 2,
+                                                                           "sequence": 1}
+  assert dict(sharding.make_mesh(MeshConfig(data=1, fsdp=-1)).shape) == {"data": 1, "fsdp": 8, "tensor": 1,
+                                                                         "sequence": 1}
   with pytest.raises(ConfigError, match="not divisible"):
     sharding.make_mesh(MeshConfig(data=-1, tensor=3))
   with pytest.raises(ConfigError, match="use 4 devices but 8"):

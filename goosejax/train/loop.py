@@ -34,6 +34,7 @@ from goosejax import sharding
 from goosejax.checkpoint import checkpoint_steps
 from goosejax.config import EXECUTION_SETTINGS, Config, ConfigError, ModelConfig
 from goosejax.config_text import write_config_yaml
+from goosejax.sequence_parallel import SEQUENCE_AXIS
 from goosejax.train import recipe, run_lock
 from goosejax.train.batches import BatchIterator, open_batches
 from goosejax.train.checkpoint import (CheckpointError, TrainCheckpointer, read_checkpoint_config,
@@ -96,6 +97,10 @@ def _check_batch_layout(cfg: Config, mesh) -> None:
         f"data.batch_size={cfg.data.batch_size} / optimizer.grad_accum={cfg.optimizer.grad_accum}"
         f" = {rows} rows per micro-batch, not divisible by the {shards} batch shards of the mesh "
         f"{dict(mesh.shape)} (batch rows are split over mesh.data x mesh.fsdp)")
+  spans = mesh.shape.get(SEQUENCE_AXIS, 1)
+  if cfg.data.ctx_len % spans:
+    raise ConfigError(f"data.ctx_len={cfg.data.ctx_len} does not split into mesh.sequence={spans} "
+                      f"equal spans; expected a multiple of {spans}")
   processes = jax.process_count()
   if cfg.data.batch_size % processes:
     raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the "
