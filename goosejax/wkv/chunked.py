@@ -186,18 +186,28 @@ def _all_resets(math, reset_BT, size: int):
   return math.reset_masks(reset_columns(reset_BT, size, math.consts.tri_incl.dtype))
 
 
-def _associative_forward(size, inputs, reset_BT, state_BHNN):
-  """All chunks at once, incoming states by associative scan of the affine chunk maps."""
+def associative_forward(size, inputs, reset_BT, enter):
+  """All chunks at once, incoming states by associative scan of the affine chunk maps:
+  (y [B,T,H,N], end state, incoming state of every chunk [L,B,H,N,N]).
+
+  enter(math, (M, B)) -> the incoming state [B,H,N,N], given the map S -> S M + B of all the
+  chunks: the initial state itself on one device; on a span of a sequence split over devices,
+  the scan of the spans' maps (goosejax.wkv.sequence_parallel)."""
   math = _chunk_math(inputs, size, reset_BT)
   terms = math.terms(*(to_chunks(x, size) for x in inputs), _all_resets(math, reset_BT, size))
-  prefix_m, prefix_b = jax.lax.associative_scan(math.combine_affine, math.summary(terms))
-  after_LBHNN = math.apply_affine(state_BHNN[None], (prefix_m, prefix_b))
+  prefix = jax.lax.associative_scan(math.combine_affine, math.summary(terms))
+  state_BHNN = enter(math, jax.tree.map(lambda x: x[-1], prefix))
+  after_LBHNN = math.apply_affine(state_BHNN[None], prefix)
   starts_LBHNN = jnp.concatenate([state_BHNN[None], after_LBHNN[:-1]], axis=0)
   y_LBHCN = math.outputs(starts_LBHNN, math.removals(starts_LBHNN, terms), terms)
   return from_chunks(y_LBHCN), after_LBHNN[-1], starts_LBHNN
 
 
-def _associative_backward(size, inputs, reset_BT, starts_LBHNN, d_y_BTHN, d_final_BHNN):
+def associative_backward(size, inputs, reset_BT, starts_LBHNN, d_y_BTHN, leave):
+  """(input cotangents, cotangent of the incoming state) by the reverse associative scan.
+
+  leave(math, (M^T, G)) -> the cotangent of the end state, given the map dS_end -> dS0 =
+  dS_end M^T + G of all the chunks: the final state's cotangent on one device."""
   math = _chunk_math(inputs, size, reset_BT)
   terms, pull_back = math.terms_vjp([to_chunks(x, size) for x in inputs],
                                     _all_resets(math, reset_BT, size))
@@ -210,8 +220,9 @@ def _associative_backward(size, inputs, reset_BT, starts_LBHNN, d_y_BTHN, d_fina
   m_LBHNN, _ = math.summary(terms)
   suffix = jax.lax.associative_scan(math.combine_affine,
                                     (jnp.swapaxes(m_LBHNN, -1, -2), from_outputs), reverse=True)
-  d_starts = math.apply_affine(d_final_BHNN[None], suffix)
-  d_ends = jnp.concatenate([d_starts[1:], d_final_BHNN[None]], axis=0)
+  d_end_BHNN = leave(math, jax.tree.map(lambda x: x[0], suffix))
+  d_starts = math.apply_affine(d_end_BHNN[None], suffix)
+  d_ends = jnp.concatenate([d_starts[1:], d_end_BHNN[None]], axis=0)
   d_terms = math.term_cotangents(starts_LBHNN, math.removals(starts_LBHNN, terms), terms, d_y,
                                  math.removal_cotangent(u_from_outputs, terms, d_ends), d_ends)
   d_inputs = tuple(from_chunks(d) for d in pull_back(d_terms))
@@ -224,7 +235,7 @@ def _associative_backward(size, inputs, reset_BT, starts_LBHNN, d_y_BTHN, d_fina
 def _forward(config, inputs, reset_BT, state_BHNN):
   mode, intra, size, group = config
   if mode == "associative":
-    return _associative_forward(size, inputs, reset_BT, state_BHNN)
+    return associative_forward(size, inputs, reset_BT, lambda math, span_map: state_BHNN)
   if intra == "recurrent":
     return _recurrent_forward(size, inputs, reset_BT, state_BHNN)
   return _sequential_forward(size, group, inputs, reset_BT, state_BHNN)
@@ -251,8 +262,8 @@ def _wkv7_chunks_bwd(config, residuals, cotangents):
   inputs, reset_BT, starts_LBHNN = residuals
   d_y_BTHN, d_final_BHNN = cotangents
   if mode == "associative":
-    d_inputs, d_initial = _associative_backward(size, inputs, reset_BT, starts_LBHNN, d_y_BTHN,
-                                                d_final_BHNN)
+    d_inputs, d_initial = associative_backward(size, inputs, reset_BT, starts_LBHNN, d_y_BTHN,
+                                               lambda math, span_map: d_final_BHNN)
   else:
     d_inputs, d_initial = _sequential_backward(size, group, inputs, reset_BT, starts_LBHNN,
                                                d_y_BTHN, d_final_BHNN)

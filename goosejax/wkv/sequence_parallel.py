@@ -6,14 +6,13 @@ L chunks of one span, C tokens per chunk, P spans.
 A span's chunks map its incoming state affinely, S -> S M + B (`ChunkMath.summary`), so the
 span does not need its incoming state to summarise itself. Per span and WKV call:
 
-  forward   chunk terms and the associative scan of the chunk maps (as chunked.py's
-            associative form), then the exclusive scan of the span maps across devices
-            (`scan_spans`: log2(P) ppermutes of the two [B, H, N, N] matrices M, B), applied to
-            the initial state, gives the span's incoming state; then all chunk starts and
-            outputs in parallel.
-  backward  the same shape reversed: the reverse scan of the chunks' cotangent maps
+  forward   chunked.py's associative form on the span: chunk terms and the associative scan
+            of the chunk maps; the scan of the span maps across devices (`scan_spans`:
+            log2(P) ppermutes of the two [B, H, N, N] matrices M, B) applied to the initial
+            state gives the span's incoming state; then all chunk starts and outputs at once.
+  backward  the same reversed: the reverse scan of the chunks' cotangent maps
             dS0 = G + dS_end M^T, the reverse scan of the span maps across devices gives the
-            cotangent of the span's end state, then every chunk's cotangents in parallel.
+            cotangent of the span's end state, then every chunk's cotangents at once.
 
 Both directions are log-depth in P and every device holds only its own span (plus one
 N x N state per chunk kept for the backward). Resets anywhere, including at a span's first
@@ -35,8 +34,7 @@ from jax.sharding import PartitionSpec as P
 from goosejax import sharding
 from goosejax.errors import GoosejaxError
 from goosejax.sequence_parallel import SEQUENCE_AXIS, from_neighbour, scan_spans
-from goosejax.wkv.chunked import from_chunks, reset_columns, to_chunks
-from pallas_kernels.chunk_math import ChunkMath
+from goosejax.wkv.chunked import associative_backward, associative_forward
 from pallas_kernels.chunk_sizes import CHUNK_SIZES
 
 
@@ -97,62 +95,35 @@ def _pad_span(xs_BSHN, reset_BS, size: int):
   return tuple(pad(x) for x in xs_BSHN), None if reset_BS is None else pad(reset_BS)
 
 
-def _chunk_math(inputs, reset_BS, size: int):
-  math = ChunkMath.for_arrays(size, inputs[0].shape[-1], inputs[0].dtype, reset_BS is not None)
-  resets = None
-  if reset_BS is not None:
-    resets = math.reset_masks(reset_columns(reset_BS, size, inputs[0].dtype))
-  return math, resets
-
-
-def _last(tree):
-  return jax.tree.map(lambda x: x[-1], tree)
-
-
-def _first(tree):
-  return jax.tree.map(lambda x: x[0], tree)
-
-
 def _span_forward(size: int, inputs, reset_BS, initial_BHNN):
   """One device: (y [B,S,H,N], end state [1,B,H,N,N], incoming state of each chunk [L,B,H,N,N])."""
   length = inputs[0].shape[1]
   inputs, reset_BS = _pad_span(inputs, reset_BS, size)
-  math, resets = _chunk_math(inputs, reset_BS, size)
-  terms = math.terms(*(to_chunks(x, size) for x in inputs), resets)
-  prefix = jax.lax.associative_scan(math.combine_affine, math.summary(terms))
-  # the map of spans 0..i applied to the initial state is the state at span i's end
-  end_BHNN = math.apply_affine(initial_BHNN, scan_spans(math.combine_affine, _last(prefix)))
-  start_BHNN = from_neighbour(end_BHNN, initial_BHNN)
-  after_LBHNN = math.apply_affine(start_BHNN[None], prefix)
-  starts_LBHNN = jnp.concatenate([start_BHNN[None], after_LBHNN[:-1]], axis=0)
-  y_LBHCN = math.outputs(starts_LBHNN, math.removals(starts_LBHNN, terms), terms)
-  return from_chunks(y_LBHCN)[:, :length], after_LBHNN[-1:], starts_LBHNN
+
+  def enter(math, span_map):
+    # the maps of spans 0..i applied to the initial state give the state at span i's end
+    end_BHNN = math.apply_affine(initial_BHNN, scan_spans(math.combine_affine, span_map))
+    return from_neighbour(end_BHNN, initial_BHNN)
+
+  y_BSHN, end_BHNN, starts_LBHNN = associative_forward(size, inputs, reset_BS, enter)
+  return y_BSHN[:, :length], end_BHNN[None], starts_LBHNN
 
 
 def _span_backward(size: int, inputs, reset_BS, starts_LBHNN, d_y_BSHN, d_final_BHNN):
   """One device: (input cotangents [B,S,H,N] x 6, cotangent of its incoming state [1,B,H,N,N])."""
   length = inputs[0].shape[1]
   (*inputs, d_y_BSHN), reset_BS = _pad_span((*inputs, d_y_BSHN), reset_BS, size)
-  math, resets = _chunk_math(inputs, reset_BS, size)
-  terms, pull_back = math.terms_vjp([to_chunks(x, size) for x in inputs], resets)
-  d_y = to_chunks(d_y_BSHN, size)
-  u_from_outputs, state_from_outputs = math.output_cotangents(terms, d_y)
-  # dS0_c = G_c + dS_end_c M_c^T: G_c (no dS_end) from the chunk's outputs, then suffix
-  # compositions within the span and across the later spans
-  from_outputs = math.start_cotangent(state_from_outputs, terms,
-                                      jnp.zeros_like(state_from_outputs), u_from_outputs)
-  m_LBHNN, _ = math.summary(terms)
-  suffix = jax.lax.associative_scan(math.combine_affine,
-                                    (jnp.swapaxes(m_LBHNN, -1, -2), from_outputs), reverse=True)
-  d_start_BHNN = math.apply_affine(d_final_BHNN,
-                                   scan_spans(math.combine_affine, _first(suffix), reverse=True))
-  d_end_BHNN = from_neighbour(d_start_BHNN, d_final_BHNN, reverse=True)
-  d_starts = math.apply_affine(d_end_BHNN[None], suffix)
-  d_ends = jnp.concatenate([d_starts[1:], d_end_BHNN[None]], axis=0)
-  d_terms = math.term_cotangents(starts_LBHNN, math.removals(starts_LBHNN, terms), terms, d_y,
-                                 math.removal_cotangent(u_from_outputs, terms, d_ends), d_ends)
-  d_inputs = tuple(from_chunks(d)[:, :length] for d in pull_back(d_terms))
-  return d_inputs, d_starts[:1]
+
+  def leave(math, span_map):
+    # the cotangent maps of spans P-1 down to i applied to the final state's cotangent give
+    # the cotangent of span i's incoming state; the next span's is that of this span's end
+    d_start_BHNN = math.apply_affine(d_final_BHNN,
+                                     scan_spans(math.combine_affine, span_map, reverse=True))
+    return from_neighbour(d_start_BHNN, d_final_BHNN, reverse=True)
+
+  d_inputs, d_start_BHNN = associative_backward(size, inputs, reset_BS, starts_LBHNN, d_y_BSHN,
+                                                leave)
+  return tuple(d[:, :length] for d in d_inputs), d_start_BHNN[None]
 
 
 # -------------------------------------------------------------- across spans: custom VJP
