@@ -276,7 +276,8 @@ def format_plan(plan: Plan, cfg, mfu: float) -> str:
   model, memory, flops = cfg.model, plan.memory, plan.flops
   accum = cfg.optimizer.grad_accum
   rows = cfg.data.batch_size // accum // (plan.mesh["data"] * plan.mesh["fsdp"])
-  per_device = f"{rows} sequences per device" + (f" in each of {accum} micro-batches" if accum > 1 else "")
+  per_device = (f"{rows} sequence{'s' if rows != 1 else ''} per device"
+                + (f" in each of {accum} micro-batches" if accum > 1 else ""))
   gib = lambda n: f"{n / GIB:9.2f}"
   share = memory.total / memory.capacity
   verdict = "fits" if memory.fits else "does NOT fit"
