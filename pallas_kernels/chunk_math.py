@@ -195,6 +195,20 @@ class ChunkMath:
   def _block_diag(self, x):
     return x if self.layout.heads_packed == 1 else x * self.consts.block_diag
 
+  def compact_state(self, state):
+    """A block-diagonal packed state [G*N, G*N] as its N x N blocks side by side, [N, G*N]."""
+    G, N = self.layout.heads_packed, self.layout.head_size
+    if G == 1:
+      return state
+    return sum((state[g * N:(g + 1) * N] for g in range(1, G)), state[:N])
+
+  def expand_state(self, compact):
+    """[N, G*N] blocks side by side back to the block-diagonal [G*N, G*N] state."""
+    lanes = self._lanes()
+    if lanes == [None]:
+      return compact
+    return jnp.concatenate([compact * lane for lane in lanes], axis=0)
+
   # ------------------------------------------------------------------ masks and the inverse
 
   def reset_masks(self, reset_C1) -> ResetMasks:

@@ -45,7 +45,7 @@ def forward_chunks(refs: dict, state, num_chunks: int, layout: ChunkLayout):
     y, state_next = math.forward(state, math.terms(*inputs, resets))
     refs["y"][i] = y.astype(refs["y"].dtype)
     if checkpoints is not None:
-      checkpoints[i] = state
+      checkpoints[i] = math.compact_state(state)
     return state_next
 
   return lax.fori_loop(0, num_chunks, step, state)
@@ -59,7 +59,8 @@ def backward_chunks(refs: dict, dstate, num_chunks: int, layout: ChunkLayout):
     i = num_chunks - 1 - j
     math, inputs, resets = _load_chunk(refs, i, layout)
     dy = refs["dy"][i].astype(jnp.float32)
-    dstate, grads = math.backward(refs["checkpoint"][i], inputs, dy, dstate, resets)
+    state = math.expand_state(refs["checkpoint"][i])
+    dstate, grads = math.backward(state, inputs, dy, dstate, resets)
     for name, grad in zip(INPUT_NAMES, grads):
       out = refs["d" + name]
       out[i] = grad.astype(out.dtype)

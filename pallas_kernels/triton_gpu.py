@@ -6,7 +6,11 @@ tile, keeps them in registers as a fori_loop carry ([value tile, N] fp32), and w
 sequence.
 
 Compiled offline from this lowering's Triton IR with Triton 3.9 for sm_90a (H100/H200; jaxlib bundles
-its own Triton revision, so treat these as estimates), at N = 64, bf16 inputs, TF32x3 fp32 dots:
+its own Triton revision, so treat these as estimates), at N = 64, bf16 inputs, TF32x3 fp32 dots, with the
+chunk math as it was before `chunk_math` became shared with the XLA forms (it now forms W = T a_start
+and U0 = T A_ak V before the state enters: one more C x C x N product per chunk; not yet re-measured,
+benchmarks/triton_offline_compile.py does it; the CUDA plugin's full compile for H100 in
+tests/test_aot.py passes at C = 16, and at C = 32 when run by hand):
   chunk 16: forward 40 KB shared memory, backward 71 KB; 255 registers per thread, spill stacks
             0.4 KB (forward) and 1.7 KB (backward) at 8 warps, the least of 4, 8 and 16 warps.
   chunk 32: forward 48 KB, backward 120 KB; spill stacks 1.7 KB and 3.3 KB at 8 warps.
@@ -86,8 +90,9 @@ def _check(r, layout: ChunkLayout):
 
 
 def forward(r, log_w, k, v, a, b, state, reset, *, layout: ChunkLayout, interpret: bool,
-            num_warps: int = NUM_WARPS):
-  """Returns (y like r, end state [B, H*N, N] fp32, checkpoints [B, chunks, H*N, N] fp32)."""
+            checkpoints: bool = True, num_warps: int = NUM_WARPS):
+  """Returns (y like r, end state [B, H*N, N] fp32, and with `checkpoints` the start state of every
+  chunk [B, chunks, H*N, N] fp32)."""
   B, H, value_tiles, num_chunks = _check(r, layout)
   key_seq, value_seq, reset_spec, state_spec, checkpoint_spec = _specs(layout, num_chunks, value_tiles)
   const_specs, const_values = _const_specs_and_values(layout)
@@ -98,17 +103,19 @@ def forward(r, log_w, k, v, a, b, state, reset, *, layout: ChunkLayout, interpre
     names.append("reset")
     in_specs.append(reset_spec)
     args.append(reset)
-  names += ["y", "state_out", "checkpoint"]
+  names += ["y", "state_out"]
   HN, N = r.shape[-1], layout.head_size
-  out_shape = [jax.ShapeDtypeStruct(r.shape, r.dtype),
-               jax.ShapeDtypeStruct((B, HN, N), jnp.float32),
-               jax.ShapeDtypeStruct((B, num_chunks, HN, N), jnp.float32)]
+  out_shape = [jax.ShapeDtypeStruct(r.shape, r.dtype), jax.ShapeDtypeStruct((B, HN, N), jnp.float32)]
+  out_specs = [value_seq, state_spec]
+  if checkpoints:
+    names.append("checkpoint")
+    out_shape.append(jax.ShapeDtypeStruct((B, num_chunks, HN, N), jnp.float32))
+    out_specs.append(checkpoint_spec)
   kernel = functools.partial(_forward_kernel, names=names, layout=layout, num_chunks=num_chunks)
   return pl.pallas_call(
-      kernel, out_shape=out_shape, grid=(B, H, value_tiles), in_specs=in_specs,
-      out_specs=[value_seq, state_spec, checkpoint_spec],
+      kernel, out_shape=out_shape, grid=(B, H, value_tiles), in_specs=in_specs, out_specs=out_specs,
       compiler_params=_compiler_params(num_warps), interpret=interpret,
-      name="wkv7_forward_triton")(*args)
+      name="wkv7_forward_triton" if checkpoints else "wkv7_forward_lean_triton")(*args)
 
 
 def backward(r, log_w, k, v, a, b, reset, checkpoint, dy, dstate_end, *, layout: ChunkLayout,

@@ -5,9 +5,9 @@ S_t = S_{t-1} diag(e^{log_w_t}) + (S_{t-1} a_t) b_t^T + v_t k_t^T, reset[b, t] z
 token t. The kernels run the chunked form (see `chunk_math`), so they are exact for decays in the RWKV-7
 range: log_w in [-0.6065, 0] (any log_w >= -150 / chunk_size stays finite in fp32).
 
-This module only reshapes, pads and dispatches: T is padded to whole chunks with identity steps (every
+This module only lays out, pads and dispatches: T is padded to whole chunks with identity steps (every
 input 0, so the state passes unchanged), heads are grouped for the TPU lanes, and N is padded to a power
-of two for Triton.
+of two for Triton. Without a gradient the lean forward kernels run (no state checkpoints written).
 """
 from __future__ import annotations
 
@@ -140,21 +140,31 @@ def _check_inputs(r, log_w, k, v, a, b, state, reset):
 # ----------------------------------------------------------------------------------------------
 # Layout conversions (plain, differentiable XLA ops).
 
-def _to_chunks(x_BTHN, plan: KernelPlan):
+def _to_kernel(x_BTHN, plan: KernelPlan):
+  """[B, T, H, N] -> the kernel's sequence layout, padded with identity steps and empty heads
+  (a copy only when T, H or N needs padding): TPU [B, H, N, T] (the transpose is a bitcast of
+  TPU's own layout for N < 128, see mosaic_tpu), Triton [B, chunks, C, H*N] (a reshape)."""
   B, T, H, N = x_BTHN.shape
   C = plan.layout.chunk_size
-  padded = jnp.pad(x_BTHN, ((0, 0), (0, plan.chunks * C - T), (0, plan.heads - H),
-                            (0, plan.head_size - N)))
-  return padded.reshape(B, plan.chunks, C, plan.heads * plan.head_size)
+  padding = ((0, 0), (0, plan.chunks * C - T), (0, plan.heads - H), (0, plan.head_size - N))
+  if any(after for _, after in padding):
+    x_BTHN = jnp.pad(x_BTHN, padding)
+  if plan.backend == "tpu":
+    return jnp.transpose(x_BTHN, (0, 2, 3, 1))
+  return x_BTHN.reshape(B, plan.chunks, C, plan.heads * plan.head_size)
 
 
-def _unchunk(x, plan: KernelPlan, shape):
+def _from_kernel(x, plan: KernelPlan, shape):
   B, T, H, N = shape
-  x = x.reshape(B, plan.chunks * plan.layout.chunk_size, plan.heads, plan.head_size)
-  return x[:, :T, :H, :N]
+  if plan.backend == "tpu":
+    x = jnp.transpose(x, (0, 3, 1, 2))
+  else:
+    x = x.reshape(B, plan.chunks * plan.layout.chunk_size, plan.heads, plan.head_size)
+  return x if x.shape == shape else x[:, :T, :H, :N]
 
 
 def _pack_state(state_BHNN, plan: KernelPlan):
+  """[B, H, N, N] -> Triton [B, H*N, N]; TPU [B, H/G, N, G*N] (each group's heads side by side)."""
   B, H, N, _ = state_BHNN.shape
   Np = plan.head_size
   state = jnp.pad(state_BHNN, ((0, 0), (0, plan.heads - H), (0, Np - N), (0, Np - N)))
@@ -162,8 +172,7 @@ def _pack_state(state_BHNN, plan: KernelPlan):
     return state.reshape(B, plan.heads * Np, Np)
   G = plan.layout.heads_packed
   grouped = state.reshape(B, plan.heads // G, G, Np, Np)
-  block_diag = jnp.einsum("bghij,hk->bghikj", grouped, jnp.eye(G, dtype=state.dtype))
-  return block_diag.reshape(B, plan.heads // G, G * Np, G * Np)
+  return jnp.swapaxes(grouped, 2, 3).reshape(B, plan.heads // G, Np, G * Np)
 
 
 def _unpack_state(packed, plan: KernelPlan, H: int, N: int):
@@ -173,30 +182,31 @@ def _unpack_state(packed, plan: KernelPlan, H: int, N: int):
     state = packed.reshape(B, plan.heads, Np, Np)
   else:
     G = plan.layout.heads_packed
-    blocks = packed.reshape(B, plan.heads // G, G, Np, G, Np)
-    state = jnp.einsum("bghihj->bghij", blocks).reshape(B, plan.heads, Np, Np)
+    grouped = packed.reshape(B, plan.heads // G, Np, G, Np)
+    state = jnp.swapaxes(grouped, 2, 3).reshape(B, plan.heads, Np, Np)
   return state[:, :H, :N, :N]
 
 
 # ----------------------------------------------------------------------------------------------
 # The differentiable kernel call on prepared layouts.
 
-def _forward(plan: KernelPlan, r, log_w, k, v, a, b, state, reset):
+def _forward(plan: KernelPlan, r, log_w, k, v, a, b, state, reset, *, checkpoints: bool):
   if plan.backend == "tpu":
     return mosaic_tpu.forward(r, log_w, k, v, a, b, state, reset, layout=plan.layout,
-                              chunks_per_block=plan.chunks_per_block, interpret=plan.interpret)
+                              chunks_per_block=plan.chunks_per_block, interpret=plan.interpret,
+                              checkpoints=checkpoints)
   return triton_gpu.forward(r, log_w, k, v, a, b, state, reset, layout=plan.layout,
-                            interpret=plan.interpret)
+                            interpret=plan.interpret, checkpoints=checkpoints)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _wkv7_kernels(plan: KernelPlan, r, log_w, k, v, a, b, state, reset):
-  y, state_end, _ = _forward(plan, r, log_w, k, v, a, b, state, reset)
-  return y, state_end
+  """Without a gradient the lean forward runs: it writes no checkpoints."""
+  return tuple(_forward(plan, r, log_w, k, v, a, b, state, reset, checkpoints=False))
 
 
 def _wkv7_kernels_fwd(plan: KernelPlan, r, log_w, k, v, a, b, state, reset):
-  y, state_end, checkpoint = _forward(plan, r, log_w, k, v, a, b, state, reset)
+  y, state_end, checkpoint = _forward(plan, r, log_w, k, v, a, b, state, reset, checkpoints=True)
   return (y, state_end), (r, log_w, k, v, a, b, reset, checkpoint)
 
 
@@ -242,7 +252,7 @@ def wkv7_pallas(r, log_w, k, v, a, b, state=None, *, reset=None, chunk_size: int
   plan = plan_kernels(shape, r.dtype, chunk_size=chunk_size, backend=backend, interpret=interpret,
                       mxu_dtype=mxu_dtype, has_reset=reset is not None, value_block=value_block,
                       fp32_dot=fp32_dot)
-  inputs = [_to_chunks(x, plan) for x in (r, log_w, k, v, a, b)]
+  inputs = [_to_kernel(x, plan) for x in (r, log_w, k, v, a, b)]
   if state is None:
     state = jnp.zeros((B, H, N, N), jnp.float32)
   packed_state = _pack_state(state.astype(jnp.float32), plan)
@@ -252,7 +262,7 @@ def wkv7_pallas(r, log_w, k, v, a, b, state=None, *, reset=None, chunk_size: int
     reset_f = jnp.pad(reset.astype(jnp.float32), ((0, 0), (0, plan.chunks * C - T)))
     reset_chunks = reset_f.reshape(B, plan.chunks, C, 1)
   y, state_end = _wkv7_kernels(plan, *inputs, packed_state, reset_chunks)
-  return _unchunk(y, plan, shape), _unpack_state(state_end, plan, H, N)
+  return _from_kernel(y, plan, shape), _unpack_state(state_end, plan, H, N)
 
 
 def platform_callables(*, chunk_size: int = 16, mxu_dtype=None) -> dict[str, Callable]:

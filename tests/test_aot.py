@@ -8,7 +8,9 @@ missing plugin fails instead of skipping.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +33,37 @@ def _require(platform: str) -> None:
 
 def _kernel_calls(compiled, platform: str) -> int:
   return aot.custom_call_targets(compiled.as_text()).count(aot.KERNEL_CALL_TARGETS[platform])
+
+
+_MOVE_FREE = {"parameter", "constant", "bitcast", "tuple", "get-tuple-element", "broadcast",
+              "custom-call", "copy-start", "copy-done"}  # copy-start/done: memory-space moves
+
+
+def _sequence_moves(compiled, elements: int) -> list[str]:
+  """Instructions of the entry computation that produce an array of >= `elements` values by
+  moving data between layouts (copies, transposes, pads, slices, non-broadcast fusions): every
+  op but parameters, bitcasts, tuples, broadcasts and the kernels' custom calls."""
+  computations, name, body = {}, None, []
+  for line in compiled.as_text().splitlines():
+    if line.rstrip().endswith("{") and "=" not in line.split("(")[0]:
+      name, body = line.split()[1 if line.startswith("ENTRY") else 0], []
+    elif line.strip() == "}":
+      computations["ENTRY" if name and name.startswith("%main") else name] = body
+    elif name is not None:
+      found = re.search(r"= (.*?) ([a-z][\w-]*)\(", line)
+      if found:
+        body.append((found.group(2), found.group(1), line))
+  moves = []
+  for op, result, line in computations.get("ENTRY", []):
+    dims = re.search(r"\w+\[([\d,]*)\]", result)
+    size = math.prod(int(d) for d in dims.group(1).split(",") if d) if dims else 0
+    if size < elements or op in _MOVE_FREE:
+      continue
+    called = re.search(r"calls=(%[\w.\-]+)", line)
+    if op == "fusion" and called and all(o in _MOVE_FREE for o, _, _ in computations[called.group(1)]):
+      continue  # a broadcast fusion (e.g. the loss's cotangent of y)
+    moves.append(line.strip()[:200])
+  return moves
 
 
 @pytest.mark.parametrize("name, error", [
@@ -79,6 +112,29 @@ def test_wkv_kernels_compile_forward_and_backward(target, platform):
   compiled_backward = jax.jit(jax.grad(loss, argnums=tuple(range(6)))).trace(*inputs).lower().compile()
   assert _kernel_calls(compiled_forward, platform) == 1
   assert _kernel_calls(compiled_backward, platform) == 2
+
+
+@pytest.mark.parametrize("target, platform", [("v5e:2x2", "tpu"), ("h100:4", "cuda")])
+def test_wkv_kernels_read_and_write_sequences_in_place(target, platform):
+  """With T a multiple of the kernels' time block and H of the TPU head group nothing around
+  the kernels moves a [B, T, H, N] sequence between layouts (TPU keeps [B, T, H, N] time-minor
+  for N = 64; its kernel reads it so), forward or backward; the forward's lean kernel writes no
+  state checkpoints, so its temporaries stay below one sequence."""
+  _require(platform)
+  shape = (2, 256, 4, 64)
+  device = SingleDeviceSharding(aot.target_devices(target)[0])
+  inputs = [jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=device) for _ in range(6)]
+
+  def loss(*xs):
+    y, state = wkv7(*xs, impl="auto")
+    return jnp.sum(y.astype(jnp.float32)) + jnp.sum(state)
+
+  forward = jax.jit(lambda *xs: wkv7(*xs, impl="auto")).trace(*inputs).lower().compile()
+  backward = jax.jit(jax.grad(loss, argnums=tuple(range(6)))).trace(*inputs).lower().compile()
+  elements = math.prod(shape)
+  assert _sequence_moves(forward, elements) == []
+  assert _sequence_moves(backward, elements) == []
+  assert forward.memory_analysis().temp_size_in_bytes < 2 * elements  # one bf16 sequence
 
 
 @pytest.mark.slow

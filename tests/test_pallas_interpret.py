@@ -1,6 +1,7 @@
 """The Pallas WKV-7 kernels run in interpret mode on CPU (the kernel code itself, both grid layouts):
 outputs and final state against the float64 recurrence, gradients against the reference's."""
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -123,3 +124,23 @@ def test_bad_arguments_raise_clear_errors(change, message):
   args.update(change)
   with pytest.raises(PallasWKVError, match=message.replace("(", r"\(")):
     wkv7_pallas(**args)
+
+
+@pytest.mark.parametrize("backend", ["tpu", "triton"])
+def test_lean_forward_equals_the_checkpointing_forward(backend):
+  """Without a gradient the lean kernel runs (no checkpoints written); its outputs must equal
+  the checkpointing kernel's, which the custom VJP's forward runs."""
+  r, log_w, k, v, a, b, state, reset = _inputs(4, 2, 37, 2, 32, reset_rate=0.15)
+  run = lambda *x: wkv7_pallas(*x, reset=jnp.asarray(reset), backend=backend, chunk_size=16)
+  with_vjp = lambda *x: jax.vjp(run, *x)[0]
+  lean = jax.jit(run)(r, log_w, k, v, a, b, state)
+  checkpointing = jax.jit(with_vjp)(r, log_w, k, v, a, b, state)
+  for got, want in zip(lean, checkpointing):
+    np.testing.assert_array_equal(got, want)
+
+  def kernels(fn):
+    jaxpr = str(jax.make_jaxpr(fn)(r, log_w, k, v, a, b, state))
+    return set(re.findall(r"wkv7_(?:forward|backward)\w*", jaxpr))
+
+  assert kernels(run) == {f"wkv7_forward_lean_{backend}"}
+  assert kernels(with_vjp) == {f"wkv7_forward_{backend}"}
