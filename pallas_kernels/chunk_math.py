@@ -4,8 +4,9 @@ The Pallas kernels (`kernel_body`, Mosaic TPU and Triton GPU) call it on one chu
 arrays [C, lanes]; the XLA forms (`goosejax.wkv.chunked`) on many chunks at once, arrays
 [..., C, N] whose leading dims are batch dims of every product. It lives here, not in goosejax,
 because the kernels are the stricter client: only what Mosaic and Triton lower (2-D dots,
-elementwise ops, sums, selects; no cumsum, slicing or custom_vjp; constant masks arrive as kernel
-inputs), and `pallas_kernels` is the lower layer, imported by goosejax and never the reverse.
+elementwise ops, sums, selects; no cumsum or custom_vjp, and no slicing in Triton; constant masks
+arrive as kernel inputs), and `pallas_kernels` is the lower layer, imported by goosejax and never
+the reverse.
 
 Per head, a chunk of C tokens entering with state S0 [value, key] (time along rows; spec §1.2):
 
@@ -204,10 +205,9 @@ class ChunkMath:
 
   def expand_state(self, compact):
     """[N, G*N] blocks side by side back to the block-diagonal [G*N, G*N] state."""
-    lanes = self._lanes()
-    if lanes == [None]:
+    if self.layout.heads_packed == 1:
       return compact
-    return jnp.concatenate([compact * lane for lane in lanes], axis=0)
+    return jnp.concatenate([compact * lanes for lanes in self._lanes()], axis=0)
 
   # ------------------------------------------------------------------ masks and the inverse
 
@@ -233,9 +233,9 @@ class ChunkMath:
     (I + A)(I + A^2)... loses all precision over a 64 chunk, spec §1.6).
 
     Kernels run every level as full C x C products with the level's mask, 2 log2(C) - 2 of
-    them. With `sliced_inverse` the levels past LADDER_BLOCK compute only the new lower-left
-    blocks, X2 A21 X1, on slices: the same arithmetic in about C^3 / 3 multiply-adds instead
-    of 2 C^3 log2(C) (the XLA forms on CPU)."""
+    them. With `sliced_inverse` (the XLA forms) the levels past LADDER_BLOCK compute only the
+    new lower-left blocks, X2 A21 X1, on slices: the same arithmetic without the products of
+    zero blocks (at C = 64, 0.18M multiply-adds instead of 2.6M)."""
     size = self.layout.chunk_size
     if not self.layout.sliced_inverse or size <= LADDER_BLOCK:
       return self._masked_ladder(a_CC, self.layout.ladder_levels)
