@@ -416,7 +416,7 @@ def main(argv: list[str]) -> int:
     if not plan.memory.fits:
       m = plan.memory
       why = (f"the compiler refused it: {plan.compiler_message}" if m.refused
-             else f"more than the {m.capacity / GIB:.2f} GiB of a {plan.device_kind}")
+             else f"more than the {m.capacity / GIB:.2f} GiB each {plan.device_kind} has")
       raise PlanError(
           f"does not fit: {m.total / GIB:.2f} GiB per device (parameters {m.parameters / GIB:.2f}, "
           f"optimizer state {m.optimizer / GIB:.2f}, batch {m.batch / GIB:.2f}, temporaries "
