@@ -59,6 +59,23 @@ def test_decode_step_equals_the_sequence_model(model):
     assert_close(ours, ref, 1e-5, f"decode state {name}")
 
 
+def test_decode_step_is_the_model_on_one_token_per_row(model):
+  """The decoder is the model's own code on per-layer weights: one step from a carried state
+  equals model(tokens_B1, state), logits and every part of the state, with the layers
+  unrolled (no scan) and the WKV operator's single-token step (no token scan either)."""
+  _, state = model(TOKENS[:, :4])
+  weights = decode_weights(model)
+  jaxpr = str(jax.make_jaxpr(decode_step)(weights, TOKENS[:, 4], state))
+  assert "scan" not in jaxpr and "while" not in jaxpr
+  logits, new_state = jax.jit(decode_step)(weights, TOKENS[:, 4], state)
+  ref_logits, ref_state = model(TOKENS[:, 4:5], state)
+  assert logits.dtype == jnp.float32
+  assert_close(logits, ref_logits[:, 0], 1e-5, "decode logits")
+  for name, ours, ref in zip(ref_state._fields, new_state, ref_state):
+    assert ours.dtype == ref.dtype
+    assert_close(ours, ref, 1e-5, f"decode state {name}")
+
+
 def test_decode_step_in_bfloat16_tracks_the_bfloat16_model():
   model = build("bfloat16")
   ref_logits, ref_state = model(TOKENS)
@@ -95,13 +112,12 @@ def test_the_pure_decode_loop_composes_with_jit(model):
 
 def test_prefill_split_equals_prefill_last_with_a_state_and_resets(model):
   """Resets and an incoming state; prefill_last itself is checked against the model above."""
-  from goosejax.infer.prefill import blocks_template, prefill_split
-  from goosejax.infer.step import join_state, split_state
+  from goosejax.infer.prefill import prefill_split
+  from goosejax.model.state import join_state, split_state
   _, start = model(TOKENS[:, :2])
   reset = jnp.zeros(TOKENS.shape, bool).at[1, 3].set(True)
   ref_logits, ref_state = prefill_last(model, TOKENS, start, reset_BT=reset)
-  logits, layers = prefill_split(blocks_template(model), decode_weights(model), TOKENS,
-                                 split_state(start), reset_BT=reset)
+  logits, layers = prefill_split(decode_weights(model), TOKENS, split_state(start), reset_BT=reset)
   assert_close(logits, ref_logits, 1e-5, "prefill_split logits")
   for name, ours, ref in zip(ref_state._fields, join_state(layers), ref_state):
     assert_close(ours, ref, 1e-5, f"prefill_split state {name}")

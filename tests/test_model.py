@@ -3,8 +3,10 @@
 One tiny model with random (non-init) weights: the official init zeroes the output
 projections, which would make every sequence give the same logits.
 """
+import dataclasses
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -73,6 +75,29 @@ def test_rnn_mode_matches_whole_sequence():
   assert_close(jnp.stack(steps, 1), logits, what="step logits")
   for name in final._fields:
     assert_close(getattr(state, name), getattr(final, name), what=f"step state {name}")
+
+
+def test_rnn_mode_gradients_match_the_token_scan():
+  """A T = 1 call runs the WKV operator's fused single step; training through it (RNN-mode
+  fine-tuning) gives the gradients of the token-scan reference, parameters and state alike."""
+  reference = abstract_model(dataclasses.replace(CFG, wkv_impl="reference"))
+  load_param_dict(reference, param_dict(MODEL))
+  _, state = whole()
+  weight = jnp.asarray(np.random.default_rng(2).normal(size=(2, 1, CFG.vocab_size)), jnp.float32)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def grads(graphdef, params, state):
+    def loss(params, state):
+      logits, new_state = nnx.merge(graphdef, params)(TOKENS[:, :1], state)
+      return jnp.sum(logits * weight) + jnp.sum(new_state.wkv_LBHNN)
+    return jax.grad(loss, argnums=(0, 1))(params, state)
+
+  got_params, got_state = grads(*nnx.split(MODEL), state)
+  want_params, want_state = grads(*nnx.split(reference), state)
+  for (path, got), (_, want) in zip(nnx.to_flat_state(got_params), nnx.to_flat_state(want_params)):
+    assert_close(got[...], want[...], 1e-5, f"d{'.'.join(map(str, path))}")
+  for name, got, want in zip(state._fields, got_state, want_state):
+    assert_close(got, want, 1e-5, f"d state {name}")
 
 
 def test_split_with_carried_state_matches_whole_sequence():

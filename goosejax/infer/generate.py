@@ -20,13 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from goosejax.infer.prefill import blocks_template, prefill_split
+from goosejax.infer.prefill import prefill_split
 from goosejax.infer.sampling import (GenerationError, SamplingConfig, apply_penalties, sample,
                                      update_counts)
-from goosejax.infer.step import (DecodeWeights, LayerStates, decode_step_layers, decode_weights,
-                                  join_state, split_state)
+from goosejax.infer.step import DecodeWeights, decode_step_layers, decode_weights
 from goosejax.model.rwkv7 import RWKV7
-from goosejax.model.state import RWKV7State
+from goosejax.model.state import LayerStates, RWKV7State, join_state, split_state
 
 PAD_ID = -1   # fills the output buffer after a row stops
 
@@ -38,7 +37,7 @@ class DecodeCarry(NamedTuple):
   lengths_B: jax.Array     # [B] int32: tokens emitted per row
   done_B: jax.Array        # [B] bool: row hit a stop token
   logits_BV: jax.Array     # [B, V] fp32: logits for the next token
-  layers: LayerStates      # the recurrent state, split per layer (see goosejax.infer.step)
+  layers: LayerStates      # the recurrent state, split per layer (goosejax.model.state)
   seen_BV: jax.Array       # [B, V] bool: generated at least once (presence penalty)
   counts_BV: jax.Array     # [B, V] fp32: decayed occurrence counts (frequency penalty)
   key: jax.Array
@@ -113,7 +112,6 @@ class Generator:
   def __init__(self, model: RWKV7):
     self.model = model
     self.weights = decode_weights(model)
-    self.template = blocks_template(model)
     self._param_refs = _param_refs(model)
 
   def is_current(self) -> bool:
@@ -121,8 +119,7 @@ class Generator:
     return all(a is b for a, b in zip(self._param_refs, _param_refs(self.model)))
 
   def _prefill(self, tokens_BT, state: RWKV7State, reset_BT=None):
-    logits_BV, layers = prefill_split(self.template, self.weights, tokens_BT, split_state(state),
-                                      reset_BT=reset_BT)
+    logits_BV, layers = prefill_split(self.weights, tokens_BT, split_state(state), reset_BT=reset_BT)
     return logits_BV, join_state(layers)
 
   def prefill(self, prompts: Sequence[Sequence[int]], state: RWKV7State | None = None):
@@ -200,7 +197,7 @@ class Generator:
 
 
 def _param_refs(model: nnx.Module) -> list:
-  return [v[...] for _, v in nnx.state(model, nnx.Param).flat_state()]
+  return [v[...] for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
 
 
 def _normalize_prompts(prompt_ids, vocab_size: int) -> tuple[list[list[int]], bool]:

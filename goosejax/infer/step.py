@@ -1,10 +1,20 @@
-"""A dedicated one-token forward step for decoding (spec §2.6).
+"""Decoding and prefill on weights split per layer: the model's own code, laid out for speed.
 
-Decoding is memory-bound: every token reads all weights once. This path therefore avoids the
-sequence machinery of `RWKV7.__call__` (no T axis, no layer scan that slices the stacked
-weights on every step): the weights are split per layer once, outside jit, and the step is a
-plain unrolled loop over layers in which every matmul reads its weight matrix exactly once.
-The embedding is a row gather. It computes the same function as `model(tokens_B1, state)`.
+Decoding is memory-bound: every token reads all weights once. `RWKV7.__call__` runs its
+layers as a `lax.scan` over weights stacked [L, ...], which slices (copies) every layer's
+weights out of the stacked arrays on every call. Here the weights are split per layer once,
+outside jit (`decode_weights`), and a step runs `goosejax.model.rwkv7.run_layers`: the model's
+`Blocks` on each layer's weights, unrolled, T = 1 for a decode step (the WKV operator then
+takes its fused single-token form, goosejax.wkv.step). No layer math lives here: embedding,
+blocks, norms and head are the model's functions, so a step computes `model(tokens_B1, state)`.
+
+Layout: each layer's six large matrices and the head are stored [out, in] (`TRANSPOSED`) and
+given to the model as `Transposed` weights, which its one `matmul` contracts on their second
+axis: XLA:CPU's one-row products read them 5-10% faster than [in, out] (0.1B shape, 2-core
+x86-64). Not as transposed views (x @ w_OI.T): XLA:CPU fuses those into a loop that made
+whole decode steps slower (and is ~10x slower on the narrow LoRA matrices, which stay
+[in, out]; [out, in] was no faster for them). benchmarks/inference.py measures decoding
+against chains of these matrix-vector products.
 """
 from __future__ import annotations
 
@@ -14,182 +24,84 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from goosejax.model.norms import GROUP_NORM_EPS, LAYER_NORM_EPS, normalize
+from goosejax.model.norms import layer_norm
 from goosejax.model.params import param_dict
-from goosejax.model.state import RWKV7State
-from goosejax.model.time_mix import DECAY_SCALE, KK_NORM_EPS
+from goosejax.model.rwkv7 import Blocks, embed, head_logits, run_layers
+from goosejax.model.state import LayerStates, RWKV7State, join_state, split_state
+from goosejax.model.time_mix import Transposed
 
 _LAYER_PREFIX = "blocks."
 
-
-# The large matrices are stored transposed, [out, in], for decoding: XLA:CPU's matrix-vector
-# products read them ~10% faster that way (benchmarked with 12-layer chains of the 0.1B shapes).
+# Per-layer matrices stored [out, in] for decoding (the head too); every other parameter as
+# the model stores it.
 TRANSPOSED = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
 
 
 class DecodeWeights(NamedTuple):
-  """The model's weights laid out for `decode_step`: top-level arrays plus one dict per layer.
+  """The model's weights split per layer, as `decode_step` and `prefill_split` read them.
 
-  top: {"emb", "ln0.weight", "ln0.bias", "ln_out.weight", "ln_out.bias", "head_T" [V, C]}
-  layers: tuple of {"att.receptance" [out, in], "att.w1" [in, out], "ln1.weight", ...}, one
-    per layer, unstacked; the TRANSPOSED names hold [out, in] matrices.
+  top: {"emb" [V, C], "ln0.weight", "ln0.bias", "ln_out.weight", "ln_out.bias", "head" [V, C]}
+  layers: one {"att.receptance", "ln1.weight", ...: array} per layer (the names of
+    `Blocks`' parameters, no [L] axis); the TRANSPOSED names and the head hold [out, in].
+  blocks: the graph of `Blocks` (static), which each layer's weights are merged into.
+  dtype: the compute dtype (static).
   """
   top: dict[str, jax.Array]
   layers: tuple[dict[str, jax.Array], ...]
-  n_head: int
-  head_size: int
+  blocks: Any
   dtype: Any
 
 
 jax.tree_util.register_pytree_node(
     DecodeWeights,
-    lambda w: ((w.top, w.layers), (w.n_head, w.head_size, jnp.dtype(w.dtype).name)),
-    lambda aux, children: DecodeWeights(children[0], children[1], aux[0], aux[1], jnp.dtype(aux[2])))
+    lambda w: ((w.top, w.layers), (w.blocks, jnp.dtype(w.dtype).name)),
+    lambda aux, children: DecodeWeights(children[0], children[1], aux[0], jnp.dtype(aux[1])))
 
 
 def decode_weights(model: nnx.Module) -> DecodeWeights:
   """Split the model's stacked [L, ...] parameters into per-layer arrays (done once)."""
-  cfg = model.config
   params = param_dict(model)
-  top = {name: value for name, value in params.items()
-         if not name.startswith(_LAYER_PREFIX) and name != "head"}
+  top = {name: value for name, value in params.items() if not name.startswith(_LAYER_PREFIX)}
   stacked = {name[len(_LAYER_PREFIX):]: value for name, value in params.items()
              if name.startswith(_LAYER_PREFIX)}
-  # One jitted split (fresh output buffers, one compile) so the step never slices in its loop.
   layout = lambda name, x: x.T if name in TRANSPOSED else x
+  # One jitted split (fresh output buffers, one compile) so no step slices in its loop.
   split = jax.jit(lambda arrays, head: (
       tuple({name: layout(name, value[i]) for name, value in arrays.items()}
-            for i in range(cfg.n_layer)), head.T))
-  layers, top["head_T"] = split(stacked, params["head"])
-  return DecodeWeights(top, layers, cfg.n_head, cfg.head_size, jnp.dtype(cfg.dtype))
+            for i in range(model.config.n_layer)), head.T))
+  layers, top["head"] = split(stacked, top["head"])
+  return DecodeWeights(top, layers, nnx.graphdef(model.blocks), jnp.dtype(model.config.dtype))
 
 
-def _layer_norm(x_BC, weight, bias):
-  y = normalize(x_BC, LAYER_NORM_EPS) * weight.astype(jnp.float32) + bias.astype(jnp.float32)
-  return y.astype(x_BC.dtype)
+def layer_blocks(weights: DecodeWeights) -> list[Blocks]:
+  """One `Blocks` per layer holding that layer's weights (the TRANSPOSED ones as `Transposed`)."""
+  view = lambda name, x: Transposed(x) if name in TRANSPOSED else x
+  return [nnx.merge(weights.blocks, nnx.from_flat_state(
+              {tuple(name.split(".")): nnx.Param(view(name, value)) for name, value in layer.items()}))
+          for layer in weights.layers]
 
 
-def _mm(x, w):
-  """x @ w in x's dtype with fp32 accumulation (as the model's `matmul`)."""
-  return jnp.matmul(x, w.astype(x.dtype), precision=jax.lax.Precision.HIGHEST,
-                    preferred_element_type=jnp.float32).astype(x.dtype)
-
-
-def _mm_t(x, w_T):
-  """x @ w_T.T (w_T stored [out, in]) in x's dtype with fp32 accumulation."""
-  y = jax.lax.dot_general(x, w_T.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),
-                          precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-  return y.astype(x.dtype)
-
-
-def _mm32(x, w):
-  return jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-
-
-def _time_mix(p, x_BC, prev_BC, wkv_BHNN, v_first_BC, first_layer: bool, H: int, N: int):
-  B, C = x_BC.shape
-  dtype = x_BC.dtype
-  f32 = jnp.float32
-  mix = lambda name: x_BC + (prev_BC - x_BC) * p[name].astype(dtype)
-  xr, xw, xk, xv, xa, xg = (mix(f"att.x_{c}") for c in "rwkvag")
-  r = _mm_t(xr, p["att.receptance"])
-  k = _mm_t(xk, p["att.key"])
-  v = _mm_t(xv, p["att.value"])
-  z = p["att.w0"].astype(f32) + _mm32(jnp.tanh(_mm32(xw, p["att.w1"])), p["att.w2"])
-  w_BHN = jnp.exp(-DECAY_SCALE * jax.nn.sigmoid(z)).reshape(B, H, N)
-  iclr = jax.nn.sigmoid(p["att.a0"].astype(f32) + _mm32(_mm32(xa, p["att.a1"]), p["att.a2"]))
-  gate = _mm(jax.nn.sigmoid(_mm(xg, p["att.g1"])), p["att.g2"])
-
-  kk = (k.astype(f32) * p["att.k_k"].astype(f32)).reshape(B, H, N)
-  kk = kk / jnp.maximum(jnp.linalg.norm(kk, axis=-1, keepdims=True), KK_NORM_EPS)
-  k = k.astype(f32) * (1 + (iclr - 1) * p["att.k_a"].astype(f32))
-  v = v.astype(f32)
-  if first_layer:
-    v_first_BC = v.astype(v_first_BC.dtype)
-  else:
-    nu = jax.nn.sigmoid(p["att.v0"].astype(f32) + _mm32(_mm32(xv, p["att.v1"]), p["att.v2"]))
-    v = v + (v_first_BC.astype(f32) - v) * nu
-
-  # The model feeds r, k, v, a, b to the WKV operator in the compute dtype; mirror that.
-  as_op = lambda t: t.astype(dtype).astype(f32).reshape(B, H, N)
-  r_BHN, k_BHN, v_BHN = as_op(r), as_op(k), as_op(v)
-  a_BHN, b_BHN = as_op(-kk), as_op(kk * iclr.reshape(B, H, N))
-  # y = S_new r with S_new = S diag(w) + sa b^T + v k^T (spec §2.3) equals
-  #   S (w * r) + sa (b . r) + v (k . r),
-  # so both products with the old state come from one pass over it ([a, w * r] as two
-  # columns), and the state is then read once more and written once for the update.
-  # (At batch 64 the 0.1B model's WKV state is 151 MB, as much traffic as its weights.)
-  cols_BHN2 = jnp.stack([a_BHN, w_BHN * r_BHN], axis=-1)
-  prods_BHN2 = jnp.einsum("bhij,bhjc->bhic", wkv_BHNN, cols_BHN2, precision=jax.lax.Precision.HIGHEST)
-  sa_BHN, s_wr_BHN = prods_BHN2[..., 0], prods_BHN2[..., 1]
-  y_BHN = (s_wr_BHN + sa_BHN * jnp.sum(b_BHN * r_BHN, axis=-1, keepdims=True)
-           + v_BHN * jnp.sum(k_BHN * r_BHN, axis=-1, keepdims=True))
-  wkv_BHNN = (wkv_BHNN * w_BHN[:, :, None, :] + sa_BHN[..., :, None] * b_BHN[..., None, :]
-              + v_BHN[..., :, None] * k_BHN[..., None, :])
-  y_BHN = y_BHN.astype(dtype).astype(f32)
-
-  y_BHN = normalize(y_BHN, GROUP_NORM_EPS)
-  y_BC = y_BHN.reshape(B, C) * p["att.ln_x_weight"].astype(f32) + p["att.ln_x_bias"].astype(f32)
-  r_k = p["att.r_k"].astype(f32)
-  bonus_BH1 = jnp.sum(r.astype(f32).reshape(B, H, N) * k.reshape(B, H, N) * r_k, axis=-1,
-                      keepdims=True)
-  y_BC = y_BC + (bonus_BH1 * v.reshape(B, H, N)).reshape(B, C)
-  out_BC = _mm_t((y_BC * gate.astype(f32)).astype(dtype), p["att.output"])
-  return out_BC, wkv_BHNN, v_first_BC
-
-
-def _channel_mix(p, x_BC, prev_BC):
-  xk = x_BC + (prev_BC - x_BC) * p["ffn.x_k"].astype(x_BC.dtype)
-  hidden = jnp.square(jax.nn.relu(_mm_t(xk, p["ffn.key"])))
-  return _mm_t(hidden, p["ffn.value"])
-
-
-# A state split per layer: ((att_shift_BC, wkv_BHNN, ffn_shift_BC), ...). The decode loop
-# carries this form: stacking [L, B, H, N, N] every step and slicing it per layer would copy
-# the whole WKV state twice per token (151 MB at batch 64 for the 0.1B shape).
-LayerStates = tuple[tuple[jax.Array, jax.Array, jax.Array], ...]
-
-
-def split_state(state: RWKV7State) -> LayerStates:
-  return tuple((state.att_shift_LBC[i], state.wkv_LBHNN[i], state.ffn_shift_LBC[i])
-               for i in range(state.wkv_LBHNN.shape[0]))
-
-
-def join_state(layers: LayerStates) -> RWKV7State:
-  return RWKV7State(*(jnp.stack(parts) for parts in zip(*layers)))
-
-
-def decode_hidden(weights: DecodeWeights, tokens_B: jax.Array, layers: LayerStates):
-  """One token per row through all layers: (ln_out output [B, C], new per-layer states)."""
-  top, dtype = weights.top, weights.dtype
-  H, N = weights.n_head, weights.head_size
-  x_BC = jnp.take(top["emb"], tokens_B, axis=0).astype(dtype)
-  x_BC = _layer_norm(x_BC, top["ln0.weight"], top["ln0.bias"])
-  v_first_BC = jnp.zeros_like(x_BC)
-  new_layers = []
-  for i, (p, (att_shift_BC, wkv_BHNN, ffn_shift_BC)) in enumerate(zip(weights.layers, layers)):
-    xa_BC = _layer_norm(x_BC, p["ln1.weight"], p["ln1.bias"])
-    dx_BC, new_wkv_BHNN, v_first_BC = _time_mix(p, xa_BC, att_shift_BC.astype(dtype),
-                                                wkv_BHNN.astype(jnp.float32), v_first_BC, i == 0, H, N)
-    x_BC = x_BC + dx_BC
-    xf_BC = _layer_norm(x_BC, p["ln2.weight"], p["ln2.bias"])
-    x_BC = x_BC + _channel_mix(p, xf_BC, ffn_shift_BC.astype(dtype))
-    new_layers.append((xa_BC.astype(att_shift_BC.dtype), new_wkv_BHNN,
-                       xf_BC.astype(ffn_shift_BC.dtype)))
-  return _layer_norm(x_BC, top["ln_out.weight"], top["ln_out.bias"]), tuple(new_layers)
+def last_logits(weights: DecodeWeights, tokens_BT: jax.Array, layers: LayerStates,
+                reset_BT: jax.Array | None = None) -> tuple[jax.Array, LayerStates]:
+  """[B, T] tokens through the model: (the last position's logits [B, V] fp32, new per-layer
+  states). `model(tokens_BT, state, reset_BT=...)` but for the head on one position only."""
+  top = weights.top
+  x_BTC = embed(tokens_BT, top["emb"], top["ln0.weight"], top["ln0.bias"], weights.dtype)
+  x_BTC, layers = run_layers(layer_blocks(weights), x_BTC, layers, reset_BT)
+  x_BC = layer_norm(x_BTC[:, -1], top["ln_out.weight"], top["ln_out.bias"])
+  return head_logits(x_BC, Transposed(top["head"])), layers
 
 
 def decode_step_layers(weights: DecodeWeights, tokens_B: jax.Array, layers: LayerStates):
   """`decode_step` on per-layer states: (logits [B, V] fp32, new per-layer states)."""
-  x_BC, layers = decode_hidden(weights, tokens_B, layers)
-  head_T = weights.top["head_T"].astype(x_BC.dtype)
-  logits_BV = jax.lax.dot_general(x_BC, head_T, (((1,), (1,)), ((), ())),
-                                  precision=jax.lax.Precision.HIGHEST,
-                                  preferred_element_type=jnp.float32)
-  return logits_BV, layers
+  return last_logits(weights, tokens_B[:, None], layers)
 
 
 def decode_step(weights: DecodeWeights, tokens_B: jax.Array, state: RWKV7State):
   """One token per row: (logits [B, V] fp32, new state). Same function as model(tokens[:, None])."""
   logits_BV, layers = decode_step_layers(weights, tokens_B, split_state(state))
   return logits_BV, join_state(layers)
+
+
+__all__ = ["DecodeWeights", "LayerStates", "TRANSPOSED", "decode_step", "decode_step_layers",
+           "decode_weights", "join_state", "last_logits", "layer_blocks", "split_state"]

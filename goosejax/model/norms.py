@@ -25,8 +25,13 @@ class LayerNorm(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((*stack, n_embd), param_dtype))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = normalize(x, LAYER_NORM_EPS) * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-    return y.astype(x.dtype)
+    return layer_norm(x, self.weight[...], self.bias[...])
+
+
+def layer_norm(x: jax.Array, weight_C: jax.Array, bias_C: jax.Array) -> jax.Array:
+  """LayerNorm over the last axis (eps 1e-5) with the affine, computed in fp32, in x's dtype."""
+  y = normalize(x, LAYER_NORM_EPS) * weight_C.astype(jnp.float32) + bias_C.astype(jnp.float32)
+  return y.astype(x.dtype)
 
 
 def group_norm_heads(y_BTHN: jax.Array, weight_C: jax.Array, bias_C: jax.Array) -> jax.Array:

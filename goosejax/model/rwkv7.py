@@ -1,7 +1,13 @@
-"""The RWKV-7 (x070) language model: embedding, L stacked blocks run by `lax.scan`, head."""
+"""The RWKV-7 (x070) language model: embedding, L stacked blocks run by `lax.scan`, head.
+
+The pieces are also callable one by one, for code that holds the weights another way (the
+decoder keeps one `Blocks` per layer, see goosejax.infer.step): `embed`, `Blocks` on one
+layer's weights, `run_layers` (the layers unrolled), `layer_norm` and `head_logits`. There
+is no other copy of the model's math.
+"""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +16,9 @@ from flax import nnx
 from goosejax.config import ModelConfig
 from goosejax.model import init
 from goosejax.model.channel_mix import ChannelMix
-from goosejax.model.norms import LayerNorm
-from goosejax.model.state import RWKV7State, zeros_state
-from goosejax.model.time_mix import TimeMix
+from goosejax.model.norms import LayerNorm, layer_norm
+from goosejax.model.state import LayerStates, RWKV7State, zeros_state
+from goosejax.model.time_mix import TimeMix, matmul
 
 
 def shift_tokens(x_BTC: jax.Array, last_B1C: jax.Array, reset_BT: jax.Array | None) -> jax.Array:
@@ -23,11 +29,23 @@ def shift_tokens(x_BTC: jax.Array, last_B1C: jax.Array, reset_BT: jax.Array | No
   return prev_BTC
 
 
+def embed(tokens_BT: jax.Array, emb_VC: jax.Array, ln0_weight_C: jax.Array, ln0_bias_C: jax.Array,
+          dtype) -> jax.Array:
+  """The tokens' embedding rows in the compute dtype, through ln0: [B, T, C]."""
+  return layer_norm(jnp.take(emb_VC, tokens_BT, axis=0).astype(dtype), ln0_weight_C, ln0_bias_C)
+
+
+def head_logits(x: jax.Array, head_CV: jax.Array) -> jax.Array:
+  """The head on ln_out's output: fp32 logits [..., V] (head_CV may be `Transposed`, see `matmul`)."""
+  return matmul(x, head_CV, jnp.float32)
+
+
 class Blocks(nnx.Module):
   """All L residual blocks; every parameter has a leading [L] axis.
 
   Inside the layer scan the parameters are sliced to one layer and `__call__` runs that
-  layer: x + TimeMix(ln1(x)), then + ChannelMix(ln2(x)).
+  layer: x + TimeMix(ln1(x)), then + ChannelMix(ln2(x)). A `Blocks` holding one layer's
+  weights (no [L] axis) runs that layer the same way (`run_layers`).
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -48,6 +66,26 @@ class Blocks(nnx.Module):
     xf_BTC = self.ln2(x_BTC)
     x_BTC = x_BTC + self.ffn(xf_BTC, shift_tokens(xf_BTC, ffn_shift_BC[:, None], reset_BT))
     return x_BTC, v_first_BTC, (xa_BTC[:, -1], wkv_BHNN, xf_BTC[:, -1])
+
+
+def run_layers(layers: Sequence[Blocks], x_BTC: jax.Array, states: LayerStates,
+               reset_BT: jax.Array | None = None) -> tuple[jax.Array, LayerStates]:
+  """The residual blocks unrolled, `layers[i]` a `Blocks` holding layer i's weights, on
+  per-layer states ((att_shift_BC, wkv_BHNN, ffn_shift_BC), ...): (x_BTC, new states).
+
+  The same layers as `RWKV7.hidden_states`'s scan, without slicing stacked weights: the
+  decoder (T = 1) and prefill run this on weights split per layer once. The states enter in
+  the compute dtype (the WKV state in fp32) and leave in the dtypes they came in.
+  """
+  dtype = x_BTC.dtype
+  v_first_BTC = jnp.zeros_like(x_BTC)
+  new_states = []
+  for i, (block, (att_shift_BC, wkv_BHNN, ffn_shift_BC)) in enumerate(zip(layers, states, strict=True)):
+    x_BTC, v_first_BTC, (att, wkv, ffn) = block(
+        x_BTC, v_first_BTC, att_shift_BC.astype(dtype), wkv_BHNN.astype(jnp.float32),
+        ffn_shift_BC.astype(dtype), i == 0, reset_BT)
+    new_states.append((att.astype(att_shift_BC.dtype), wkv, ffn.astype(ffn_shift_BC.dtype)))
+  return x_BTC, tuple(new_states)
 
 
 class RWKV7(nnx.Module):
@@ -88,8 +126,7 @@ class RWKV7(nnx.Module):
 
   def logits(self, x_BTC: jax.Array) -> jax.Array:
     """The head applied to `hidden_states` output: fp32 logits [..., V]."""
-    return jnp.matmul(x_BTC, self.head[...].astype(x_BTC.dtype), precision=jax.lax.Precision.HIGHEST,
-                      preferred_element_type=jnp.float32)
+    return head_logits(x_BTC, self.head[...])
 
   def hidden_states(self, tokens_BT: jax.Array, state: RWKV7State | None = None, *,
                     reset_BT: jax.Array | None = None) -> tuple[jax.Array, RWKV7State]:
@@ -108,7 +145,7 @@ class RWKV7(nnx.Module):
         raise ValueError(f"RWKV7: reset_BT has shape {reset_BT.shape}, expected {(B, T)}")
       reset_BT = reset_BT.astype(bool)
     dtype = self.compute_dtype
-    x_BTC = self.ln0(jnp.take(self.emb[...], tokens_BT, axis=0).astype(dtype))
+    x_BTC = embed(tokens_BT, self.emb[...], self.ln0.weight[...], self.ln0.bias[...], dtype)
 
     graphdef, params = nnx.split(self.blocks)
 

@@ -13,7 +13,8 @@ from goosejax import sharding
 from goosejax.errors import GoosejaxError
 from goosejax.wkv.chunked import CHUNK_SIZES, wkv7_chunked
 from goosejax.wkv import self_check
-from goosejax.wkv.reference import compute_dtype, wkv7_reference, wkv7_step
+from goosejax.wkv.reference import compute_dtype, wkv7_reference
+from goosejax.wkv.step import wkv7_single_token
 
 IMPLEMENTATIONS = ("auto", "reference", "chunked", "associative", "pallas")
 
@@ -73,15 +74,6 @@ def auto_choice(platform: str | None = None) -> Choice:
   return AUTO_CHOICES.get(platform, AUTO_CHOICES["gpu"])
 
 
-def _single_step(r, log_w, k, v, a, b, state, reset, dtype):
-  """T == 1: one recurrent step, no scan."""
-  if reset is not None:
-    state = jnp.where(reset[:, 0, None, None, None], 0, state)
-  token = [x[:, 0].astype(dtype) for x in (r, log_w, k, v, a, b)]
-  y_BHN, state = wkv7_step(state, token[0], jnp.exp(token[1]), *token[2:])
-  return y_BHN[:, None].astype(r.dtype), state
-
-
 def wkv7(r, log_w, k, v, a, b, state=None, *, reset=None, impl="auto", chunk_size=None):
   """WKV-7 over a sequence: returns (y [B,T,H,N] in r's dtype, final state [B,H,N,N] in fp32).
 
@@ -90,8 +82,9 @@ def wkv7(r, log_w, k, v, a, b, state=None, *, reset=None, impl="auto", chunk_siz
   reset: [B,T] bool, True where the state is zeroed before that token.
   impl: "reference" (token scan), "chunked" (chunks in a sequential scan), "associative"
   (chunks combined by associative scan), "pallas" (the Pallas kernels; interpret mode on CPU),
-  "auto" (one recurrent step when T == 1; else the Pallas kernels on TPU / CUDA and the
-  measured XLA form on CPU). chunk_size: 16, 32 or 64 (None: each form's default).
+  "auto" (the Pallas kernels on TPU / CUDA and the measured XLA form on CPU). Every impl but
+  "reference" runs T == 1 as one fused recurrent step (`goosejax.wkv.step`).
+  chunk_size: 16, 32 or 64 (None: each form's default).
   Everything is computed in fp32 (float64 when an input is float64 under x64).
   """
   _check_inputs(r, log_w, k, v, a, b, state, reset)
@@ -104,6 +97,8 @@ def wkv7(r, log_w, k, v, a, b, state=None, *, reset=None, impl="auto", chunk_siz
   state = jnp.zeros((B, H, N, N), dtype) if state is None else state.astype(dtype)
   if impl == "reference":
     return wkv7_reference(r, log_w, k, v, a, b, state, reset=reset)
+  if T == 1:  # one token: the fused single step (goosejax.wkv.step), whatever the sequence form
+    return wkv7_single_token(r, log_w, k, v, a, b, state, reset, dtype)
   if impl == "pallas":
     return _pallas(r, log_w, k, v, a, b, state, reset, chunk_size or DEFAULT_CHUNK_SIZES["pallas"])
   if impl == "auto":
@@ -193,12 +188,10 @@ def _pallas(r, log_w, k, v, a, b, state, reset, chunk_size):
 
 
 def _auto(r, log_w, k, v, a, b, state, reset, chunk_size, dtype):
-  """impl="auto": one step for T == 1, the token scan up to one chunk, and beyond that the
+  """impl="auto" for T > 1: the token scan up to one chunk, and beyond that the
   platform's best form, chosen at lowering time by `lax.platform_dependent`: the Pallas kernels
   on TPU and CUDA, the measured XLA form on CPU (and the XLA GPU choice on other platforms)."""
   T = r.shape[1]
-  if T == 1:
-    return _single_step(r, log_w, k, v, a, b, state, reset, dtype)
   if T <= (chunk_size or AUTO_CHOICES["cpu"].chunk_size):
     # one chunk or less: the token scan's per-token states are no more than a chunk's
     return wkv7_reference(r, log_w, k, v, a, b, state, reset=reset)
