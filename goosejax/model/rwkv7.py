@@ -19,11 +19,13 @@ from goosejax.model.channel_mix import ChannelMix
 from goosejax.model.norms import LayerNorm, layer_norm
 from goosejax.model.state import LayerStates, RWKV7State, zeros_state
 from goosejax.model.time_mix import TimeMix, matmul
+from goosejax.sequence_parallel import previous_tokens
 
 
 def shift_tokens(x_BTC: jax.Array, last_B1C: jax.Array, reset_BT: jax.Array | None) -> jax.Array:
-  """Each position's previous input: [last, x_0, ..., x_{T-2}], zeros where a document starts."""
-  prev_BTC = jnp.concatenate([last_B1C.astype(x_BTC.dtype), x_BTC[:, :-1]], axis=1)
+  """Each position's previous input: [last, x_0, ..., x_{T-2}], zeros where a document starts
+  (across devices when the ambient mesh splits T over `sequence`)."""
+  prev_BTC = previous_tokens(x_BTC, last_B1C)
   if reset_BT is not None:
     prev_BTC = jnp.where(reset_BT[..., None], 0, prev_BTC)
   return prev_BTC
