@@ -11,10 +11,11 @@ from jax.sharding import PartitionSpec as P
 import pallas_kernels
 from goosejax import sharding
 from goosejax.errors import GoosejaxError
-from goosejax.wkv.chunked import CHUNK_SIZES, wkv7_chunked
 from goosejax.wkv import self_check
+from goosejax.wkv.chunked import wkv7_chunked
 from goosejax.wkv.reference import compute_dtype, wkv7_reference
 from goosejax.wkv.step import wkv7_single_token
+from pallas_kernels.chunk_sizes import CHUNK_SIZES, KERNEL_CHUNK_SIZES
 
 IMPLEMENTATIONS = ("auto", "reference", "chunked", "associative", "pallas")
 
@@ -47,7 +48,7 @@ DEFAULT_CHUNK_SIZES = {"chunked": 32, "associative": 64, "pallas": 16}
 # time) with these chunk sizes: 64 fills the TPU MXU; Triton on Hopper fits 16 and 32, and 16
 # spilled least in the offline sm_90 compile. NOT yet measured on hardware.
 PALLAS_AUTO_CHUNK_SIZES = {"tpu": 64, "cuda": 16}
-PALLAS_CHUNK_SIZES = {"tpu": (16, 32, 64), "cuda": (16, 32)}   # what each kernel accepts
+PALLAS_CHUNK_SIZES = {"tpu": KERNEL_CHUNK_SIZES["tpu"], "cuda": KERNEL_CHUNK_SIZES["triton"]}
 
 
 class WKVInputError(GoosejaxError):
