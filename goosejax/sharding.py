@@ -32,6 +32,9 @@ RULES: dict[str, tuple[str, ...]] = {
     # activations
     "batch": ("data", "fsdp"),
     "length": (),
+    "act_embed": (),            # the residual stream's channels: whole on every device
+    "act_heads": ("tensor",),   # WKV inputs and outputs [B, T, H, N]: heads split
+    "act_mlp": ("tensor",),     # the channel-mix hidden [B, T, F]
     "act_vocab": ("tensor",),
     # parameters
     "layers": (),
@@ -51,6 +54,9 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {p.name: p.axes for p in PARAMS}
 
 BATCH_AXES = ("batch", "length")
 LOGITS_AXES = ("batch", "length", "act_vocab")
+RESIDUAL_AXES = ("batch", "length", "act_embed")
+HEADS_AXES = ("batch", "length", "act_heads", None)
+MLP_AXES = ("batch", "length", "act_mlp")
 
 
 class ShardingError(GoosejaxError):

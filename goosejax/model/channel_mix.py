@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from goosejax import sharding
 from goosejax.config import ModelConfig
 from goosejax.model import init
 from goosejax.model.time_mix import matmul
@@ -22,5 +23,5 @@ class ChannelMix(nnx.Module):
 
   def __call__(self, x_BTC: jax.Array, prev_BTC: jax.Array) -> jax.Array:
     xk = x_BTC + (prev_BTC - x_BTC) * self.x_k[...].astype(x_BTC.dtype)
-    hidden = jnp.square(jax.nn.relu(matmul(xk, self.key[...])))
+    hidden = sharding.constrain(jnp.square(jax.nn.relu(matmul(xk, self.key[...]))), sharding.MLP_AXES)
     return matmul(hidden, self.value[...])

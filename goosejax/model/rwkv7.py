@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from goosejax import sharding
 from goosejax.config import ModelConfig
 from goosejax.model import init
 from goosejax.model.channel_mix import ChannelMix
@@ -60,13 +61,17 @@ class Blocks(nnx.Module):
 
   def __call__(self, x_BTC, v_first_BTC, att_shift_BC, wkv_BHNN, ffn_shift_BC, is_first_layer,
                reset_BT):
+    # The residual stream stays split by batch (and length) only: each matmul's output then
+    # has one known layout under any mesh (no-ops without one).
+    x_BTC = sharding.constrain(x_BTC, sharding.RESIDUAL_AXES)
     xa_BTC = self.ln1(x_BTC)
     prev_BTC = shift_tokens(xa_BTC, att_shift_BC[:, None], reset_BT)
     dx_BTC, wkv_BHNN, v_first_BTC = self.att(xa_BTC, prev_BTC, wkv_BHNN, v_first_BTC,
                                              is_first_layer, reset_BT)
-    x_BTC = x_BTC + dx_BTC
+    x_BTC = sharding.constrain(x_BTC + dx_BTC, sharding.RESIDUAL_AXES)
     xf_BTC = self.ln2(x_BTC)
     x_BTC = x_BTC + self.ffn(xf_BTC, shift_tokens(xf_BTC, ffn_shift_BC[:, None], reset_BT))
+    x_BTC = sharding.constrain(x_BTC, sharding.RESIDUAL_AXES)
     return x_BTC, v_first_BTC, (xa_BTC[:, -1], wkv_BHNN, xf_BTC[:, -1])
 
 

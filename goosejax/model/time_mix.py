@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from goosejax import sharding
 from goosejax.config import ModelConfig
 from goosejax.model import init
 from goosejax.model.norms import group_norm_heads
@@ -134,8 +135,10 @@ class TimeMix(nnx.Module):
     v = jnp.where(is_first_layer, v, v_mixed)
     v_first_BTC = jnp.where(is_first_layer, v, v_first_BTC.astype(jnp.float32)).astype(v_first_BTC.dtype)
 
-    heads = lambda t: t.reshape(B, T, H, N)
+    # Split by heads over `tensor` (each device runs the WKV of its own heads, no gather).
+    heads = lambda t: sharding.constrain(t.reshape(B, T, H, N), sharding.HEADS_AXES)
     iclr_h = heads(iclr)
+    kk = sharding.constrain(kk, sharding.HEADS_AXES)
     y_BTHN, wkv_BHNN = wkv7(heads(r).astype(dtype), heads(log_w), heads(k).astype(dtype),
                             heads(v).astype(dtype), (-kk).astype(dtype), (kk * iclr_h).astype(dtype),
                             wkv_BHNN, reset=reset_BT, impl=self.wkv_impl, chunk_size=self.wkv_chunk_size)
