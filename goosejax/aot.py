@@ -28,6 +28,7 @@ import jax
 
 from goosejax.errors import GoosejaxError
 
+MIB = 2**20
 GIB = 2**30
 
 
@@ -70,13 +71,15 @@ class GpuSpec:
 
 
 # NVIDIA datasheets: A100 SXM4 80GB (312 TFLOP/s bf16 dense), H100 SXM5 80GB and H200 SXM 141GB
-# (989 TFLOP/s bf16 dense, half the with-sparsity figure); memory as each datasheet gives it.
+# (989 TFLOP/s bf16 dense, half the with-sparsity figure). Memory as the driver reports it
+# (nvidia-smi memory.total): 81920 MiB (A100 80GB), 81559 MiB (H100), 143771 MiB (H200); the
+# datasheets' "80GB" / "141GB" are rounded.
 GPU_SPECS: dict[str, GpuSpec] = {
-    "a100": GpuSpec("NVIDIA A100-SXM4-80GB", (8, 0), 108, 80 * GIB, 2.039e12, 1.41, 40 * 2**20,
+    "a100": GpuSpec("NVIDIA A100-SXM4-80GB", (8, 0), 108, 81920 * MIB, 2.039e12, 1.41, 40 * MIB,
                     164 * 1024, 163 * 1024, 312e12),
-    "h100": GpuSpec("NVIDIA H100 80GB HBM3", (9, 0), 132, 80 * GIB, 3.35e12, 1.98, 50 * 2**20,
+    "h100": GpuSpec("NVIDIA H100 80GB HBM3", (9, 0), 132, 81559 * MIB, 3.35e12, 1.98, 50 * MIB,
                     228 * 1024, 227 * 1024, 989e12),
-    "h200": GpuSpec("NVIDIA H200 141GB HBM3e", (9, 0), 132, 141 * 10**9, 4.8e12, 1.98, 50 * 2**20,
+    "h200": GpuSpec("NVIDIA H200 141GB HBM3e", (9, 0), 132, 143771 * MIB, 4.8e12, 1.98, 50 * MIB,
                     228 * 1024, 227 * 1024, 989e12),
 }
 

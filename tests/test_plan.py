@@ -168,7 +168,7 @@ def test_tiny_plan_on_a_4_gpu_h100_node(capsys):
   status, out, err = _run(capsys, "--topology", "h100:4", "mesh.data=2", "mesh.tensor=2", *TINY)
   assert status == 0, err
   assert "4 x NVIDIA H100 80GB HBM3, mesh data=2 fsdp=1 tensor=2" in out
-  assert "of 80.00 GiB" in out and ": fits" in out
+  assert "of 79.65 GiB" in out and ": fits" in out   # 81559 MiB, as the driver reports it
   assert "wkv7_backward_triton x2, wkv7_forward_triton x2" in out and "chunk 16" in out
   assert "4 sequences per device;" in out
   assert _figure(out, "compiled XLA ops") > _figure(out, "6 x N x tokens") * 0.9
