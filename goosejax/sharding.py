@@ -7,6 +7,7 @@ split over. The usual layouts are then just mesh shapes:
   data parallel      mesh.data=-1                      params replicated, batch split
   FSDP / ZeRO-3      mesh.fsdp=-1                      params split on "embed", batch split
   tensor parallel    mesh.tensor=N                     heads, FFN hidden and vocab split
+  sequence parallel  mesh.sequence=N                   every sequence's tokens split (long context)
   any mix            mesh.data=2 mesh.fsdp=2 mesh.tensor=2
 
 A dimension whose size does not divide evenly over its mesh axes stays whole (replicated on
@@ -31,7 +32,7 @@ MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 RULES: dict[str, tuple[str, ...]] = {
     # activations
     "batch": ("data", "fsdp"),
-    "length": (),
+    "length": ("sequence",),    # spans of one sequence (goosejax.sequence_parallel)
     "act_embed": (),            # the residual stream's channels: whole on every device
     "act_heads": ("tensor",),   # WKV inputs and outputs [B, T, H, N]: heads split
     "act_mlp": ("tensor",),     # the channel-mix hidden [B, T, F]

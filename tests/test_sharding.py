@@ -41,6 +41,9 @@ def test_logical_spec_rules():
   assert spec(("layers", "embed", "heads"), (2, 128, 128)) == P(None, "fsdp", "tensor")
   assert spec(("vocab", "embed"), (256, 128)) == P("tensor", "fsdp")
   assert spec(("batch", "length"), (8, 16)) == P(("data", "fsdp"), None)
+  split_time = sharding.make_mesh(MeshConfig(data=2, sequence=4), jax.devices()[:8])
+  assert sharding.logical_spec(("batch", "length"), (8, 16), split_time) == P("data", "sequence")
+  assert sharding.logical_spec(("batch", "length"), (8, 18), split_time) == P("data", None)
   assert spec(("layers", "embed", "lora"), (2, 128, 32)) == P(None, "fsdp", None)
   assert spec(("embed", "vocab"), (128, 255)) == P("fsdp", None)      # 255 does not split: whole
   assert spec(("batch",), (6,)) == P(None)                             # 6 rows over 4 shards

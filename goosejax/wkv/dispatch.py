@@ -11,7 +11,9 @@ from jax.sharding import PartitionSpec as P
 import pallas_kernels
 from goosejax import sharding
 from goosejax.errors import GoosejaxError
+from goosejax.sequence_parallel import span_mesh
 from goosejax.wkv import self_check
+from goosejax.wkv.sequence_parallel import wkv7_sequence_parallel
 from goosejax.wkv.chunked import wkv7_chunked
 from goosejax.wkv.reference import compute_dtype, wkv7_reference
 from goosejax.wkv.step import wkv7_single_token
@@ -86,6 +88,8 @@ def wkv7(r, log_w, k, v, a, b, state=None, *, reset=None, impl="auto", chunk_siz
   "auto" (the Pallas kernels on TPU / CUDA and the measured XLA form on CPU). Every impl but
   "reference" runs T == 1 as one fused recurrent step (`goosejax.wkv.step`).
   chunk_size: 16, 32 or 64 (None: each form's default).
+  Under an ambient mesh that splits T over its `sequence` axis (goosejax.sequence_parallel),
+  every impl but "reference" runs the sequence-parallel associative form (XLA) instead.
   Everything is computed in fp32 (float64 when an input is float64 under x64).
   """
   _check_inputs(r, log_w, k, v, a, b, state, reset)
@@ -100,6 +104,12 @@ def wkv7(r, log_w, k, v, a, b, state=None, *, reset=None, impl="auto", chunk_siz
     return wkv7_reference(r, log_w, k, v, a, b, state, reset=reset)
   if T == 1:  # one token: the fused single step (goosejax.wkv.step), whatever the sequence form
     return wkv7_single_token(r, log_w, k, v, a, b, state, reset, dtype)
+  mesh = span_mesh(T)
+  if mesh is not None:
+    y, final_state = wkv7_sequence_parallel(
+        r, log_w, k, v, a, b, state, mesh=mesh, reset=reset, dtype=dtype,
+        chunk_size=chunk_size or DEFAULT_CHUNK_SIZES["associative"])
+    return y.astype(r.dtype), final_state
   if impl == "pallas":
     return _pallas(r, log_w, k, v, a, b, state, reset, chunk_size or DEFAULT_CHUNK_SIZES["pallas"])
   if impl == "auto":
@@ -127,13 +137,14 @@ def _per_device(kernel, mesh):
   """`kernel` run by every device on its own block of batch rows and heads (`shard_map` over
   the mesh axes the logical names "batch" and "heads" map to). The kernels are single-device
   custom calls: without this XLA could only run them on gathered inputs. Each row and head is
-  independent, so no communication is needed; a dimension that does not divide stays whole."""
+  independent, so no communication is needed; a dimension that does not divide stays whole,
+  and so does time (a kernel runs whole sequences; split ones take the sequence-parallel form)."""
   if mesh is None:
     return kernel
 
   def run(r, log_w, k, v, a, b, state, reset):
     B, T, H, N = r.shape
-    x_spec = sharding.logical_spec(("batch", "length", "heads", "head_dim"), r.shape, mesh)
+    x_spec = sharding.logical_spec(("batch", None, "heads", "head_dim"), r.shape, mesh)
     state_spec = P(x_spec[0], x_spec[2], None, None)
     args, specs = [r, log_w, k, v, a, b, state], [x_spec] * 6 + [state_spec]
     if reset is not None:
