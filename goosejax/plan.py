@@ -12,7 +12,7 @@ memory (parameters, optimizer state and batch from their sharded sizes, temporar
 compiled program) against the device's memory; FLOPs per step from the compiled program with
 the Pallas WKV kernels added by formula, next to 6 * N * tokens; and the step time and tokens/s
 at --mfu of the datasheet peak. Compiling takes minutes for real configs; progress goes to
-stderr, the plan to stdout.
+stderr, the plan to stdout. JAX runs on the CPU here (JAX_PLATFORMS=cpu unless set).
 
 Exit status: 0 the plan fits; 2 it does not fit in device memory (the figures are printed
 first), a mesh axis does not divide the slice, the batch or the model, or other bad input.
@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import os
 import re
 import sys
 import threading
@@ -406,6 +407,9 @@ def main(argv: list[str]) -> int:
   """Exit status 0 (fits), 2 (does not fit, a mesh that does not divide, bad input)."""
   from goosejax.cli import exit_status
   args = _parser().parse_args(argv)
+  # The targets' devices come from the compiler plugins: never initialise (and hold) an
+  # accelerator this machine has. A no-op where JAX_PLATFORMS is set or JAX already started.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
   def run() -> None:
     from goosejax.config import load_config
