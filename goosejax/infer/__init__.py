@@ -1,10 +1,10 @@
 """Inference: prefill + jitted decode loop, official-order sampling, generate."""
 from goosejax.infer.generate import (GenerationError, Generator, decode_loop, generate,
-                                     generator_for, official_occurrence_weights)
+                                     official_occurrence_weights)
 from goosejax.infer.prefill import prefill_last, prefill_split
 from goosejax.infer.sampling import SamplingConfig, sampling_probs
 from goosejax.infer.step import DecodeWeights, decode_step, decode_weights
 
 __all__ = ["DecodeWeights", "GenerationError", "Generator", "SamplingConfig", "decode_loop",
-           "decode_step", "decode_weights", "generate", "generator_for",
+           "decode_step", "decode_weights", "generate",
            "official_occurrence_weights", "prefill_last", "prefill_split", "sampling_probs"]

@@ -12,13 +12,11 @@ tokens to a callback between blocks; without a callback it is one call for the w
 from __future__ import annotations
 
 import functools
-import weakref
 from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from goosejax.infer.prefill import prefill_split
 from goosejax.infer.sampling import (GenerationError, SamplingConfig, apply_penalties, sample,
@@ -107,16 +105,14 @@ def _masked_steps(weights: DecodeWeights, tokens_BT, lengths_B, logits_BV, state
 
 
 class Generator:
-  """Holds a model and its decode-layout weights (made once) and generates from prompts."""
+  """Holds a model and its decode-layout weights (split per layer once, a copy of the
+  weights) and generates from prompts. Code that generates repeatedly from the same weights
+  keeps one; `generate(model, ...)` makes a fresh one per call. Make a new one after changing
+  the model's parameters: this one keeps the weights it was made with."""
 
   def __init__(self, model: RWKV7):
     self.model = model
     self.weights = decode_weights(model)
-    self._param_refs = _param_refs(model)
-
-  def is_current(self) -> bool:
-    """False once the model's parameters were replaced (the weights copy would be stale)."""
-    return all(a is b for a, b in zip(self._param_refs, _param_refs(self.model)))
 
   def _prefill(self, tokens_BT, state: RWKV7State, reset_BT=None):
     logits_BV, layers = prefill_split(self.weights, tokens_BT, split_state(state), reset_BT=reset_BT)
@@ -196,10 +192,6 @@ class Generator:
     return (result, prompt_state) if return_state else result
 
 
-def _param_refs(model: nnx.Module) -> list:
-  return [v[...] for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
-
-
 def _normalize_prompts(prompt_ids, vocab_size: int) -> tuple[list[list[int]], bool]:
   """A flat sequence of ids (one prompt) or a sequence of them / a 2-D array (a batch)."""
   if isinstance(prompt_ids, (np.ndarray, jax.Array)):
@@ -255,17 +247,6 @@ def _broadcast_state(state: RWKV7State, batch: int) -> RWKV7State:
   return jax.tree.map(lambda x: jnp.repeat(x, batch, axis=1), state)
 
 
-_generators: "weakref.WeakKeyDictionary[RWKV7, Generator]" = weakref.WeakKeyDictionary()
-
-
-def generator_for(model: RWKV7) -> Generator:
-  """The cached `Generator` of `model`, rebuilt when the model's parameters changed."""
-  gen = _generators.get(model)
-  if gen is None or not gen.is_current():
-    gen = _generators[model] = Generator(model)
-  return gen
-
-
 def generate(model: RWKV7, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, presence_penalty: float = 0.0,
              frequency_penalty: float = 0.0, penalty_decay: float = 0.996,
@@ -288,8 +269,9 @@ def generate(model: RWKV7, prompt_ids, max_new_tokens: int, temperature: float =
   callback: streaming; called with each block's new ids (same form as the result) every
     `block_size` tokens; returning True stops generation after that block.
   return_state: also return the state right after the prompts (prompt caching).
+  Each call splits the weights for decoding anew; hold a `Generator(model)` to reuse them.
   """
-  return generator_for(model).generate(
+  return Generator(model).generate(
       prompt_ids, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
       presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
       penalty_decay=penalty_decay, stop_ids=stop_ids, banned_ids=banned_ids, seed=seed, state=state,
