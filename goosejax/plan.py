@@ -97,14 +97,10 @@ def wkv_flops_per_token_head(chunk: int, head_size: int) -> tuple[int, int]:
 
 
 def kernel_chunk_size(model_cfg, platform: str) -> int:
-  """The chunk size the Pallas kernel runs with on `platform` ("tpu", "cuda") for this model,
-  as goosejax.wkv.dispatch chooses it for impl "auto" and "pallas"."""
-  from goosejax.wkv.dispatch import DEFAULT_CHUNK_SIZES, PALLAS_AUTO_CHUNK_SIZES, PALLAS_CHUNK_SIZES
-  allowed, requested = PALLAS_CHUNK_SIZES[platform], model_cfg.wkv_chunk_size
-  if model_cfg.wkv_impl == "pallas":
-    size = requested or DEFAULT_CHUNK_SIZES["pallas"]
-    return size if size in allowed else max(allowed)
-  return requested if requested in allowed else PALLAS_AUTO_CHUNK_SIZES[platform]
+  """The chunk size the Pallas kernel runs with on `platform` ("tpu", "cuda") for this model."""
+  from goosejax.wkv.dispatch import kernel_chunk_size as dispatch_choice
+  impl = "pallas" if model_cfg.wkv_impl == "pallas" else "auto"
+  return dispatch_choice(impl, platform, model_cfg.wkv_chunk_size)
 
 
 # ----------------------------------------------------------------------------- the plan

@@ -162,12 +162,13 @@ def _per_device(kernel, mesh):
 
 def kernel_chunk_size(impl: str, platform: str, chunk_size: int | None) -> int:
   """The chunk size the `platform` kernel runs for `impl` ("auto" or "pallas") and the
-  configured chunk size: the configured one where that kernel takes it, else its default
-  (auto) or its largest (pallas: Triton stops at 32)."""
+  configured chunk size (None: the default of `impl`): that one where the kernel takes it,
+  else auto's per-platform choice, or for pallas the kernel's largest (Triton stops at 32)."""
   allowed = PALLAS_CHUNK_SIZES[platform]
-  if chunk_size in allowed:
-    return chunk_size
-  return PALLAS_AUTO_CHUNK_SIZES[platform] if impl == "auto" else max(allowed)
+  if impl == "pallas":
+    size = chunk_size or DEFAULT_CHUNK_SIZES["pallas"]
+    return size if size in allowed else max(allowed)
+  return chunk_size if chunk_size in allowed else PALLAS_AUTO_CHUNK_SIZES[platform]
 
 
 def _pallas_kernels(chunk_size: int, mesh) -> dict[str, object]:
