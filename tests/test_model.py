@@ -33,7 +33,7 @@ def randomized(cfg: ModelConfig, seed: int = 0) -> RWKV7:
   model = abstract_model(cfg)
   rng = np.random.default_rng(seed)
   params = {}
-  for path, variable in nnx.state(model, nnx.Param).flat_state():
+  for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     name, shape = ".".join(map(str, path)), variable.shape
     if len(shape) >= 3 or name in ("emb", "head"):        # matrices: [L, in, out], [V,C], [C,V]
       scale = 1.0 if name == "emb" else shape[-2] ** -0.5
