@@ -9,9 +9,21 @@
 # mount of a bucket): checkpoints are written by all workers together. `--distributed on`
 # makes every worker call jax.distributed.initialize(), which finds the slice's coordinator
 # on its own. Workers of a slice can start minutes apart after a preemption, hence the long
-# start-up timeout.
+# start-up timeout. `launch/tpu_pod.sh --dry-run ARGS...` prints the gcloud command and runs
+# nothing.
 set -euo pipefail
+dry_run=0
+if [[ "${1:-}" == "--dry-run" ]]; then
+  dry_run=1
+  shift
+fi
 : "${TPU:?set TPU to the TPU VM name}" "${ZONE:?set ZONE to its zone}"
 quoted=$(printf '%q ' "$@")
-gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command \
-  "cd ~/goosejax && goosejax train --distributed on --distributed-timeout 1800 --no-progress-bar $quoted"
+cmd=(gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command
+     "cd ~/goosejax && goosejax train --distributed on --distributed-timeout 1800 --no-progress-bar $quoted")
+if ((dry_run)); then
+  printf '%q ' "${cmd[@]}"
+  echo
+  exit 0
+fi
+"${cmd[@]}"
