@@ -7,9 +7,7 @@ missing plugin fails instead of skipping.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 import re
 
 import jax
@@ -20,15 +18,7 @@ from jax.sharding import SingleDeviceSharding
 from goosejax import aot
 from goosejax.config import load_config
 from goosejax.wkv import wkv7
-
-PLUGINS = {"tpu": "libtpu", "cuda": "jax_cuda12_plugin"}
-
-
-def _require(platform: str) -> None:
-  if importlib.util.find_spec(PLUGINS[platform]) is None:
-    if os.environ.get("GOOSEJAX_REQUIRE_TARGETS") == "1":
-      pytest.fail(f"the `{platform}` extra is not installed (pip install 'goosejax[{platform}]')")
-    pytest.skip(f"needs the `{platform}` extra (Linux x86-64): pip install 'goosejax[{platform}]'")
+from targets import require
 
 
 def _kernel_calls(compiled, platform: str) -> int:
@@ -86,7 +76,7 @@ def test_gpu_targets_parse_hosts_and_devices():
     ("h200:2x8", "cuda", 16),
 ])
 def test_targets_give_compile_only_devices(target, platform, devices):
-  _require(platform)
+  require(platform)
   facts = aot.target_facts(target)
   assert facts.devices == devices == len(aot.target_devices(target))
   assert facts.memory_bytes >= 16 * aot.GIB and facts.peak_bf16_flops > 1e14
@@ -97,7 +87,7 @@ def test_targets_give_compile_only_devices(target, platform, devices):
 def test_wkv_kernels_compile_forward_and_backward(target, platform):
   """impl="auto" on one device of the target: exactly one kernel in the forward, two (forward
   and backward) in forward+backward. T = 200 is not a multiple of any chunk size."""
-  _require(platform)
+  require(platform)
   device = SingleDeviceSharding(aot.target_devices(target)[0])
   inputs = [jax.ShapeDtypeStruct((2, 200, 4, 64), jnp.bfloat16, sharding=device) for _ in range(6)]
 
@@ -120,7 +110,7 @@ def test_wkv_kernels_read_and_write_sequences_in_place(target, platform):
   the kernels moves a [B, T, H, N] sequence between layouts (TPU keeps [B, T, H, N] time-minor
   for N = 64; its kernel reads it so), forward or backward; the forward's lean kernel writes no
   state checkpoints, so its temporaries stay below one sequence."""
-  _require(platform)
+  require(platform)
   shape = (2, 256, 4, 64)
   device = SingleDeviceSharding(aot.target_devices(target)[0])
   inputs = [jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=device) for _ in range(6)]
@@ -146,7 +136,7 @@ def test_wkv_kernels_read_and_write_sequences_in_place(target, platform):
 def test_sharded_train_step_compiles_with_the_kernels(target, platform, mesh):
   """The train job's step (tiny model, packed documents with resets) compiled for a 4-chip
   slice / 4-GPU node: the WKV kernels run per device inside it, forward and backward."""
-  _require(platform)
+  require(platform)
   cfg = load_config("tiny", ["model.vocab_size=512", "data.ctx_len=64", *mesh])
   compiled = aot.compile_train_step(cfg, target)
   assert _kernel_calls(compiled, platform) == 2

@@ -2,8 +2,6 @@
 kernel executions. XLA's own cost analysis counts a `while` body once."""
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +10,7 @@ from jax.sharding import SingleDeviceSharding
 
 from goosejax import aot, compiled_cost
 from goosejax.wkv import wkv7
+from targets import require
 
 N = 64
 MATMUL = 2 * N**3
@@ -56,14 +55,11 @@ def test_loop_bodies_count_once_per_trip_on_cpu(fn, layers, matmuls):
   assert cost.kernel_runs == {}
 
 
-@pytest.mark.parametrize("target, plugin", [("v5e:2x2", "libtpu"), ("h100:1", "jax_cuda12_plugin")])
-def test_trip_counts_of_accelerator_programs(target, plugin):
+@pytest.mark.parametrize("target, platform", [("v5e:2x2", "tpu"), ("h100:1", "cuda")])
+def test_trip_counts_of_accelerator_programs(target, platform):
   """TPU programs carry no trip counts (read from the loop condition and increment here); GPU
   ones do."""
-  if importlib.util.find_spec(plugin) is None:
-    if os.environ.get("GOOSEJAX_REQUIRE_TARGETS") == "1":
-      pytest.fail(f"{plugin} is not installed")
-    pytest.skip(f"needs {plugin}")
+  require(platform)
   device = SingleDeviceSharding(aot.target_devices(target)[0])
   for fn, layers, matmuls in ((_nested, 4, 12), (_unrolled, 7, 7)):
     cost = compiled_cost.program_cost(_compile(fn, *_args(layers, device)))
@@ -73,10 +69,7 @@ def test_trip_counts_of_accelerator_programs(target, plugin):
 def test_pallas_kernel_runs_are_counted_per_trip():
   """The WKV kernel (interpret mode on CPU is not a custom call, so compile for a TPU) inside a
   scan of 3 steps runs 3 times; its forward+backward 3 times each."""
-  if importlib.util.find_spec("libtpu") is None:
-    if os.environ.get("GOOSEJAX_REQUIRE_TARGETS") == "1":
-      pytest.fail("libtpu is not installed")
-    pytest.skip("needs libtpu")
+  require("tpu")
   device = SingleDeviceSharding(aot.target_devices("v5e:2x2")[0])
   shape = jax.ShapeDtypeStruct((3, 1, 128, 2, 64), jnp.bfloat16, sharding=device)
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from targets import free_port
+
 LAUNCH = Path(__file__).resolve().parent.parent / "launch"
 
 
@@ -55,15 +57,9 @@ def test_local_launcher_runs_a_two_process_job(tmp_path):
   result = launcher(LAUNCH / "local_cpu.sh", 2, 2, "--", "--config", "tiny", "--run-dir", run_dir,
                     "--steps", 2, "data.ctx_len=16", "data.batch_size=4",
                     "run.eval_every=2", "run.eval_batches=1", "run.tensorboard=false",
-                    env={"PORT": str(_free_port())})
+                    env={"PORT": str(free_port())})
   assert result.returncode == 0, result.stdout + result.stderr
   log0 = (run_dir / "process_0.log").read_text()
   assert "over 4 devices (cpu), 2 process(es)" in log0 and (run_dir / "process_1.log").exists()
   assert (run_dir / "checkpoints" / "2").is_dir()
 
-
-def _free_port() -> int:
-  import socket
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]

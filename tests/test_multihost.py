@@ -5,13 +5,14 @@ Run as a script, this file is one of those worker processes.
 """
 import argparse
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from targets import free_port
 
 # Shared with tests/test_sharding.py: the in-process 8-device reference reuses its compile.
 TINY = ["model.vocab_size=256", "data.ctx_len=16", "data.batch_size=8", "run.steps=12",
@@ -33,12 +34,6 @@ def train_steps(run_dir, mesh=None, process_index=0, process_count=1):
   train(cfg, run_dir, mesh=mesh, train_batches=batches("train"),
         open_validation=lambda: batches("validation"), stop_at_step=STEPS, progress_bar=False)
   return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @pytest.mark.slow

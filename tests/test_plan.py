@@ -3,9 +3,7 @@ real compiler (compile-only devices; needs the `tpu` / `cuda` extras, required i
 GOOSEJAX_REQUIRE_TARGETS=1 as in test_aot)."""
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 import re
 
 import jax
@@ -16,16 +14,9 @@ from goosejax import aot, compiled_cost, plan
 from goosejax.train import recipe
 from goosejax.config import load_config
 from goosejax.wkv import wkv7
+from targets import require
 
-PLUGINS = {"tpu": "libtpu", "cuda": "jax_cuda12_plugin"}
 TINY = ["model.vocab_size=512", "data.ctx_len=128"]
-
-
-def _require(platform: str) -> None:
-  if importlib.util.find_spec(PLUGINS[platform]) is None:
-    if os.environ.get("GOOSEJAX_REQUIRE_TARGETS") == "1":
-      pytest.fail(f"the `{platform}` extra is not installed (pip install 'goosejax[{platform}]')")
-    pytest.skip(f"needs the `{platform}` extra (Linux x86-64): pip install 'goosejax[{platform}]'")
 
 
 def _figure(text: str, label: str) -> float:
@@ -97,7 +88,7 @@ def test_tiny_plan_on_a_4_chip_tpu_slice():
   """Every figure: the parameter count, per-device sizes of the fsdp-sharded state, the compiled
   FLOPs (each of the 2 layers counted; remat recomputes the WKV forward, so 4 forward kernel runs
   and 2 backward), the step time at the stated MFU."""
-  _require("tpu")
+  require("tpu")
   overrides = ["mesh.data=1", "mesh.fsdp=-1", "run.remat=block", *TINY]
   cfg = load_config("tiny", overrides)
   result = plan.make_plan(cfg, aot.target_for("v5p", 4), "tiny")
@@ -129,7 +120,7 @@ def test_tiny_plan_on_a_4_chip_tpu_slice():
 def test_a_plan_that_does_not_fit_exits_2_with_the_numbers(capsys):
   """16 sequences of 8192 tokens per v5e chip: fp32 logits alone are 32 GiB. The TPU compiler
   refuses the program; the plan still prints what it knows and the compiler's figure."""
-  _require("tpu")
+  require("tpu")
   status, out, err = _run(capsys, "--topology", "v5e:2x2", "data.ctx_len=8192", "data.batch_size=64")
   assert status == 2
   assert "does NOT fit" in out and "RESOURCE_EXHAUSTED" in out
@@ -156,7 +147,7 @@ def test_a_refused_program_never_fits_even_under_the_datasheet_memory():
      "mesh.fsdp = 3 does not divide model.n_embd=128"),
 ])
 def test_a_mesh_that_does_not_divide_exits_2_naming_the_axis(capsys, topology, overrides, message):
-  _require(aot.parse_target(topology).platform)
+  require(aot.parse_target(topology).platform)
   status, out, err = _run(capsys, "--topology", topology, *overrides)
   assert status == 2 and out == ""
   assert message in err.strip().splitlines()[-1]
@@ -164,7 +155,7 @@ def test_a_mesh_that_does_not_divide_exits_2_naming_the_axis(capsys, topology, o
 
 @pytest.mark.slow
 def test_tiny_plan_on_a_4_gpu_h100_node(capsys):
-  _require("cuda")
+  require("cuda")
   status, out, err = _run(capsys, "--topology", "h100:4", "mesh.data=2", "mesh.tensor=2", *TINY)
   assert status == 0, err
   assert "4 x NVIDIA H100 80GB HBM3, mesh data=2 fsdp=1 tensor=2" in out

@@ -104,9 +104,10 @@ def test_a_failed_check_keeps_the_kernel_out_of_the_compiled_program(monkeypatch
 
   from goosejax import aot
   from goosejax.wkv import wkv7
-  from test_aot import _kernel_calls, _require
+  from targets import require
+  from test_aot import _kernel_calls
 
-  _require("tpu")
+  require("tpu")
   monkeypatch.setattr(self_check, "local_platform", lambda: "tpu")
   monkeypatch.setitem(self_check.KERNEL_CHECKS, "tpu", self_check.KernelCheck("tpu", False, "test"))
   device = SingleDeviceSharding(aot.target_devices("v5e:2x2")[0])
