@@ -175,9 +175,8 @@ def make_plan(cfg, target: str, config_name: str, progress=None) -> Plan:
   check_mesh_divides(cfg, sizes)
   mesh = sharding.make_mesh(cfg.mesh, aot.target_devices(target))
   state, batch = aot.train_step_inputs(cfg, mesh, with_reset=cfg.data.pack_documents)
-  _, shapes = recipe.abstract_model(cfg)
-  parameters = sum(math.prod(shape.shape) for shape in shapes.values())
-  embedding = math.prod(shapes["emb"].shape)
+  parameters = sum(math.prod(leaf.shape) for leaf in state.params.values())
+  embedding = math.prod(state.params["emb"].shape)
 
   start = time.monotonic()
   with progress(f"compiling the train step for {facts.devices} devices, mesh {_mesh_text(sizes)}"):
