@@ -29,12 +29,15 @@ from goosejax.model.params import param_dict
 from goosejax.model.rwkv7 import Blocks, embed, head_logits, run_layers
 from goosejax.model.state import LayerStates, RWKV7State, join_state, split_state
 from goosejax.model.time_mix import Transposed
+from goosejax.param_table import PARAMS, Layout
 
 _LAYER_PREFIX = "blocks."
 
-# Per-layer matrices stored [out, in] for decoding (the head too); every other parameter as
-# the model stores it.
-TRANSPOSED = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
+# Per-layer matrices stored [out, in] for decoding (the head too): the blocks' Linear weights,
+# which official files hold [out, in] as PyTorch does (goosejax.param_table); every other
+# parameter as the model stores it.
+TRANSPOSED = tuple(p.name[len(_LAYER_PREFIX):] for p in PARAMS
+                   if p.stacked and p.official_layout is Layout.TRANSPOSED)
 
 
 class DecodeWeights(NamedTuple):
