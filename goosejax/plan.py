@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 
+from goosejax import config_args
 from goosejax.errors import GoosejaxError
 
 GIB = 2**30
@@ -369,8 +370,10 @@ def _fraction(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="goosejax plan", description=__doc__.split("\n\n")[0])
-  p.add_argument("--config", required=True, help="a preset name (rwkv7-1.5b, ...) or a YAML file")
+  p = argparse.ArgumentParser(prog="goosejax plan", description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=config_args.KEYS_HELP)
+  config_args.add_config_arguments(p)   # --config, --steps, ..., overrides anywhere
   p.add_argument("--topology", "--target", dest="topology", required=True,
                  help="a TPU slice (v5p:4x4x4, v6e:4x4), GPUs (h100:8, h200:4x8 = hosts x per "
                       "host), or a bare chip (v5p, h100) with --devices")
@@ -378,8 +381,6 @@ def _parser() -> argparse.ArgumentParser:
                  help="chips or GPUs: picks the usual slice shape for a bare chip, checks a named one")
   p.add_argument("--mfu", type=_fraction, default=0.4,
                  help="model FLOPs utilisation for the step time (default 0.4)")
-  p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                 help="config overrides, e.g. mesh.fsdp=-1 data.batch_size=256")
   return p
 
 
@@ -401,14 +402,13 @@ def resolve_target(topology: str, devices: int | None) -> str:
 def main(argv: list[str]) -> int:
   """Exit status 0 (fits), 2 (does not fit, a mesh that does not divide, bad input)."""
   from goosejax.cli import exit_status
-  args = _parser().parse_args(argv)
+  args = config_args.parse_args(_parser(), argv)
   # The targets' devices come from the compiler plugins: never initialise (and hold) an
   # accelerator this machine has. A no-op where JAX_PLATFORMS is set or JAX already started.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
   def run() -> None:
-    from goosejax.config import load_config
-    cfg = load_config(args.config, args.overrides)
+    cfg = config_args.resolve(args).config
     target = resolve_target(args.topology, args.devices)
     plan = make_plan(cfg, target, args.config, stderr_progress)
     print(format_plan(plan, cfg, args.mfu), flush=True)

@@ -153,6 +153,14 @@ def test_a_mesh_that_does_not_divide_exits_2_naming_the_axis(capsys, topology, o
   assert message in err.strip().splitlines()[-1]
 
 
+def test_overrides_may_stand_among_the_flags(capsys):
+  """Parsed as train and config parse them (goosejax.config_args): before, between, after."""
+  require("tpu")
+  status, _, err = _run(capsys, "mesh.data=1", "--topology", "v5e:2x2", "mesh.tensor=4",
+                        "--mfu", "0.5", "data.batch_size=8")
+  assert status == 2 and "mesh.tensor = 4 does not divide the 2 heads" in err.strip().splitlines()[-1]
+
+
 @pytest.mark.slow
 def test_tiny_plan_on_a_4_gpu_h100_node(capsys):
   require("cuda")
