@@ -1,6 +1,7 @@
 """The command-line side of configuration, shared by every command that builds a Config
-(`goosejax train`, `goosejax config`, `goosejax plan`): `--config`, the flags that set a key under another
-name, and `section.key=value` overrides, which may stand before, between and after flags."""
+(`goosejax train`, `goosejax config`, `goosejax plan`): `--config`, the flags that set a key
+under another name, and `section.key=value` overrides, which may stand before, between and
+after flags."""
 from __future__ import annotations
 
 import argparse
