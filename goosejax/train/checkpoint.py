@@ -131,17 +131,19 @@ class TrainCheckpointer:
     """Starts a save of the state after `step` updates; returns once arrays are off-device.
     Raises CheckpointSaveError when there is no room for it or the previous save failed."""
     self.state_bytes = _tree_bytes(params) + _tree_bytes(opt_state)
+    # Orbax would wait for the previous save inside manager.save anyway; waiting first makes
+    # the free space final and the previous checkpoint complete before the room is judged.
+    self.wait()
     self._check_room(step)
     meta = {"format_version": FORMAT_VERSION, "step": step, **meta}
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
         meta=ocp.args.JsonSave(meta), data=DataStateSave(data_state))
-    previous, self.pending_step = self.pending_step, step
+    self.pending_step = step
     try:
-      self.manager.save(step, args=args, force=True)  # first waits for `previous`
+      self.manager.save(step, args=args, force=True)
     except Exception as e:  # Orbax reports I/O failures as ValueError or bare Exception
-      failed = previous if previous is not None and not self._on_disk(previous) else step
-      error = self._save_failed(failed, e)
+      error = self._save_failed(step, e)
       self.pending_step = None
       raise error from None
 
@@ -165,9 +167,6 @@ class TrainCheckpointer:
     finally:
       self.manager.close()  # Orbax raises a failed save once per thread: not again here
       self._quiet.remove()
-
-  def _on_disk(self, step: int) -> bool:
-    return (self.directory / str(step)).is_dir()
 
   def _check_room(self, step: int) -> None:
     free = shutil.disk_usage(self.directory).free
