@@ -15,8 +15,9 @@ those axes) instead of failing, so odd LoRA ranks or vocabularies never block a 
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -141,6 +142,38 @@ def batch_shards(mesh: Mesh) -> int:
   return math.prod(mesh.shape.get(a, 1) for a in RULES["batch"])
 
 
+class RowBlock(NamedTuple):
+  """The rows of every global batch one process loads: block `index` of `count` equal blocks."""
+  index: int
+  count: int
+
+
+@functools.lru_cache(maxsize=16)  # a pure function of the mesh, asked for every batch
+def process_row_block(mesh: Mesh, process_index: int | None = None) -> RowBlock:
+  """Which rows of every global batch this process's devices hold: one block of `count`.
+
+  Rows are split over the batch axes (mesh.data x mesh.fsdp). A mesh axis that does not split
+  rows (sequence, tensor) and crosses processes makes those processes hold the same rows: they
+  load the same data (e.g. mesh.sequence=2 over 2 hosts: one block, both load every row).
+  """
+  shards = batch_shards(mesh)
+  rows_sharding = NamedSharding(mesh, PartitionSpec(*_axes_of(("batch",), mesh)))
+  held: dict[int, set[int]] = {}
+  for device, (rows,) in rows_sharding.devices_indices_map((shards,)).items():
+    held.setdefault(device.process_index, set()).update(range(*rows.indices(shards)))
+  blocks = sorted({frozenset(rows) for rows in held.values()}, key=min)
+  # make_array_from_process_local_data places a process's rows in shard order, consecutive or
+  # not; what it cannot do is a process sharing only some of its rows with another.
+  if sum(map(len, blocks)) != shards or len({len(b) for b in blocks}) != 1:
+    layout = "; ".join(f"process {p}: {sorted(rows)}" for p, rows in sorted(held.items()))
+    raise ShardingError(
+        f"mesh {dict(mesh.shape)} gives the processes overlapping sets of batch row shards "
+        f"({layout}); each process's set must equal or be disjoint from every other's (make "
+        "mesh.data x mesh.fsdp a multiple or a divisor of the process count)")
+  index = jax.process_index() if process_index is None else process_index
+  return RowBlock(blocks.index(frozenset(held[index])), len(blocks))
+
+
 def _axes_of(names: Sequence[str | None], mesh: Mesh) -> list:
   spec = []
   for name in names:
@@ -168,13 +201,14 @@ def constrain(x: jax.Array, names: Sequence[str | None], mesh: Mesh | None = Non
 def host_to_global(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """This process's rows of a batch -> global arrays split over the mesh's batch axes.
 
-  Every process passes its own consecutive slice of the global batch (process order); with
-  one process that is the whole batch.
+  Every process passes whole rows: block `process_row_block(mesh)` of the global batch
+  (processes holding the same rows pass the same ones); with one process the whole batch.
   """
+  blocks = process_row_block(mesh).count
   result = {}
   for key, value in local.items():
     value = np.asarray(value)
     sharding = batch_sharding(mesh, value.ndim)
-    global_shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
+    global_shape = (value.shape[0] * blocks, *value.shape[1:])
     result[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
   return result

@@ -151,3 +151,28 @@ def test_initialisation_inside_the_sharded_jit():
   for name, value in jitted.params.items():
     assert value.sharding.spec == host.params[name].sharding.spec, name
     assert_close(value, host.params[name], 1e-5, what=name)
+
+
+# ------------------------------------------------------- which rows each process loads
+
+
+def test_processes_load_the_rows_their_devices_hold():
+  # A v5e 4x4 slice (4 hosts of 4 chips) has devices of 4 processes; nothing runs on them.
+  from goosejax import aot
+  from targets import require
+  require("tpu")
+  devices = aot.target_devices("v5e:4x4")
+  blocks = lambda **axes: [sharding.process_row_block(sharding.make_mesh(MeshConfig(**axes), devices), p)
+                           for p in range(4)]
+  # sequence over all 16 chips: every host holds, and loads, every row
+  assert blocks(data=1, sequence=16) == [(0, 1)] * 4
+  # tensor=4 inside a 4x4 slice spans hosts: pairs of hosts hold the same rows
+  assert sorted(blocks(data=4, tensor=4)) == [(0, 2), (0, 2), (1, 2), (1, 2)]
+  # one own block per host, in whatever order the slice's device order gives
+  assert sorted(blocks(data=8, sequence=2)) == [(i, 4) for i in range(4)]
+  assert sorted(blocks(data=1, fsdp=16)) == [(i, 4) for i in range(4)]
+  # hosts sharing only some of their rows cannot be fed: refused, each host's rows named
+  by_host = sorted(devices, key=lambda d: d.process_index)
+  mesh = jax.sharding.Mesh(np.array(by_host[2:] + by_host[:2]).reshape(2, 1, 1, 8), sharding.MESH_AXES)
+  with pytest.raises(sharding.ShardingError, match=r"overlapping sets of batch row shards \(process 0: \[0, 1\];"):
+    sharding.process_row_block(mesh, 0)

@@ -101,14 +101,10 @@ def _check_batch_layout(cfg: Config, mesh) -> None:
   if cfg.data.ctx_len % spans:
     raise ConfigError(f"data.ctx_len={cfg.data.ctx_len} does not split into mesh.sequence={spans} "
                       f"equal spans; expected a multiple of {spans}")
-  processes = jax.process_count()
-  if cfg.data.batch_size % processes:
-    raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the "
-                      f"{processes} processes")
-  if shards % processes:
-    raise ConfigError(f"mesh {dict(mesh.shape)} splits the batch {shards} ways, which does not "
-                      f"give each of the {processes} processes its own rows; make "
-                      "mesh.data x mesh.fsdp a multiple of the process count")
+  try:
+    sharding.process_row_block(mesh)  # each process loads whole rows (batch_size divides: above)
+  except sharding.ShardingError as e:
+    raise ConfigError(str(e)) from None
 
 
 # Data settings the saved data position depends on. data.paths is left to the data
@@ -254,11 +250,12 @@ def _train_holding_lock(cfg: Config, run_dir: Path, init_from: str | Path | None
   if switched:
     say(f"{run_dir}: execution settings changed since the last run ({', '.join(switched)}); "
         "the model and its checkpoints are the same")
-  pidx, pcount = jax.process_index(), jax.process_count()
+  pcount = jax.process_count()
+  rows = sharding.process_row_block(mesh)  # processes that hold the same rows load the same data
   if train_batches is None:
-    train_batches = open_batches(cfg, "train", pidx, pcount)
+    train_batches = open_batches(cfg, "train", rows.index, rows.count)
   if open_validation is None:
-    open_validation = lambda: open_batches(cfg, "validation", pidx, pcount)
+    open_validation = lambda: open_batches(cfg, "validation", rows.index, rows.count)
 
   graphdef, shapes = recipe.abstract_model(cfg)
   tx = recipe.make_optimizer(cfg.optimizer, cfg.run.steps, list(shapes))
