@@ -175,6 +175,10 @@ def make_plan(cfg, target: str, config_name: str, progress=None) -> Plan:
     raise PlanError(f"{target} has {facts.devices} devices: {e}") from None
   check_mesh_divides(cfg, sizes)
   mesh = sharding.make_mesh(cfg.mesh, aot.target_devices(target))
+  try:
+    sharding.process_row_block(mesh, 0)  # every host can load whole rows of the batch
+  except sharding.ShardingError as e:
+    raise PlanError(f"{target}: {e}") from None
   state, batch = aot.train_step_inputs(cfg, mesh, with_reset=cfg.data.pack_documents)
   parameters = sum(math.prod(leaf.shape) for leaf in state.params.values())
   embedding = math.prod(state.params["emb"].shape)
