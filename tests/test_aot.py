@@ -132,6 +132,7 @@ def test_wkv_kernels_read_and_write_sequences_in_place(target, platform):
     ("v5p:2x2x1", "tpu", ["mesh.data=1", "mesh.fsdp=4"]),
     ("v5e:2x2", "tpu", ["mesh.data=2", "mesh.tensor=2"]),
     ("h100:4", "cuda", ["mesh.data=1", "mesh.fsdp=4"]),
+    ("v5e:2x2", "tpu", ["mesh.data=1", "mesh.sequence=4"]),   # each chip a span of 16 tokens
 ])
 def test_sharded_train_step_compiles_with_the_kernels(target, platform, mesh):
   """The train job's step (tiny model, packed documents with resets) compiled for a 4-chip

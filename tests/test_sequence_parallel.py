@@ -9,6 +9,7 @@ boundary.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import math
 import re
@@ -23,7 +24,7 @@ from goosejax.config import ConfigError, load_config
 from goosejax.sequence_parallel import previous_tokens
 from goosejax.train import train
 from goosejax.train.batches import SyntheticBatches
-from goosejax.wkv import wkv7_chunked, wkv7_reference
+from goosejax.wkv import wkv7, wkv7_chunked, wkv7_reference
 from goosejax.wkv.sequence_parallel import SequenceSplitError, wkv7_sequence_parallel
 from wkv_inputs import make_inputs, recurrence
 
@@ -58,8 +59,9 @@ def _problem():
   return tuple(inputs), _resets(), y_weight, final_weight
 
 
-def _values_and_grads(wkv, dtype):
-  """jitted (y, final state, gradients of the 7 inputs) of sum(y w_y) + sum(final w_s)."""
+def _values_and_grads(wkv, dtype, ambient_mesh=None):
+  """jitted (y, final state, gradients of the 7 inputs) of sum(y w_y) + sum(final w_s), traced
+  under `ambient_mesh` (`jax.set_mesh`) when given."""
   inputs, reset, y_weight, final_weight = _problem()
   inputs = [jnp.asarray(x, dtype) for x in inputs]
 
@@ -67,8 +69,11 @@ def _values_and_grads(wkv, dtype):
     y, final = wkv(*args, reset=jnp.asarray(reset))
     return jnp.sum(y * y_weight.astype(dtype)) + jnp.sum(final * final_weight.astype(dtype)), (y, final)
 
-  (_, (y, final)), grads = jax.jit(
-      jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True))(*inputs)
+  with contextlib.ExitStack() as context:
+    if ambient_mesh is not None:
+      context.enter_context(jax.set_mesh(ambient_mesh))
+    (_, (y, final)), grads = jax.jit(
+        jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True))(*inputs)
   return y, final, grads
 
 
@@ -110,6 +115,53 @@ def test_float32_equals_unsplit_chunked_form(spans, data, tensor):
   assert_close(final, final_want, 1e-5, "final state")
   for name, got, want in zip(NAMES, grads, grads_want):
     assert_close(got, want, 1e-5, f"d{name}")
+
+
+def _dispatched(impl):
+  """`wkv7(impl=...)` as the model calls it: the mesh is the ambient one."""
+  return functools.partial(wkv7, impl=impl, chunk_size=CHUNK)
+
+
+@pytest.mark.parametrize("spans,data,tensor", [(2, 1, 1), (4, 1, 1), (8, 1, 1), (2, 2, 2)],
+                         ids=["seq2", "seq4", "seq8", "data2-tensor2-seq2"])
+def test_kernels_on_spans_equal_unsplit_chunked_form(spans, data, tensor):
+  """impl="pallas" under a split sequence: every span run by the kernel (the Pallas
+  interpreter here), summaries from one doubled kernel call, in float32 (the kernels take no
+  float64): outputs, final state and all 7 gradients against the unsplit chunked form."""
+  y, final, grads = _values_and_grads(_dispatched("pallas"), jnp.float32, _mesh(spans, data, tensor))
+  y_want, final_want, grads_want = _unsplit_float32()
+  assert y.dtype == jnp.float32
+  assert_close(y, y_want, 1e-5, "y")
+  assert_close(final, final_want, 1e-5, "final state")
+  for name, got, want in zip(NAMES, grads, grads_want):
+    assert_close(got, want, 1e-5, f"d{name}")
+
+
+@pytest.mark.parametrize("target, platform", [("v5e:2x2", "tpu"), ("h100:4", "cuda")])
+def test_auto_runs_the_kernels_on_spans_when_compiled_for_accelerators(target, platform):
+  """Forward+backward of impl="auto" with T split over 4 chips / GPUs, compiled (Mosaic /
+  Triton included): one forward and one backward kernel per device and the span scans'
+  collective-permutes, nothing gathered."""
+  from goosejax import aot
+  from targets import require
+  require(platform)
+  mesh = jax.make_mesh((1, 1, 1, 4), ("data", "fsdp", "tensor", "sequence"),
+                       devices=aot.target_devices(target),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 4)
+  shape = (2, 512, 4, 64)
+  spans = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "sequence"))
+  args = [jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=spans)] * 6 + [
+      jax.ShapeDtypeStruct((2, 4, 64, 64), jnp.float32, sharding=jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec()))]
+
+  def loss(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # as the train step does
+      y, final = wkv7(*args, impl="auto")
+    return jnp.sum(y.astype(jnp.float32)) + jnp.sum(final)
+
+  text = jax.jit(jax.grad(loss, argnums=tuple(range(7)))).trace(*args).lower().compile().as_text()
+  assert aot.custom_call_targets(text).count(aot.KERNEL_CALL_TARGETS[platform]) == 2
+  assert "collective-permute" in text and "all-gather" not in text
 
 
 def test_only_states_cross_devices_in_log_depth():

@@ -13,7 +13,7 @@ from goosejax import sharding
 from goosejax.errors import GoosejaxError
 from goosejax.sequence_parallel import span_mesh
 from goosejax.wkv import self_check
-from goosejax.wkv.sequence_parallel import wkv7_sequence_parallel
+from goosejax.wkv.sequence_parallel import wkv7_sequence_parallel, wkv7_sequence_parallel_kernel
 from goosejax.wkv.chunked import wkv7_chunked
 from goosejax.wkv.reference import compute_dtype, wkv7_reference
 from goosejax.wkv.step import wkv7_single_token
@@ -89,7 +89,8 @@ def wkv7(r, log_w, k, v, a, b, state=None, *, reset=None, impl="auto", chunk_siz
   "reference" runs T == 1 as one fused recurrent step (`goosejax.wkv.step`).
   chunk_size: 16, 32 or 64 (None: each form's default).
   Under an ambient mesh that splits T over its `sequence` axis (goosejax.sequence_parallel),
-  every impl but "reference" runs the sequence-parallel associative form (XLA) instead.
+  "chunked" and "associative" run the sequence-parallel associative form (XLA), "pallas" the
+  kernels on each span, "auto" the kernels on TPU / CUDA and the XLA form elsewhere.
   Everything is computed in fp32 (float64 when an input is float64 under x64).
   """
   _check_inputs(r, log_w, k, v, a, b, state, reset)
@@ -106,10 +107,7 @@ def wkv7(r, log_w, k, v, a, b, state=None, *, reset=None, impl="auto", chunk_siz
     return wkv7_single_token(r, log_w, k, v, a, b, state, reset, dtype)
   mesh = span_mesh(T)
   if mesh is not None:
-    y, final_state = wkv7_sequence_parallel(
-        r, log_w, k, v, a, b, state, mesh=mesh, reset=reset, dtype=dtype,
-        chunk_size=chunk_size or DEFAULT_CHUNK_SIZES["associative"])
-    return y.astype(r.dtype), final_state
+    return _sequence_split(r, log_w, k, v, a, b, state, reset, mesh, impl, chunk_size, dtype)
   if impl == "pallas":
     return _pallas(r, log_w, k, v, a, b, state, reset, chunk_size or DEFAULT_CHUNK_SIZES["pallas"])
   if impl == "auto":
@@ -185,16 +183,54 @@ def _pallas_kernels(chunk_size: int, mesh) -> dict[str, object]:
   return branches
 
 
+def _sequence_split(r, log_w, k, v, a, b, state, reset, mesh, impl, chunk_size, dtype):
+  """T split over `mesh`'s sequence axis (goosejax.wkv.sequence_parallel): the XLA associative
+  form, or each span run by the platform's kernel (impl "pallas"; "auto" on TPU and CUDA)."""
+  def xla(r, log_w, k, v, a, b, state, reset):
+    y, final_state = wkv7_sequence_parallel(
+        r, log_w, k, v, a, b, state, mesh=mesh, reset=reset, dtype=dtype,
+        chunk_size=chunk_size or DEFAULT_CHUNK_SIZES["associative"])
+    return y.astype(r.dtype), final_state
+
+  def by_kernel(kernel):
+    def run(r, log_w, k, v, a, b, state, reset):
+      return wkv7_sequence_parallel_kernel(kernel, r, log_w, k, v, a, b, state, mesh=mesh,
+                                           reset=reset)
+    return run
+
+  # The mesh's devices say which platform this is for (lax.platform_dependent cannot hold these
+  # shard_maps: its unused branches leave Shardy calls the CPU compiler cannot place).
+  platform = _platform_of(mesh)
+  args = (r, log_w, k, v, a, b, state, reset)
+  if impl in ("chunked", "associative") or dtype == jnp.float64:  # the kernels take no float64
+    return xla(*args)
+  if impl == "pallas":
+    size = chunk_size or DEFAULT_CHUNK_SIZES["pallas"]
+    kernel = _pallas_kernels(size, None).get(platform, functools.partial(_interpreted_kernel, size))
+    return by_kernel(kernel)(*args)
+  kernel = _auto_kernels(chunk_size, None).get(platform)
+  return xla(*args) if kernel is None else by_kernel(kernel)(*args)
+
+
+def _platform_of(mesh) -> str:
+  """"tpu", "cuda", "cpu", ... of the devices of `mesh` (concrete or abstract)."""
+  platform = getattr(getattr(mesh, "abstract_device", None), "platform", None)
+  platform = platform or jax.default_backend()
+  return "cuda" if platform == "gpu" else platform
+
+
+def _interpreted_kernel(chunk_size, r, log_w, k, v, a, b, state, reset):
+  """The TPU kernel body in the Pallas interpreter: impl="pallas" where no kernel compiles."""
+  return pallas_kernels.wkv7_pallas(r, log_w, k, v, a, b, state, reset=reset, chunk_size=chunk_size,
+                                    backend="tpu", interpret=True)
+
+
 def _pallas(r, log_w, k, v, a, b, state, reset, chunk_size):
   """impl="pallas": Mosaic on TPU and Triton on CUDA, chosen for the platform being compiled
   for (not JAX's default backend, so compiling for a TPU slice from a CPU host gets Mosaic);
   elsewhere the TPU kernel body in the Pallas interpreter."""
   mesh = _ambient_mesh()
-
-  def interpreted(r, log_w, k, v, a, b, state, reset):
-    return pallas_kernels.wkv7_pallas(r, log_w, k, v, a, b, state, reset=reset, chunk_size=chunk_size,
-                                      backend="tpu", interpret=True)
-
+  interpreted = functools.partial(_interpreted_kernel, chunk_size)
   return jax.lax.platform_dependent(r, log_w, k, v, a, b, state, reset,
                                     default=_per_device(interpreted, mesh),
                                     **_pallas_kernels(chunk_size, mesh))
@@ -219,14 +255,20 @@ def _auto(r, log_w, k, v, a, b, state, reset, chunk_size, dtype):
 
   branches = {"cpu": xla_branch("cpu")}
   if dtype != jnp.float64:  # the kernels take fp32/bf16/fp16; under a mesh each device runs its block
-    mesh = _ambient_mesh()
-    for platform in PALLAS_AUTO_CHUNK_SIZES:
-      size = kernel_chunk_size("auto", platform, chunk_size)
-      if self_check.kernels_usable(platform, size):  # else the default XLA branch runs there
-        kernel = pallas_kernels.platform_callables(chunk_size=size)
-        branches[platform] = _per_device(kernel[platform], mesh)
+    branches.update(_auto_kernels(chunk_size, _ambient_mesh()))
   return jax.lax.platform_dependent(r, log_w, k, v, a, b, state, reset,
                                     default=xla_branch("gpu"), **branches)
+
+
+def _auto_kernels(chunk_size: int | None, mesh) -> dict[str, object]:
+  """impl="auto"'s kernels, per device under `mesh`, of each platform whose kernel passed its
+  self-check here (a platform left out runs auto's XLA form)."""
+  kernels = {}
+  for platform in PALLAS_AUTO_CHUNK_SIZES:
+    size = kernel_chunk_size("auto", platform, chunk_size)
+    if self_check.kernels_usable(platform, size):
+      kernels[platform] = _per_device(pallas_kernels.platform_callables(chunk_size=size)[platform], mesh)
+  return kernels
 
 
 def startup_line(impl: str, chunk_size: int | None) -> str:

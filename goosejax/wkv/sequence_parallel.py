@@ -19,8 +19,16 @@ N x N state per chunk kept for the backward). Resets anywhere, including at a sp
 token, are masks inside the chunk maps. A span whose length is not a multiple of the chunk
 size is padded at its end with identity steps.
 
-The Pallas kernels do not run here yet (they consume an incoming state but do not produce span
-summaries); every platform runs this XLA form under a sequence-split mesh.
+`wkv7_sequence_parallel_kernel` runs each span with a single-device kernel instead (the Pallas
+kernels on TPU and CUDA, which take an incoming state but produce no summaries): a span's end
+state and outputs are affine in its incoming state S,
+
+  end = S M + B        y_t = y0_t + S y1_t
+
+so one kernel call over the rows doubled, half from state 0 and half from state I with v = 0,
+gives (y0, B) and (y1, M). The scan of (M, B) across spans gives S; the rest is one [S, N] x
+[N, N] product per row and head. About twice a kernel call's work, both directions (the
+backward is autodiff through the kernel's own VJP, the permutes and the products).
 """
 from __future__ import annotations
 
@@ -53,11 +61,11 @@ class _Layout(NamedTuple):
 
 def _layout(mesh, shape, chunk_size: int) -> _Layout:
   batch, length, heads, head_size = shape
-  rows_heads = sharding.logical_spec(("batch", "heads"), (batch, heads), mesh)
+  rows, heads = sharding.logical_spec(("batch", "heads"), (batch, heads), mesh)
   return _Layout(mesh, chunk_size,
-                 x_spec=P(rows_heads[0], SEQUENCE_AXIS, rows_heads[1], None),
-                 state_spec=P(rows_heads[0], rows_heads[1], None, None),
-                 per_span_spec=P(SEQUENCE_AXIS, rows_heads[0], rows_heads[1], None, None))
+                 x_spec=P(rows, SEQUENCE_AXIS, heads, None),
+                 state_spec=P(rows, heads, None, None),
+                 per_span_spec=P(SEQUENCE_AXIS, rows, heads, None, None))
 
 
 def wkv7_sequence_parallel(r, log_w, k, v, a, b, state, *, mesh, reset=None, chunk_size: int = 64,
@@ -162,3 +170,50 @@ def _wkv7_spans_bwd(layout: _Layout, residuals, cotangents):
 
 
 _wkv7_spans.defvjp(_wkv7_spans_fwd, _wkv7_spans_bwd)
+
+
+# ------------------------------------------------- spans run by a single-device kernel
+
+
+def _exact(subscripts, *operands):
+  return jnp.einsum(subscripts, *operands, precision=jax.lax.Precision.HIGHEST)
+
+
+def _span_by_kernel(kernel, r, log_w, k, v, a, b, reset_BS, initial_BHNN):
+  """One device: (y [B,S,H,N], end state [1,B,H,N,N]) of its span, from two kernel runs batched."""
+  batch, _, heads, size = r.shape
+  zero_BHNN = jnp.zeros((batch, heads, size, size), jnp.float32)
+  eye_BHNN = jnp.broadcast_to(jnp.eye(size, dtype=jnp.float32), zero_BHNN.shape)
+  twice = lambda x: jnp.concatenate([x, x])
+  y_2BSHN, end_2BHNN = kernel(
+      twice(r), twice(log_w), twice(k), jnp.concatenate([v, jnp.zeros_like(v)]), twice(a),
+      twice(b), jnp.concatenate([zero_BHNN, eye_BHNN]),
+      None if reset_BS is None else twice(reset_BS))
+  y0_BSHN, y1_BSHN = y_2BSHN[:batch].astype(jnp.float32), y_2BSHN[batch:].astype(jnp.float32)
+  span_map = (end_2BHNN[batch:], end_2BHNN[:batch])   # (M, B): end = S M + B
+  combine = lambda first, second: (_exact("bhij,bhjk->bhik", first[0], second[0]),
+                                   _exact("bhij,bhjk->bhik", first[1], second[0]) + second[1])
+  through_BHNN = scan_spans(combine, span_map)    # spans 0..i composed
+  end_BHNN = _exact("bhij,bhjk->bhik", initial_BHNN, through_BHNN[0]) + through_BHNN[1]
+  incoming_BHNN = from_neighbour(end_BHNN, initial_BHNN)
+  y_BSHN = y0_BSHN + _exact("bshj,bhvj->bshv", y1_BSHN, incoming_BHNN)
+  return y_BSHN.astype(r.dtype), end_BHNN[None]
+
+
+def wkv7_sequence_parallel_kernel(kernel, r, log_w, k, v, a, b, state, *, mesh, reset=None):
+  """WKV-7 over [B, T, H, N] inputs whose T is split over `mesh`'s sequence axis, every span
+  run by `kernel`: a single-device callable (r, log_w, k, v, a, b, state, reset) -> (y, final
+  state), differentiable (e.g. a Pallas kernel with its custom VJP). Rows and heads are split
+  like `wkv7_sequence_parallel`'s. Returns (y [B, T, H, N] in r's dtype, final state fp32)."""
+  spans = dict(mesh.shape).get(SEQUENCE_AXIS, 1)
+  if r.shape[1] % spans:
+    raise SequenceSplitError(f"wkv7 sequence parallel: T={r.shape[1]} tokens do not split into "
+                             f"mesh.sequence={spans} equal spans; expected T divisible by {spans}")
+  layout = _layout(mesh, r.shape, chunk_size=0)  # the kernel chunks its span itself
+  reset_spec = None if reset is None else P(layout.x_spec[0], SEQUENCE_AXIS)
+  run = jax.shard_map(functools.partial(_span_by_kernel, kernel), mesh=mesh,
+                      in_specs=((layout.x_spec,) * 6 + (reset_spec, layout.state_spec)),
+                      out_specs=(layout.x_spec, layout.per_span_spec), check_vma=False)
+  y_BTHN, ends_PBHNN = run(r, log_w, k, v, a, b, None if reset is None else reset.astype(bool),
+                           state.astype(jnp.float32))
+  return y_BTHN, ends_PBHNN[-1]
