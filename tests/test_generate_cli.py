@@ -114,11 +114,17 @@ def test_errors_are_one_line_and_exit_2(setup, tmp_path):
   assert rc == 2 and "'world' has 65530 ids but the model only 320" in err and err.count("\n") == 1
 
 
+# `goosejax` with Ctrl-C raising KeyboardInterrupt, as at a terminal: a shell's background job
+# (e.g. CI started with `cmd &`) inherits SIGINT ignored, and Python then keeps ignoring it.
+SIGINT_AS_AT_A_TERMINAL = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                           "from goosejax.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
 def test_ctrl_c_while_streaming_exits_130_with_one_line(setup):
   _, _, path = setup
   process = subprocess.Popen(
-      [sys.executable, "-m", "goosejax.cli", "generate", "--model", path, "--tokenizer", TOKENIZER,
-       "--prompt", "The", "--max-new-tokens", "100000", "--no-stop-eot", "--block-size", "4"],
+      [sys.executable, "-c", SIGINT_AS_AT_A_TERMINAL, "generate", "--model", path, "--tokenizer",
+       TOKENIZER, "--prompt", "The", "--max-new-tokens", "100000", "--no-stop-eot", "--block-size", "4"],
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   try:
     ready, _, _ = select.select([process.stdout], [], [], 120)
