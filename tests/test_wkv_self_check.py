@@ -119,10 +119,16 @@ def test_a_failed_check_keeps_the_kernel_out_of_the_compiled_program(monkeypatch
 def test_startup_line_names_the_implementation_and_the_kernel_chunk(monkeypatch):
   from goosejax.wkv import dispatch
   assert "XLA chunked form on cpu" in dispatch.startup_line("auto", None)
+  assert dispatch.startup_line("auto", None, spans=4).endswith(
+      "; each of the 4 spans of a split sequence runs the XLA associative form")
+  assert "spans of a split sequence runs the kernel" in dispatch.startup_line("pallas", None, spans=2)
   checked = []
   monkeypatch.setattr(self_check, "local_platform", lambda: "cuda")
   monkeypatch.setattr(self_check, "kernels_usable", lambda platform, size: checked.append(size) or True)
   monkeypatch.setitem(self_check.KERNEL_CHECKS, "cuda", self_check.KernelCheck("cuda", True, "ok"))
   assert "Pallas kernels on cuda" in dispatch.startup_line("auto", 64)
   assert "Pallas kernels on cuda" in dispatch.startup_line("pallas", 64)
-  assert checked == [dispatch.PALLAS_AUTO_CHUNK_SIZES["cuda"], 32]   # Triton takes <= 32
+  # the chunk sizes checked (kernels_usable caches; the line asks it again for the spans' form)
+  assert list(dict.fromkeys(checked)) == [dispatch.PALLAS_AUTO_CHUNK_SIZES["cuda"], 32]  # Triton <= 32
+  assert "spans of a split sequence runs the kernel" in dispatch.startup_line("auto", 64, spans=8)
+  assert "runs the XLA associative form" in dispatch.startup_line("chunked", 64, spans=8)

@@ -275,7 +275,7 @@ def _train_holding_lock(cfg: Config, run_dir: Path, init_from: str | Path | None
   n_params = sum(math.prod(s.shape) for s in shapes.values())
   say(f"model: {n_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)} over {mesh.devices.size} "
       f"devices ({jax.devices()[0].device_kind}), {pcount} process(es)")
-  say(startup_line(cfg.model.wkv_impl, cfg.model.wkv_chunk_size))
+  say(startup_line(cfg.model.wkv_impl, cfg.model.wkv_chunk_size, mesh.shape[SEQUENCE_AXIS]))
 
   eval_step = compiled_steps.get_or_build(
       ("eval", cfg.model, cfg.run.remat, mesh),

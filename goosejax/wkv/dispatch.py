@@ -271,10 +271,20 @@ def _auto_kernels(chunk_size: int | None, mesh) -> dict[str, object]:
   return kernels
 
 
-def startup_line(impl: str, chunk_size: int | None) -> str:
+def startup_line(impl: str, chunk_size: int | None, spans: int = 1) -> str:
   """Which WKV implementation `impl` runs on this process's devices, for start-up output (runs
-  the kernel self-check now on a TPU or CUDA device)."""
+  the kernel self-check now on a TPU or CUDA device); with `spans` > 1 (mesh.sequence), also
+  what runs each span of a split sequence."""
   platform = self_check.local_platform()
   if platform is None:
-    return self_check.describe_wkv(impl, chunk_size or DEFAULT_CHUNK_SIZES["pallas"])
-  return self_check.describe_wkv(impl, kernel_chunk_size(impl, platform, chunk_size))
+    line = self_check.describe_wkv(impl, chunk_size or DEFAULT_CHUNK_SIZES["pallas"])
+    kernels = impl == "pallas"
+  else:
+    size = kernel_chunk_size(impl, platform, chunk_size)
+    line = self_check.describe_wkv(impl, size)
+    kernels = impl in ("auto", "pallas") and self_check.kernels_usable(platform, size)
+  if spans > 1:
+    form = ("the kernel (one call over doubled rows: goosejax.wkv.sequence_parallel)" if kernels
+            else "the XLA associative form")
+    line += f"; each of the {spans} spans of a split sequence runs {form}"
+  return line
