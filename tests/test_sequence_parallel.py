@@ -103,32 +103,20 @@ def test_float64_equals_token_recurrence(spans):
     assert_close(got, want, 1e-9, f"d{name}")
 
 
+@pytest.mark.parametrize("form", ["xla", "kernels"])
 @pytest.mark.parametrize("spans,data,tensor", [(2, 1, 1), (4, 1, 1), (8, 1, 1), (2, 2, 2)],
                          ids=["seq2", "seq4", "seq8", "data2-tensor2-seq2"])
-def test_float32_equals_unsplit_chunked_form(spans, data, tensor):
+def test_float32_equals_unsplit_chunked_form(form, spans, data, tensor):
   """The same chunk math unsplit (the associative form on one device), in float32; rows and
-  heads split over data and tensor at the same time as time over sequence."""
-  y, final, grads = _values_and_grads(_split(_mesh(spans, data, tensor), jnp.float32), jnp.float32)
-  y_want, final_want, grads_want = _unsplit_float32()
-  assert y.dtype == jnp.float32
-  assert_close(y, y_want, 1e-5, "y")
-  assert_close(final, final_want, 1e-5, "final state")
-  for name, got, want in zip(NAMES, grads, grads_want):
-    assert_close(got, want, 1e-5, f"d{name}")
-
-
-def _dispatched(impl):
-  """`wkv7(impl=...)` as the model calls it: the mesh is the ambient one."""
-  return functools.partial(wkv7, impl=impl, chunk_size=CHUNK)
-
-
-@pytest.mark.parametrize("spans,data,tensor", [(2, 1, 1), (4, 1, 1), (8, 1, 1), (2, 2, 2)],
-                         ids=["seq2", "seq4", "seq8", "data2-tensor2-seq2"])
-def test_kernels_on_spans_equal_unsplit_chunked_form(spans, data, tensor):
-  """impl="pallas" under a split sequence: every span run by the kernel (the Pallas
-  interpreter here), summaries from one doubled kernel call, in float32 (the kernels take no
-  float64): outputs, final state and all 7 gradients against the unsplit chunked form."""
-  y, final, grads = _values_and_grads(_dispatched("pallas"), jnp.float32, _mesh(spans, data, tensor))
+  heads split over data and tensor at the same time as time over sequence. xla: the
+  sequence-parallel associative form; kernels: `wkv7(impl="pallas")` under the ambient mesh,
+  every span run by the kernel (the Pallas interpreter here; the kernels take no float64)."""
+  mesh = _mesh(spans, data, tensor)
+  if form == "xla":
+    y, final, grads = _values_and_grads(_split(mesh, jnp.float32), jnp.float32)
+  else:
+    kernels = functools.partial(wkv7, impl="pallas", chunk_size=CHUNK)
+    y, final, grads = _values_and_grads(kernels, jnp.float32, ambient_mesh=mesh)
   y_want, final_want, grads_want = _unsplit_float32()
   assert y.dtype == jnp.float32
   assert_close(y, y_want, 1e-5, "y")
