@@ -37,15 +37,15 @@ def _batch():
 
 
 @functools.cache
-def _model(grad_accum: int):
-  cfg = load_config("tiny", TINY + [f"optimizer.grad_accum={grad_accum}"])
+def _model(grad_accum: int, wkv_impl: str):
+  cfg = load_config("tiny", TINY + [f"optimizer.grad_accum={grad_accum}", f"model.wkv_impl={wkv_impl}"])
   graphdef, params = recipe.split_params(recipe.build_model(cfg, seed=0))
   return cfg, graphdef, params
 
 
-def _loss_and_grads(grad_accum=1, data=1, fsdp=1, tensor=1, sequence=1):
+def _loss_and_grads(grad_accum=1, data=1, fsdp=1, tensor=1, sequence=1, wkv_impl="auto"):
   """(loss, gradients, the step's collective-permutes) with the train step's layout on this mesh."""
-  cfg, graphdef, params = _model(grad_accum)
+  cfg, graphdef, params = _model(grad_accum, wkv_impl)
   mesh = sharding.make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor, sequence=sequence),
                             jax.devices()[:data * fsdp * tensor * sequence])
   params_in = sharding.param_shardings(params, mesh)
@@ -63,7 +63,9 @@ def _unsplit(grad_accum: int):
 
 CASES = {"seq2": dict(sequence=2), "seq4": dict(sequence=4), "seq8": dict(sequence=8),
          "fsdp2-tensor2-seq2": dict(fsdp=2, tensor=2, sequence=2),
-         "data2-seq4-accum2": dict(data=2, sequence=4, grad_accum=2)}
+         "data2-seq4-accum2": dict(data=2, sequence=4, grad_accum=2),
+         # every span run by the Pallas kernel (interpreted here), against the unsplit XLA form
+         "seq4-kernels": dict(sequence=4, wkv_impl="pallas")}
 
 
 @pytest.mark.slow
