@@ -48,19 +48,16 @@ def check_mesh_divides(cfg, sizes: dict[str, int]) -> None:
   sequence's tokens over sequence (where the mesh has that axis). Sharding itself keeps an
   indivisible dimension whole; a plan that silently replicates a weight matrix is almost always
   a typo in the mesh."""
+  from goosejax import sharding
+  problem = sharding.batch_layout_problem(cfg, sizes)
+  if problem:
+    raise PlanError(problem)
   model = cfg.model
-  rows = cfg.data.batch_size // cfg.optimizer.grad_accum
-  batch_axes = sizes["data"] * sizes["fsdp"]
   checks = [
-      ("mesh.data x mesh.fsdp", batch_axes, rows,
-       f"data.batch_size / optimizer.grad_accum = {cfg.data.batch_size} / "
-       f"{cfg.optimizer.grad_accum} = {rows} rows per micro-batch"),
       ("mesh.fsdp", sizes["fsdp"], model.n_embd, f"model.n_embd={model.n_embd}"),
       ("mesh.tensor", sizes["tensor"], model.n_head,
        f"the {model.n_head} heads (model.n_embd / model.head_size)"),
       ("mesh.tensor", sizes["tensor"], model.ffn_dim, f"the FFN hidden size {model.ffn_dim}"),
-      ("mesh.sequence", sizes.get("sequence", 1), cfg.data.ctx_len,
-       f"data.ctx_len={cfg.data.ctx_len}"),
   ]
   for axis, size, total, what in checks:
     if total % size:

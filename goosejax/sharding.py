@@ -142,6 +142,22 @@ def batch_shards(mesh: Mesh) -> int:
   return math.prod(mesh.shape.get(a, 1) for a in RULES["batch"])
 
 
+def batch_layout_problem(cfg, sizes: Mapping[str, int]) -> str | None:
+  """Why `cfg`'s batches cannot be laid out on a mesh of `sizes` (its rows per micro-batch
+  over data x fsdp, its tokens over sequence), or None. Train and `goosejax plan` both ask."""
+  rows = cfg.data.batch_size // cfg.optimizer.grad_accum
+  shards = sizes.get("data", 1) * sizes.get("fsdp", 1)
+  if rows % shards:
+    return (f"mesh.data x mesh.fsdp = {shards} does not divide data.batch_size / "
+            f"optimizer.grad_accum = {cfg.data.batch_size} / {cfg.optimizer.grad_accum} = {rows} "
+            f"rows per micro-batch (batch rows are split over both); mesh {dict(sizes)}")
+  spans = sizes.get("sequence", 1)
+  if cfg.data.ctx_len % spans:
+    return (f"mesh.sequence = {spans} does not divide data.ctx_len={cfg.data.ctx_len} (each "
+            f"sequence splits into {spans} equal spans); mesh {dict(sizes)}")
+  return None
+
+
 class RowBlock(NamedTuple):
   """The rows of every global batch one process loads: block `index` of `count` equal blocks."""
   index: int

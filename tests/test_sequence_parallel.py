@@ -248,5 +248,5 @@ def test_per_device_memory_stays_flat_when_spans_double_with_the_context():
 
 def test_training_refuses_a_ctx_len_that_does_not_split(tmp_path):
   cfg = load_config("tiny", ["model.vocab_size=256", "data.ctx_len=20", "mesh.sequence=8"])
-  with pytest.raises(ConfigError, match="data.ctx_len=20 does not split into mesh.sequence=8"):
+  with pytest.raises(ConfigError, match=r"mesh.sequence = 8 does not divide data.ctx_len=20 \(each sequence splits into 8 equal spans\)"):
     train(cfg, tmp_path, train_batches=SyntheticBatches(256, 20, 8), open_validation=lambda: None)

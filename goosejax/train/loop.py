@@ -90,17 +90,9 @@ def _install_signal_handlers(stop: StopRequest) -> Callable[[], None]:
 
 
 def _check_batch_layout(cfg: Config, mesh) -> None:
-  shards = sharding.batch_shards(mesh)
-  rows = cfg.data.batch_size // cfg.optimizer.grad_accum
-  if rows % shards:
-    raise ConfigError(
-        f"data.batch_size={cfg.data.batch_size} / optimizer.grad_accum={cfg.optimizer.grad_accum}"
-        f" = {rows} rows per micro-batch, not divisible by the {shards} batch shards of the mesh "
-        f"{dict(mesh.shape)} (batch rows are split over mesh.data x mesh.fsdp)")
-  spans = mesh.shape.get(SEQUENCE_AXIS, 1)
-  if cfg.data.ctx_len % spans:
-    raise ConfigError(f"data.ctx_len={cfg.data.ctx_len} does not split into mesh.sequence={spans} "
-                      f"equal spans; expected a multiple of {spans}")
+  problem = sharding.batch_layout_problem(cfg, mesh.shape)
+  if problem:
+    raise ConfigError(problem)
   try:
     sharding.process_row_block(mesh)  # each process loads whole rows (batch_size divides: above)
   except sharding.ShardingError as e:
