@@ -198,25 +198,17 @@ def _sequence_split(r, log_w, k, v, a, b, state, reset, mesh, impl, chunk_size, 
                                            reset=reset)
     return run
 
-  # The mesh's devices say which platform this is for (lax.platform_dependent cannot hold these
-  # shard_maps: its unused branches leave Shardy calls the CPU compiler cannot place).
-  platform = _platform_of(mesh)
   args = (r, log_w, k, v, a, b, state, reset)
   if impl in ("chunked", "associative") or dtype == jnp.float64:  # the kernels take no float64
     return xla(*args)
+  # chosen for the platform being compiled for, like the unsplit kernels
   if impl == "pallas":
     size = chunk_size or DEFAULT_CHUNK_SIZES["pallas"]
-    kernel = _pallas_kernels(size, None).get(platform, functools.partial(_interpreted_kernel, size))
-    return by_kernel(kernel)(*args)
-  kernel = _auto_kernels(chunk_size, None).get(platform)
-  return xla(*args) if kernel is None else by_kernel(kernel)(*args)
-
-
-def _platform_of(mesh) -> str:
-  """"tpu", "cuda", "cpu", ... of the devices of `mesh` (concrete or abstract)."""
-  platform = getattr(getattr(mesh, "abstract_device", None), "platform", None)
-  platform = platform or jax.default_backend()
-  return "cuda" if platform == "gpu" else platform
+    kernels = {p: by_kernel(kernel) for p, kernel in _pallas_kernels(size, None).items()}
+    interpreted = by_kernel(functools.partial(_interpreted_kernel, size))
+    return jax.lax.platform_dependent(*args, default=interpreted, **kernels)
+  kernels = {p: by_kernel(kernel) for p, kernel in _auto_kernels(chunk_size, None).items()}
+  return jax.lax.platform_dependent(*args, default=xla, **kernels)
 
 
 def _interpreted_kernel(chunk_size, r, log_w, k, v, a, b, state, reset):
