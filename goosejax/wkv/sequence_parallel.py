@@ -43,6 +43,7 @@ from goosejax import sharding
 from goosejax.errors import GoosejaxError
 from goosejax.sequence_parallel import SEQUENCE_AXIS, from_neighbour, scan_spans
 from goosejax.wkv.chunked import associative_backward, associative_forward
+from pallas_kernels.chunk_math import ChunkMath
 from pallas_kernels.chunk_sizes import CHUNK_SIZES
 
 
@@ -60,7 +61,12 @@ class _Layout(NamedTuple):
 
 
 def _layout(mesh, shape, chunk_size: int) -> _Layout:
+  """The layout of [B, T, H, N] inputs on `mesh`; SequenceSplitError if T does not split."""
   batch, length, heads, head_size = shape
+  spans = dict(mesh.shape).get(SEQUENCE_AXIS, 1)
+  if length % spans:
+    raise SequenceSplitError(f"wkv7 sequence parallel: T={length} tokens do not split into "
+                             f"mesh.sequence={spans} equal spans; expected T divisible by {spans}")
   rows, heads = sharding.logical_spec(("batch", "heads"), (batch, heads), mesh)
   return _Layout(mesh, chunk_size,
                  x_spec=P(rows, SEQUENCE_AXIS, heads, None),
@@ -79,11 +85,6 @@ def wkv7_sequence_parallel(r, log_w, k, v, a, b, state, *, mesh, reset=None, chu
   if chunk_size not in CHUNK_SIZES:
     raise SequenceSplitError(f"wkv7 sequence parallel: chunk_size={chunk_size}, "
                              f"expected one of {CHUNK_SIZES}")
-  spans = dict(mesh.shape).get(SEQUENCE_AXIS, 1)
-  length = r.shape[1]
-  if length % spans:
-    raise SequenceSplitError(f"wkv7 sequence parallel: T={length} tokens do not split into "
-                             f"mesh.sequence={spans} equal spans; expected T divisible by {spans}")
   layout = _layout(mesh, r.shape, chunk_size)
   inputs = tuple(x.astype(dtype) for x in (r, log_w, k, v, a, b))
   reset_BT = None if reset is None else reset.astype(bool)
@@ -175,10 +176,6 @@ _wkv7_spans.defvjp(_wkv7_spans_fwd, _wkv7_spans_bwd)
 # ------------------------------------------------- spans run by a single-device kernel
 
 
-def _exact(subscripts, *operands):
-  return jnp.einsum(subscripts, *operands, precision=jax.lax.Precision.HIGHEST)
-
-
 def _span_by_kernel(kernel, r, log_w, k, v, a, b, reset_BS, initial_BHNN):
   """One device: (y [B,S,H,N], end state [1,B,H,N,N]) of its span, from two kernel runs batched."""
   batch, _, heads, size = r.shape
@@ -191,12 +188,12 @@ def _span_by_kernel(kernel, r, log_w, k, v, a, b, reset_BS, initial_BHNN):
       None if reset_BS is None else twice(reset_BS))
   y0_BSHN, y1_BSHN = y_2BSHN[:batch].astype(jnp.float32), y_2BSHN[batch:].astype(jnp.float32)
   span_map = (end_2BHNN[batch:], end_2BHNN[:batch])   # (M, B): end = S M + B
-  combine = lambda first, second: (_exact("bhij,bhjk->bhik", first[0], second[0]),
-                                   _exact("bhij,bhjk->bhik", first[1], second[0]) + second[1])
-  through_BHNN = scan_spans(combine, span_map)    # spans 0..i composed
-  end_BHNN = _exact("bhij,bhjk->bhik", initial_BHNN, through_BHNN[0]) + through_BHNN[1]
+  # the affine algebra of the XLA forms (fp32 products); the chunk size is not used here
+  math = ChunkMath.for_arrays(CHUNK_SIZES[0], size, jnp.float32, has_reset=False)
+  end_BHNN = math.apply_affine(initial_BHNN, scan_spans(math.combine_affine, span_map))
   incoming_BHNN = from_neighbour(end_BHNN, initial_BHNN)
-  y_BSHN = y0_BSHN + _exact("bshj,bhvj->bshv", y1_BSHN, incoming_BHNN)
+  y_BSHN = y0_BSHN + jnp.einsum("bshj,bhvj->bshv", y1_BSHN, incoming_BHNN,
+                                precision=jax.lax.Precision.HIGHEST)
   return y_BSHN.astype(r.dtype), end_BHNN[None]
 
 
@@ -205,10 +202,6 @@ def wkv7_sequence_parallel_kernel(kernel, r, log_w, k, v, a, b, state, *, mesh, 
   run by `kernel`: a single-device callable (r, log_w, k, v, a, b, state, reset) -> (y, final
   state), differentiable (e.g. a Pallas kernel with its custom VJP). Rows and heads are split
   like `wkv7_sequence_parallel`'s. Returns (y [B, T, H, N] in r's dtype, final state fp32)."""
-  spans = dict(mesh.shape).get(SEQUENCE_AXIS, 1)
-  if r.shape[1] % spans:
-    raise SequenceSplitError(f"wkv7 sequence parallel: T={r.shape[1]} tokens do not split into "
-                             f"mesh.sequence={spans} equal spans; expected T divisible by {spans}")
   layout = _layout(mesh, r.shape, chunk_size=0)  # the kernel chunks its span itself
   reset_spec = None if reset is None else P(layout.x_spec[0], SEQUENCE_AXIS)
   run = jax.shard_map(functools.partial(_span_by_kernel, kernel), mesh=mesh,
