@@ -1,5 +1,5 @@
 """What the WKV-7 kernels and the sharded train step cost on hardware this machine does not have,
-from the real compilers (goosejax.aot): kernel calls in the program, compiled temporaries, and
+from the real compilers (goosejax.plan.targets): kernel calls in the program, compiled temporaries, and
 the floor the algorithm needs, side by side.
 
   JAX_PLATFORMS=cpu python benchmarks/compile_targets.py [--targets v5e:2x2 v5p:2x2x1 h100:1]
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import SingleDeviceSharding
 
-from goosejax import aot
+from goosejax.plan import targets
 from goosejax.wkv import wkv7
 from goosejax.wkv.dispatch import PALLAS_AUTO_CHUNK_SIZES
 
@@ -42,7 +42,7 @@ def floor_bytes(shape, dtype, chunk_size: int) -> dict[str, int]:
 
 
 def compile_both(target: str, shape, dtype):
-  device = SingleDeviceSharding(aot.target_devices(target)[0])
+  device = SingleDeviceSharding(targets.target_devices(target)[0])
   inputs = [jax.ShapeDtypeStruct(shape, dtype, sharding=device) for _ in range(6)]
 
   def loss(*xs):
@@ -69,12 +69,12 @@ def main() -> None:
         "floor MiB | (temp + out) / floor | compile s |")
   print("|---|---|---|---|---|---|---|---|---|")
   for target in args.targets:
-    platform = aot.parse_target(target).platform
+    platform = targets.parse_target(target).platform
     chunk_size = PALLAS_AUTO_CHUNK_SIZES[platform]
     floor = floor_bytes(shape, dtype, chunk_size)
     for name, compiled, seconds in compile_both(target, shape, dtype):
       memory = compiled.memory_analysis()
-      calls = aot.custom_call_targets(compiled.as_text()).count(aot.KERNEL_CALL_TARGETS[platform])
+      calls = targets.custom_call_targets(compiled.as_text()).count(targets.KERNEL_CALL_TARGETS[platform])
       temp, out = memory.temp_size_in_bytes, memory.output_size_in_bytes
       checkpoints = checkpoint_bytes(shape, chunk_size) if name == "forward+backward" else 0
       print(f"| {target} | {name} | {calls} | {temp / MIB:.0f} | {checkpoints / MIB:.0f} | "

@@ -10,7 +10,7 @@ Each layout is mesh.sequence = n over n devices at ctx = n x tokens-per-device, 
 layout 1 is the unsplit step on one device at the per-device context. On a CPU host run it with
 XLA_FLAGS=--xla_force_host_platform_device_count=8 (fake devices; XLA's accounting is the
 same per-device program an accelerator would compile, not its exact figures). With --target the
-step is compiled for that TPU slice or GPU node (goosejax.aot; no accelerator needed), where
+step is compiled for that TPU slice or GPU node (goosejax.plan.targets; no accelerator needed), where
 the WKV runs the Pallas kernels on every span.
 """
 from __future__ import annotations
@@ -55,8 +55,8 @@ def main(argv=None):
   args = parser.parse_args(argv)
   devices = None
   if args.target:
-    from goosejax import aot
-    devices = aot.target_devices(args.target)
+    from goosejax.plan import targets
+    devices = targets.target_devices(args.target)
   mib = lambda n: f"{n / 2**20:9.1f}"
   where = args.target or f"{jax.device_count()} {jax.default_backend()} devices"
   print(f"{args.preset} {' '.join(args.overrides)}, {args.tokens_per_device} tokens per device, {where}")

@@ -32,7 +32,7 @@ from flax import nnx
 from goosejax.config import ModelConfig, OptimizerConfig
 from goosejax.data.synthetic import GroupWordProblem, MultiQueryAssociativeRecall, make_group
 from goosejax.model import RWKV7
-from goosejax.model.transformer import CausalTransformer
+from transformer_baseline import CausalTransformer
 from synthetic_training import Budget, accuracy_by_position, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -214,7 +214,7 @@ def markdown(grid: Grid, command: str, words: list[WordProblemResult], recall: l
       f"(lr {opt.lr_init:g} -> {opt.lr_final:g} cosine, {opt.warmup_steps} warmup steps, "
       f"weight decay {opt.weight_decay:g}, clip {opt.grad_clip:g}, L2Wrap {'on' if opt.l2wrap else 'off'}), "
       "the same batches in the same order, the same number of steps. The Transformer is pre-norm "
-      "with rotary positions, softmax attention and a 4x GELU MLP (goosejax/model/transformer.py).",
+      "with rotary positions, softmax attention and a 4x GELU MLP (experiments/transformer_baseline.py).",
       "",
       "## Group word problems",
       "",

@@ -7,7 +7,7 @@ from goosejax.data.tokenizer import load_tokenizer  # light: tokenizers load on 
 def __getattr__(name: str):
   # load_pretrained pulls in flax and orbax: imported on first use to keep `import goosejax` light.
   if name == "load_pretrained":
-    from goosejax.convert.pretrained import load_pretrained
+    from goosejax.checkpoint.pretrained import load_pretrained
     return load_pretrained
   if name == "generate":     # jitted prefill + decode loop (goosejax/infer)
     from goosejax.infer.generate import generate

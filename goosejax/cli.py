@@ -16,13 +16,13 @@ from typing import Callable
 
 # command name -> (module, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "config": ("goosejax.config_cli", "print the resolved config (--explain: each value's source); --keys: every key"),
+    "config": ("goosejax.config.cli", "print the resolved config (--explain: each value's source); --keys: every key"),
     "convert": ("goosejax.convert.cli", "convert checkpoints between official .pth and goosejax formats"),
     "train": ("goosejax.train.cli", "pretrain or resume a run directory (sharded, multi-host, checkpointed)"),
-    "prepare-data": ("goosejax.data.prepare", "tokenize text into binidx (.bin/.idx); train SentencePiece models"),
+    "prepare-data": ("goosejax.data.cli", "tokenize text into binidx (.bin/.idx); train SentencePiece models"),
     "generate": ("goosejax.infer.cli", "generate text from a prompt (streaming; sampling as the official pipeline)"),
     "eval": ("goosejax.eval.cli", "perplexity / bits per byte, LAMBADA, lm-eval tasks"),
-    "plan": ("goosejax.plan", "memory, FLOPs and step time of a config on a TPU slice or GPU cluster (compiled here)"),
+    "plan": ("goosejax.plan.cli", "memory, FLOPs and step time of a config on a TPU slice or GPU cluster (compiled here)"),
 }
 
 

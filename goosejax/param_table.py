@@ -3,7 +3,7 @@ and layout in official `.pth` and Hugging Face / FLA checkpoints.
 
 Everything that lists parameters derives from `PARAMS`: goosejax.sharding (logical axes),
 goosejax.train.recipe (weight decay and learning-rate groups), goosejax.convert.official and
-goosejax.convert.hf (keys, transposes, vector shapes). tests/test_param_table.py checks that
+goosejax.convert.hf_checkpoint (keys, transposes, vector shapes). tests/test_param_table.py checks that
 the model creates exactly these parameters with these shapes, so a new parameter cannot be
 trained, sharded or converted by accident of a forgotten list.
 

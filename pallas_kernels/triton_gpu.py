@@ -10,7 +10,7 @@ its own Triton revision, so treat these as estimates), at N = 64, bf16 inputs, T
 chunk math as it was before `chunk_math` became shared with the XLA forms (it now forms W = T a_start
 and U0 = T A_ak V before the state enters: one more C x C x N product per chunk; not yet re-measured,
 benchmarks/triton_offline_compile.py does it; the CUDA plugin's full compile for H100 in
-tests/test_aot.py passes at C = 16, and at C = 32 when run by hand):
+tests/test_plan_targets.py passes at C = 16, and at C = 32 when run by hand):
   chunk 16: forward 40 KB shared memory, backward 71 KB; 255 registers per thread, spill stacks
             0.4 KB (forward) and 1.7 KB (backward) at 8 warps, the least of 4, 8 and 16 warps.
   chunk 32: forward 48 KB, backward 120 KB; spill stacks 1.7 KB and 3.3 KB at 8 warps.

@@ -8,7 +8,7 @@ import yaml
 
 from goosejax.cli import main as goosejax_main
 from goosejax.config import PRESETS_DIR, config_keys, load_config, resolve_config
-from goosejax.config_text import keys_table, to_yaml
+from goosejax.config.text import keys_table, to_yaml
 
 PRESETS = sorted(path.stem for path in PRESETS_DIR.glob("*.yaml"))
 
@@ -153,7 +153,7 @@ def test_train_writes_the_resolved_yaml_next_to_config_json(tmp_path):
 
   from goosejax.train import train
   from goosejax.train.batches import SyntheticBatches
-  from goosejax.train.checkpoint import read_run_config
+  from goosejax.train.run_checkpoints import read_run_config
   from test_train_loop import COMPILED_STEPS, TINY, one_device
 
   resolved = resolve_config("tiny", TINY)

@@ -3,7 +3,7 @@ that description as generated now."""
 from pathlib import Path
 
 from goosejax.config import EXECUTION_SETTINGS, config_keys
-from goosejax.config_text import MARKDOWN_COMMAND, keys_markdown
+from goosejax.config.text import MARKDOWN_COMMAND, keys_markdown
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 

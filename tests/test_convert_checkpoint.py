@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 import goosejax
-from goosejax import checkpoint
-from goosejax.checkpoint import CheckpointError
+from goosejax.checkpoint import format as checkpoint_format
+from goosejax.checkpoint.format import CheckpointError
 from goosejax.config import ModelConfig
 from goosejax.convert.official import (CheckpointFormatError, expected_official_shapes,
                                        official_to_params)
@@ -45,15 +45,15 @@ def assert_same_params(a, b):
 def test_save_and_load_round_trip_with_documented_layout(tmp_path):
   target = tmp_path / "ckpt"
   p = params()
-  assert checkpoint.save_checkpoint(target, p, CFG, step=7, metadata={"note": "x"}) == target
+  assert checkpoint_format.save_checkpoint(target, p, CFG, step=7, metadata={"note": "x"}) == target
   assert sorted(x.name for x in target.iterdir()) == ["config.json", "params"]
   document = json.loads((target / "config.json").read_text())
   assert document["format"] == "goosejax-checkpoint" and document["format_version"] == 1
   assert document["model"] == dataclasses.asdict(CFG) and document["step"] == 7
-  info, loaded = checkpoint.load_checkpoint(target)
+  info, loaded = checkpoint_format.load_checkpoint(target)
   assert info.model == CFG and info.step == 7 and info.metadata == {"note": "x"}
   assert_same_params(loaded, p)
-  nested = checkpoint.restore_item(target)
+  nested = checkpoint_format.restore_item(target)
   assert set(nested) == {"emb", "head", "ln0", "ln_out", "blocks"}
   assert nested["blocks"]["att"]["w1"].shape == (2, 64, 8)    # stacked [L, ...]
   assert [x.name for x in tmp_path.iterdir()] == ["ckpt"]     # no temp folder left
@@ -62,73 +62,73 @@ def test_save_and_load_round_trip_with_documented_layout(tmp_path):
 def test_nested_params_and_bf16_are_stored_as_given(tmp_path):
   p = {k: v.astype(ml_dtypes.bfloat16) for k, v in params().items()}
   cfg = dataclasses.replace(CFG, param_dtype="bfloat16")
-  checkpoint.save_checkpoint(tmp_path / "c", checkpoint.nest_params(p), cfg)
-  info, loaded = checkpoint.load_checkpoint(tmp_path / "c")
+  checkpoint_format.save_checkpoint(tmp_path / "c", checkpoint_format.nest_params(p), cfg)
+  info, loaded = checkpoint_format.load_checkpoint(tmp_path / "c")
   assert info.model.param_dtype == "bfloat16"
   assert_same_params(loaded, p)
 
 
 def test_existing_directory_is_refused_unless_overwrite(tmp_path):
   target = tmp_path / "c"
-  checkpoint.save_checkpoint(target, params(0), CFG)
+  checkpoint_format.save_checkpoint(target, params(0), CFG)
   with pytest.raises(CheckpointError, match=r"already exists; pass overwrite=True"):
-    checkpoint.save_checkpoint(target, params(1), CFG)
-  checkpoint.save_checkpoint(target, params(1), CFG, overwrite=True)
-  assert_same_params(checkpoint.load_checkpoint(target)[1], params(1))
+    checkpoint_format.save_checkpoint(target, params(1), CFG)
+  checkpoint_format.save_checkpoint(target, params(1), CFG, overwrite=True)
+  assert_same_params(checkpoint_format.load_checkpoint(target)[1], params(1))
   assert sorted(x.name for x in tmp_path.iterdir()) == ["c"]
 
 
 def test_unsavable_leaves_are_rejected_before_anything_is_written(tmp_path):
   with pytest.raises(TypeError, match=r"item 'bad' has a object at \['x'\]; expected arrays or numbers"):
-    checkpoint.save_checkpoint(tmp_path / "c", params(), CFG, extra_items={"bad": {"x": object()}})
+    checkpoint_format.save_checkpoint(tmp_path / "c", params(), CFG, extra_items={"bad": {"x": object()}})
   assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_save_leaves_nothing_and_stale_temp_is_cleared(tmp_path, monkeypatch):
   target = tmp_path / "c"
-  real_save = checkpoint._save_item
+  real_save = checkpoint_format._save_item
 
   def fail_on_second_item(path, tree):
     if path.name == "opt_state":
       raise OSError("disk full (simulated)")
     real_save(path, tree)
 
-  monkeypatch.setattr(checkpoint, "_save_item", fail_on_second_item)
+  monkeypatch.setattr(checkpoint_format, "_save_item", fail_on_second_item)
   with pytest.raises(OSError, match="simulated"):
-    checkpoint.save_checkpoint(target, params(), CFG, extra_items={"opt_state": {"m": np.ones(2)}})
+    checkpoint_format.save_checkpoint(target, params(), CFG, extra_items={"opt_state": {"m": np.ones(2)}})
   assert list(tmp_path.iterdir()) == []
   monkeypatch.undo()
   (tmp_path / ".c.tmp").mkdir()                   # as a crash would leave it
   (tmp_path / ".c.tmp" / "junk").write_text("x")
-  checkpoint.save_checkpoint(target, params(), CFG)
+  checkpoint_format.save_checkpoint(target, params(), CFG)
   assert sorted(x.name for x in tmp_path.iterdir()) == ["c"]
 
 
 def test_extra_items_restore_and_target_restore(tmp_path):
   opt_state = {"mu": np.arange(6, dtype=np.float32).reshape(2, 3), "count": np.array(3, np.int32)}
-  checkpoint.save_checkpoint(tmp_path / "c", params(), CFG, step=5, extra_items={"opt_state": opt_state})
-  restored = checkpoint.restore_item(tmp_path / "c", "opt_state")
+  checkpoint_format.save_checkpoint(tmp_path / "c", params(), CFG, step=5, extra_items={"opt_state": opt_state})
+  restored = checkpoint_format.restore_item(tmp_path / "c", "opt_state")
   np.testing.assert_array_equal(restored["mu"], opt_state["mu"])
   device = jax.devices()[0]
   target = {"mu": jax.ShapeDtypeStruct((2, 3), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(device)),
             "count": jax.ShapeDtypeStruct((), jnp.int32, sharding=jax.sharding.SingleDeviceSharding(device))}
-  on_device = checkpoint.restore_item(tmp_path / "c", "opt_state", target)
+  on_device = checkpoint_format.restore_item(tmp_path / "c", "opt_state", target)
   assert isinstance(on_device["mu"], jax.Array) and on_device["mu"].sharding.device_set == {device}
   np.testing.assert_array_equal(np.asarray(on_device["mu"]), opt_state["mu"])
   with pytest.raises(CheckpointError, match=r"has no item 'ema'"):
-    checkpoint.restore_item(tmp_path / "c", "ema")
+    checkpoint_format.restore_item(tmp_path / "c", "ema")
 
 
 def test_run_directory_resolves_to_the_latest_complete_step(tmp_path):
   run = tmp_path / "run"
   for step in (10, 200, 30):
-    checkpoint.save_checkpoint(checkpoint.step_directory(run, step), params(step), CFG, step=step)
+    checkpoint_format.save_checkpoint(checkpoint_format.step_directory(run, step), params(step), CFG, step=step)
   (run / "checkpoints" / "300").mkdir()               # incomplete: no config.json
   (run / "checkpoints" / ".400.tmp").mkdir()          # a save in progress
   (run / "checkpoints" / "notes").mkdir()
-  assert checkpoint.checkpoint_steps(run) == [10, 30, 200]
-  assert checkpoint.resolve_checkpoint(run) == run / "checkpoints" / "200"
-  info, loaded = checkpoint.load_checkpoint(run)
+  assert checkpoint_format.checkpoint_steps(run) == [10, 30, 200]
+  assert checkpoint_format.resolve_checkpoint(run) == run / "checkpoints" / "200"
+  info, loaded = checkpoint_format.load_checkpoint(run)
   assert info.step == 200
   assert_same_params(loaded, params(200))
 
@@ -144,14 +144,14 @@ def test_checkpoint_manager_steps_with_meta_item_load_the_same_way(tmp_path):
       manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(flat),
                                                  meta=ocp.args.JsonSave(meta)))
     manager.wait_until_finished()
-  assert checkpoint.checkpoint_steps(run) == [3, 5]
-  info, loaded = checkpoint.load_checkpoint(run)
+  assert checkpoint_format.checkpoint_steps(run) == [3, 5]
+  info, loaded = checkpoint_format.load_checkpoint(run)
   assert info.step == 5 and info.model == CFG and info.metadata == {"loss": 2.5}
   assert_same_params(loaded, flat)
   meta_file = run / "checkpoints" / "5" / "meta" / "metadata"
   meta_file.write_text(json.dumps({"format_version": 9, "step": 5, "model": dataclasses.asdict(CFG)}))
   with pytest.raises(CheckpointError, match=r"meta/metadata: format_version 9 is not supported"):
-    checkpoint.load_checkpoint(run)
+    checkpoint_format.load_checkpoint(run)
 
 
 @pytest.mark.parametrize("setup, message", [
@@ -163,7 +163,7 @@ def test_checkpoint_manager_steps_with_meta_item_load_the_same_way(tmp_path):
 ])
 def test_paths_that_are_not_checkpoints(tmp_path, setup, message):
   with pytest.raises(CheckpointError, match=message):
-    checkpoint.resolve_checkpoint(setup(tmp_path / "x"))
+    checkpoint_format.resolve_checkpoint(setup(tmp_path / "x"))
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -178,20 +178,20 @@ def test_paths_that_are_not_checkpoints(tmp_path, setup, message):
 ])
 def test_bad_config_json_is_rejected_with_the_file_named(tmp_path, edit, message):
   target = tmp_path / "c"
-  checkpoint.save_checkpoint(target, params(), CFG)
+  checkpoint_format.save_checkpoint(target, params(), CFG)
   document = json.loads((target / "config.json").read_text())
   (target / "config.json").write_text(edit(document))
   with pytest.raises(CheckpointError, match=message) as info:
-    checkpoint.load_checkpoint(target)
+    checkpoint_format.load_checkpoint(target)
   assert str(target / "config.json") in str(info.value)
 
 
 def test_nest_and_flatten_are_inverse_and_reject_clashes():
   flat = {"a.b.c": 1, "a.d": 2, "e": 3}
-  assert checkpoint.nest_params(flat) == {"a": {"b": {"c": 1}, "d": 2}, "e": 3}
-  assert checkpoint.flatten_params(checkpoint.nest_params(flat)) == flat
+  assert checkpoint_format.nest_params(flat) == {"a": {"b": {"c": 1}, "d": 2}, "e": 3}
+  assert checkpoint_format.flatten_params(checkpoint_format.nest_params(flat)) == flat
   with pytest.raises(ValueError, match="nests below another parameter"):
-    checkpoint.nest_params({"a": 1, "a.b": 2})
+    checkpoint_format.nest_params({"a": 1, "a.b": 2})
 
 
 # ----------------------------------------------------------------------------- load_pretrained
@@ -217,8 +217,8 @@ def test_load_pretrained_gives_the_same_model_from_pth_checkpoint_and_run(tmp_pa
   from_pth = goosejax.load_pretrained(pth)
   assert from_pth.config.vocab_size == 70 and from_pth.config.lora_ranks == (8, 8, 8, 16)
   _, p = official_to_params(sd)
-  checkpoint.save_checkpoint(tmp_path / "ckpt", p, from_pth.config)
-  checkpoint.save_checkpoint(checkpoint.step_directory(tmp_path / "run", 4), p, from_pth.config, step=4)
+  checkpoint_format.save_checkpoint(tmp_path / "ckpt", p, from_pth.config)
+  checkpoint_format.save_checkpoint(checkpoint_format.step_directory(tmp_path / "run", 4), p, from_pth.config, step=4)
   reference = logits(from_pth)
   assert np.isfinite(reference).all() and reference.std() > 0
   for source in (tmp_path / "ckpt", tmp_path / "run"):
@@ -256,7 +256,7 @@ def test_load_pretrained_errors(tmp_path):
 def test_checkpoint_whose_params_do_not_fit_its_config(tmp_path):
   p = params()
   p["blocks.att.w1"] = p["blocks.att.w1"][:, :, :4]
-  checkpoint.save_checkpoint(tmp_path / "c", p, CFG)
+  checkpoint_format.save_checkpoint(tmp_path / "c", p, CFG)
   with pytest.raises(CheckpointError, match=r"parameters do not fit the model config: parameter "
                                             r"'blocks\.att\.w1' has shape \(2, 64, 4\)"):
     goosejax.load_pretrained(tmp_path / "c")

@@ -6,10 +6,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from goosejax import checkpoint, cli
+from goosejax import cli
+from goosejax.checkpoint import format as checkpoint_format
 from goosejax.config import ModelConfig
 from goosejax.convert import pth
-from goosejax.convert.hf import HFExportError, save_hf
+from goosejax.convert.hf_checkpoint import HFExportError, save_hf
 from goosejax.convert.official import expected_official_shapes, official_to_params
 from goosejax.convert.pth import read_pth, write_pth
 
@@ -41,7 +42,7 @@ def test_official_to_goosejax_and_back_is_exact(tmp_path, official, capsys):
   assert "reading" in out and "L=2 C=64 H=1x64 V=50 F=128 LoRA w/a/v/g=8/8/8/16" in out
   assert "stored dtypes: {'bfloat16':" in out and "layer-0 v0/v1/v2 present" in out
   assert "done:" in out and "goosejax, float32" in out
-  info = checkpoint.read_info(tmp_path / "ckpt")
+  info = checkpoint_format.read_info(tmp_path / "ckpt")
   assert info.model.vocab_size == 50 and info.model.param_dtype == "float32"
   assert info.metadata["converted_from"] == str(src.resolve())
 
@@ -68,7 +69,7 @@ def test_goosejax_bf16_checkpoint_and_run_directory_source(tmp_path, official):
   src, _ = official
   (tmp_path / "run" / "checkpoints").mkdir(parents=True)
   assert convert(src, tmp_path / "run" / "checkpoints" / "12", "--dtype", "bfloat16") == 0
-  info, params = checkpoint.load_checkpoint(tmp_path / "run")
+  info, params = checkpoint_format.load_checkpoint(tmp_path / "run")
   assert info.model.param_dtype == "bfloat16" and params["emb"].dtype == ml_dtypes.bfloat16
   assert convert(tmp_path / "run", tmp_path / "out.pth") == 0
   assert read_pth(tmp_path / "out.pth")["emb.weight"].dtype == ml_dtypes.bfloat16
@@ -86,7 +87,7 @@ def test_refuses_to_overwrite_without_force(tmp_path, official, capsys):
   assert convert(src, tmp_path / "ckpt") == 0
   assert convert(src, tmp_path / "ckpt") == 2
   assert convert(src, tmp_path / "ckpt", "--force", "--dtype", "bfloat16") == 0
-  assert checkpoint.read_info(tmp_path / "ckpt").model.param_dtype == "bfloat16"
+  assert checkpoint_format.read_info(tmp_path / "ckpt").model.param_dtype == "bfloat16"
 
 
 def test_force_never_replaces_something_of_another_kind(tmp_path, official, capsys):

@@ -15,7 +15,7 @@ from flax import nnx
 
 import goosejax
 from goosejax import cli
-from goosejax.convert.hf import save_hf
+from goosejax.convert.hf_checkpoint import save_hf
 from goosejax.convert.official import official_to_params
 from goosejax.data.binidx import BinIdxWriter
 from goosejax.eval import (EvalDataError, evaluate_lambada, load_documents, perplexity,

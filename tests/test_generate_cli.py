@@ -14,7 +14,7 @@ from flax import nnx
 
 import goosejax
 from goosejax import cli
-from goosejax.convert.hf import save_hf
+from goosejax.convert.hf_checkpoint import save_hf
 from goosejax.convert.official import official_to_params
 from goosejax.infer import generate
 from goosejax.infer.state_io import load_state, save_state

@@ -11,7 +11,7 @@ import pytest
 import safetensors.numpy
 from flax import nnx
 
-from goosejax.convert.hf import (CheckpointFormatError, load_hf, read_safetensors, save_hf,
+from goosejax.convert.hf_checkpoint import (CheckpointFormatError, load_hf, read_safetensors, save_hf,
                                  state_from_fla, state_to_fla, write_safetensors)
 from goosejax.convert.official import official_to_params
 from goosejax.model import RWKV7
@@ -241,7 +241,7 @@ def test_missing_tensor_reaches_the_cli_as_one_line_naming_file_and_tensor(hf_di
 
 def test_every_entry_point_reads_hf_directories(checkpoint, hf_dir):
   import goosejax
-  from goosejax.convert.pretrained import read_params, source_kind
+  from goosejax.checkpoint.pretrained import read_params, source_kind
   from goosejax.model.params import param_dict
 
   cfg, params = checkpoint

@@ -9,7 +9,7 @@ one process training over a mesh of the same size:
 import numpy as np
 import pytest
 
-from goosejax.checkpoint import checkpoint_steps
+from goosejax.checkpoint.format import checkpoint_steps
 from goosejax.cli import main as goosejax_main
 from goosejax.train.metrics import read_metrics
 from targets import free_port, run_launcher

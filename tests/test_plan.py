@@ -1,6 +1,6 @@
 """`goosejax plan`: a config's memory, FLOPs and step time on a TPU slice or GPU node, from the
 real compiler (compile-only devices; needs the `tpu` / `cuda` extras, required in CI by
-GOOSEJAX_REQUIRE_TARGETS=1 as in test_aot)."""
+GOOSEJAX_REQUIRE_TARGETS=1 as in test_plan_targets)."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from goosejax import aot, compiled_cost, plan
+from goosejax.plan import cli as plan_cli, cost, targets
 from goosejax.train import recipe
 from goosejax.config import load_config
 from goosejax.wkv import wkv7
@@ -27,7 +27,7 @@ def _figure(text: str, label: str) -> float:
 
 
 def _run(capsys, *argv):
-  status = plan.main(["--config", "tiny", *argv])
+  status = plan_cli.main(["--config", "tiny", *argv])
   out, err = capsys.readouterr()
   return status, out, err
 
@@ -41,8 +41,8 @@ def _run(capsys, *argv):
     ("h100", 4, "h100:4"), ("h200", 8, "h200:8"), ("h100", 32, "h100:4x8"),
 ])
 def test_bare_chips_get_the_usual_slice_shape(kind, devices, name):
-  assert aot.target_for(kind, devices) == name
-  assert aot.parse_target(name).kind == kind
+  assert targets.target_for(kind, devices) == name
+  assert targets.parse_target(name).kind == kind
 
 
 @pytest.mark.parametrize("topology, devices, error", [
@@ -50,8 +50,8 @@ def test_bare_chips_get_the_usual_slice_shape(kind, devices, name):
     ("tpu9", 4, "unknown chip"),
 ])
 def test_targets_that_cannot_be_laid_out_are_refused(topology, devices, error):
-  with pytest.raises(plan.GoosejaxError, match=error):
-    plan.resolve_target(topology, devices)
+  with pytest.raises(plan_cli.GoosejaxError, match=error):
+    plan_cli.resolve_target(topology, devices)
 
 
 @pytest.mark.parametrize("chunk", [16, 64])
@@ -68,16 +68,16 @@ def test_wkv_formula_matches_the_compiled_kernel_body(chunk):
     return jnp.sum(y) + jnp.sum(state)
 
   def flops(fn):
-    return compiled_cost.program_cost(jax.jit(fn).trace(*xs).lower().compile()).flops / T
+    return cost.program_cost(jax.jit(fn).trace(*xs).lower().compile()).flops / T
 
-  forward, backward = plan.wkv_flops_per_token_head(chunk, 64)
+  forward, backward = plan_cli.wkv_flops_per_token_head(chunk, 64)
   assert forward <= flops(lambda *x: wkv7(*x, impl="pallas", chunk_size=chunk)) < 1.1 * forward
   assert 0.85 * (forward + backward) < flops(jax.grad(loss, argnums=tuple(range(6)))) <= forward + backward
 
 
 def test_wkv_formula_at_the_spec_point():
   """C = 64, N = 64 as in the docstring (spec §1.6 counts 111k forward with a blocked inverse)."""
-  assert plan.wkv_flops_per_token_head(64, 64) == (196608, 409600)
+  assert plan_cli.wkv_flops_per_token_head(64, 64) == (196608, 409600)
 
 
 # ----------------------------------------------------------------------------- compiled plans
@@ -91,8 +91,8 @@ def test_tiny_plan_on_a_4_chip_tpu_slice():
   require("tpu")
   overrides = ["mesh.data=1", "mesh.fsdp=-1", "run.remat=block", *TINY]
   cfg = load_config("tiny", overrides)
-  result = plan.make_plan(cfg, aot.target_for("v5p", 4), "tiny")
-  text = plan.format_plan(result, cfg, mfu=0.5)
+  result = plan_cli.make_plan(cfg, targets.target_for("v5p", 4), "tiny")
+  text = plan_cli.format_plan(result, cfg, mfu=0.5)
 
   _, shapes = recipe.abstract_model(cfg)
   parameters = sum(math.prod(s.shape) for s in shapes.values())
@@ -109,7 +109,7 @@ def test_tiny_plan_on_a_4_chip_tpu_slice():
   assert result.flops.six_n_tokens == six_nt
   assert 0.9 * six_nt < result.flops.compiled < 2 * six_nt
   assert result.kernel_runs == {"wkv7_forward_tpu": 4, "wkv7_backward_tpu": 2}
-  forward, backward = plan.wkv_flops_per_token_head(64, 64)
+  forward, backward = plan_cli.wkv_flops_per_token_head(64, 64)
   assert result.flops.kernels == 8 * 128 * 2 * (4 * forward + 2 * backward)
   assert result.flops.model == six_nt + 8 * 128 * 2 * 2 * (forward + backward)
   step = float(re.search(r"step ([\d.e+-]+) s", text)[1])
@@ -133,9 +133,9 @@ def test_a_plan_that_does_not_fit_exits_2_with_the_numbers(capsys):
 
 def test_a_refused_program_never_fits_even_under_the_datasheet_memory():
   """The TPU compiler's limit is a little under the datasheet's (15.75 of 16 GiB on v5e)."""
-  memory = plan.Memory(0, 0, 0, 15.9 * 2**30, 15.9 * 2**30, 16 * 2**30, refused=True)
+  memory = plan_cli.Memory(0, 0, 0, 15.9 * 2**30, 15.9 * 2**30, 16 * 2**30, refused=True)
   assert not memory.fits
-  assert plan.Memory(0, 0, 0, 15.9 * 2**30, 15.9 * 2**30, 16 * 2**30).fits
+  assert plan_cli.Memory(0, 0, 0, 15.9 * 2**30, 15.9 * 2**30, 16 * 2**30).fits
 
 
 @pytest.mark.parametrize("topology, overrides, message", [
@@ -147,14 +147,14 @@ def test_a_refused_program_never_fits_even_under_the_datasheet_memory():
      "mesh.fsdp = 3 does not divide model.n_embd=128"),
 ])
 def test_a_mesh_that_does_not_divide_exits_2_naming_the_axis(capsys, topology, overrides, message):
-  require(aot.parse_target(topology).platform)
+  require(targets.parse_target(topology).platform)
   status, out, err = _run(capsys, "--topology", topology, *overrides)
   assert status == 2 and out == ""
   assert message in err.strip().splitlines()[-1]
 
 
 def test_overrides_may_stand_among_the_flags(capsys):
-  """Parsed as train and config parse them (goosejax.config_args): before, between, after."""
+  """Parsed as train and config parse them (goosejax.config.args): before, between, after."""
   require("tpu")
   status, _, err = _run(capsys, "mesh.data=1", "--topology", "v5e:2x2", "mesh.tensor=4",
                         "--mfu", "0.5", "data.batch_size=8")

@@ -21,7 +21,7 @@ import pytest
 
 from closeness import assert_close
 from goosejax.config import ConfigError, load_config
-from goosejax.sequence_parallel import previous_tokens
+from goosejax.sharding import previous_tokens
 from goosejax.train import train
 from goosejax.train.batches import SyntheticBatches
 from goosejax.wkv import wkv7, wkv7_chunked, wkv7_reference
@@ -150,11 +150,11 @@ def test_auto_runs_the_kernels_on_spans_when_compiled_for_accelerators(target, p
   """Forward+backward of impl="auto" with T split over 4 chips / GPUs, compiled (Mosaic /
   Triton included): one forward and one backward kernel per device and the span scans'
   collective-permutes, nothing gathered."""
-  from goosejax import aot
+  from goosejax.plan import targets
   from targets import require
   require(platform)
   mesh = jax.make_mesh((1, 1, 1, 4), ("data", "fsdp", "tensor", "sequence"),
-                       devices=aot.target_devices(target),
+                       devices=targets.target_devices(target),
                        axis_types=(jax.sharding.AxisType.Auto,) * 4)
   shape = (2, 512, 4, 64)
   spans = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "sequence"))
@@ -168,7 +168,7 @@ def test_auto_runs_the_kernels_on_spans_when_compiled_for_accelerators(target, p
     return jnp.sum(y.astype(jnp.float32)) + jnp.sum(final)
 
   text = jax.jit(jax.grad(loss, argnums=tuple(range(7)))).trace(*args).lower().compile().as_text()
-  assert aot.custom_call_targets(text).count(aot.KERNEL_CALL_TARGETS[platform]) == 2
+  assert targets.custom_call_targets(text).count(targets.KERNEL_CALL_TARGETS[platform]) == 2
   assert "collective-permute" in text and "all-gather" not in text
 
 

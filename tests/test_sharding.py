@@ -158,10 +158,10 @@ def test_initialisation_inside_the_sharded_jit():
 
 def test_processes_load_the_rows_their_devices_hold():
   # A v5e 4x4 slice (4 hosts of 4 chips) has devices of 4 processes; nothing runs on them.
-  from goosejax import aot
+  from goosejax.plan import targets
   from targets import require
   require("tpu")
-  devices = aot.target_devices("v5e:4x4")
+  devices = targets.target_devices("v5e:4x4")
   blocks = lambda **axes: [sharding.process_row_block(sharding.make_mesh(MeshConfig(**axes), devices), p)
                            for p in range(4)]
   # sequence over all 16 chips: every host holds, and loads, every row

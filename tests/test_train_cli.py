@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from goosejax import config_args
-from goosejax.checkpoint import checkpoint_steps
+from goosejax.config import args as config_args
+from goosejax.checkpoint.format import checkpoint_steps
 from goosejax.cli import main as goosejax_main
 from goosejax.config import load_config
 from goosejax.train.cli import build_parser

@@ -10,11 +10,11 @@ import pytest
 
 import goosejax
 from goosejax import sharding
-from goosejax.checkpoint import checkpoint_steps
+from goosejax.checkpoint.format import checkpoint_steps
 from goosejax.config import ConfigError, MeshConfig, load_config
 from goosejax.train import CompiledSteps, NonFiniteLossError, recipe, train
 from goosejax.train.batches import SyntheticBatches
-from goosejax.train.checkpoint import CheckpointError, TrainCheckpointer
+from goosejax.train.run_checkpoints import CheckpointError, TrainCheckpointer
 from goosejax.train.metrics import flops_per_token, read_metrics
 
 # The same settings as tests/test_sharding.py, so the compiled single-device step is shared.

@@ -24,11 +24,11 @@ import numpy as np
 import pytest
 
 import goosejax
-from goosejax.checkpoint import checkpoint_steps
+from goosejax.checkpoint.format import checkpoint_steps
 from goosejax.cli import main as goosejax_main
-from goosejax.train import NonFiniteLossError, run_lock
+from goosejax.train import NonFiniteLossError, run_dir as run_dir_module
 from goosejax.train.batches import SyntheticBatches
-from goosejax.train.checkpoint import CheckpointError, CheckpointSaveError
+from goosejax.train.run_checkpoints import CheckpointError, CheckpointSaveError
 from goosejax.train.metrics import MetricsLogger, read_metrics
 
 from test_train_loop import PoisonedBatches, losses_of, run
@@ -45,8 +45,8 @@ time.sleep(120)
 
 
 def hold_lock(run_dir):
-  """Another process holding `run_dir`'s lock (imports only run_lock.py: no JAX)."""
-  process = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, run_lock.__file__, str(run_dir)],
+  """Another process holding `run_dir`'s lock (imports only train/run_dir.py: no JAX)."""
+  process = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, run_dir_module.__file__, str(run_dir)],
                              stdout=subprocess.PIPE, text=True)
   assert process.stdout.readline().strip() == "held"
   return process
@@ -97,7 +97,7 @@ def one_line_error(capsys):
 def test_second_train_is_refused_and_a_killed_holders_lock_is_taken_over(tmp_path, capsys):
   holder = hold_lock(tmp_path)
   try:
-    with pytest.raises(run_lock.RunDirLockedError,
+    with pytest.raises(run_dir_module.RunDirLockedError,
                        match=rf"in use by another goosejax train: pid {holder.pid} on host "
                              rf"{socket.gethostname()} \(since 20"):
       run(tmp_path)
@@ -108,37 +108,37 @@ def test_second_train_is_refused_and_a_killed_holders_lock_is_taken_over(tmp_pat
     holder.send_signal(signal.SIGKILL)
     holder.wait()
   # kill -9 left its name in the lock file; the kernel dropped its flock.
-  assert str(holder.pid) in (tmp_path / run_lock.LOCK_FILE).read_text()
+  assert str(holder.pid) in (tmp_path / run_dir_module.LOCK_FILE).read_text()
   result, output = run(tmp_path, stop_at_step=1)
   assert result.step == 1
   assert f"taking over the lock left by pid {holder.pid}" in output
-  assert (tmp_path / run_lock.LOCK_FILE).read_text() == ""          # released on the way out
+  assert (tmp_path / run_dir_module.LOCK_FILE).read_text() == ""          # released on the way out
   with pytest.raises(NonFiniteLossError):                            # released on errors too
     run(tmp_path, batches=PoisonedBatches(bad=1))
-  assert (tmp_path / run_lock.LOCK_FILE).read_text() == ""
+  assert (tmp_path / run_dir_module.LOCK_FILE).read_text() == ""
 
 
 def test_without_flock_the_lock_file_decides(tmp_path, monkeypatch):
   def no_flock(fd, operation):
     raise OSError(errno.ENOLCK, "No locks available")
 
-  monkeypatch.setattr(run_lock.fcntl, "flock", no_flock)
-  lock_file = tmp_path / run_lock.LOCK_FILE
+  monkeypatch.setattr(run_dir_module.fcntl, "flock", no_flock)
+  lock_file = tmp_path / run_dir_module.LOCK_FILE
   sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
   try:
     lock_file.write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid, "since": "x"}))
-    with pytest.raises(run_lock.RunDirLockedError, match=rf"pid {sleeper.pid} .* delete {lock_file}"):
-      run_lock.acquire(tmp_path)
+    with pytest.raises(run_dir_module.RunDirLockedError, match=rf"pid {sleeper.pid} .* delete {lock_file}"):
+      run_dir_module.acquire(tmp_path)
   finally:
     sleeper.kill()
     sleeper.wait()
   lock_file.write_text(json.dumps({"host": "elsewhere", "pid": 1, "since": "x"}))
-  with pytest.raises(run_lock.RunDirLockedError, match="pid 1 on host elsewhere"):
-    run_lock.acquire(tmp_path)                      # a pid on another host cannot be checked
+  with pytest.raises(run_dir_module.RunDirLockedError, match="pid 1 on host elsewhere"):
+    run_dir_module.acquire(tmp_path)                      # a pid on another host cannot be checked
   gone = dead_pid()
   lock_file.write_text(json.dumps({"host": socket.gethostname(), "pid": gone, "since": "x"}))
   said = []
-  with run_lock.acquire(tmp_path, said.append):
+  with run_dir_module.acquire(tmp_path, said.append):
     assert json.loads(lock_file.read_text())["pid"] == os.getpid()
   assert said == [f"{lock_file}: taking over the lock left by pid {gone} on host "
                   f"{socket.gethostname()} (since x), which ended without releasing it"]
@@ -170,10 +170,10 @@ class SlowBatches(SyntheticBatches):
 
 def test_a_background_save_that_fills_the_disk_stops_the_run_at_the_next_step(tmp_path, monkeypatch,
                                                                             caplog, capfd):
-  from goosejax.train import checkpoint
+  from goosejax.train import run_checkpoints
   # The free-space check would refuse up front; pretend there is room so that the
   # asynchronous write itself runs into ENOSPC.
-  monkeypatch.setattr(checkpoint.TrainCheckpointer, "_check_room", lambda self, step: None)
+  monkeypatch.setattr(run_checkpoints.TrainCheckpointer, "_check_room", lambda self, step: None)
   with tmpfs(tmp_path / "checkpoints", "size=3m"):
     with pytest.raises(CheckpointSaveError) as failed:
       run(tmp_path, batches=SlowBatches(256, 16, 8))

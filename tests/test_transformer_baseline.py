@@ -11,11 +11,11 @@ from flax import nnx
 
 from goosejax.config import ModelConfig, OptimizerConfig
 from goosejax.data.synthetic import GroupWordProblem, make_group
-from goosejax.model.transformer import CausalTransformer, apply_rotary, rotary_angles
 from goosejax.train import recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
 from synthetic_training import Budget, accuracy_by_position, masked_cross_entropy, train  # noqa: E402
+from transformer_baseline import CausalTransformer, apply_rotary, rotary_angles  # noqa: E402
 
 CFG = ModelConfig(vocab_size=11, n_layer=2, n_embd=32, head_size=8)
 

@@ -102,15 +102,15 @@ def test_a_failed_check_keeps_the_kernel_out_of_the_compiled_program(monkeypatch
   that TPU (real Mosaic/XLA:TPU compiler) runs the XLA form, no kernel call."""
   from jax.sharding import SingleDeviceSharding
 
-  from goosejax import aot
+  from goosejax.plan import targets
   from goosejax.wkv import wkv7
   from targets import require
-  from test_aot import _kernel_calls
+  from test_plan_targets import _kernel_calls
 
   require("tpu")
   monkeypatch.setattr(self_check, "local_platform", lambda: "tpu")
   monkeypatch.setitem(self_check.KERNEL_CHECKS, "tpu", self_check.KernelCheck("tpu", False, "test"))
-  device = SingleDeviceSharding(aot.target_devices("v5e:2x2")[0])
+  device = SingleDeviceSharding(targets.target_devices("v5e:2x2")[0])
   inputs = [jax.ShapeDtypeStruct((1, 100, 2, 64), jnp.bfloat16, sharding=device) for _ in range(6)]
   compiled = jax.jit(lambda *xs: wkv7(*xs, impl=impl)).trace(*inputs).lower().compile()
   assert _kernel_calls(compiled, "tpu") == 0

@@ -1,4 +1,4 @@
-"""The WKV-7 single-token form (goosejax.wkv.step) against the reference recurrence: outputs,
+"""The WKV-7 single-token form (goosejax.wkv.single_token) against the reference recurrence: outputs,
 state and gradients in float64 and float32; every T == 1 call of `wkv7` runs it."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from closeness import assert_close
 from goosejax.wkv import IMPLEMENTATIONS, wkv7, wkv7_reference
-from goosejax.wkv.step import wkv7_fused_step, wkv7_single_token
+from goosejax.wkv.single_token import wkv7_fused_step, wkv7_single_token
 from wkv_inputs import make_inputs, recurrence
 
 NAMES = ("r", "log_w", "k", "v", "a", "b", "state")

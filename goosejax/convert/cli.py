@@ -1,10 +1,10 @@
 """`goosejax convert SRC DST [--to goosejax|official|hf]`: official .pth <-> goosejax checkpoint.
 
 Hugging Face / flash-linear-attention directories (config.json + safetensors, see
-goosejax/convert/hf.py) are read as SRC and written with --to hf (head size 64 only: FLA
+goosejax/convert/hf_checkpoint.py) are read as SRC and written with --to hf (head size 64 only: FLA
 cannot reproduce the official GroupNorm eps for other head sizes).
 
-SRC is anything `goosejax.load_pretrained` reads (convert/pretrained.py: an official RWKV-7
+SRC is anything `goosejax.load_pretrained` reads (checkpoint/pretrained.py: an official RWKV-7
 x070 `.pth`, an HF directory, a goosejax checkpoint directory or a training run directory,
 its latest checkpoint). Without --to, a .pth becomes a goosejax checkpoint and a
 directory becomes a .pth. DST is never overwritten without --force, and --force only replaces
@@ -21,11 +21,11 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from goosejax import checkpoint
+from goosejax.checkpoint import format as checkpoint_format
 from goosejax.config import ModelConfig
-from goosejax.convert.hf import check_fla_exact, is_hf_checkpoint, save_hf
+from goosejax.convert.hf_checkpoint import check_fla_exact, is_hf_checkpoint, save_hf
 from goosejax.convert.official import params_to_official
-from goosejax.convert.pretrained import SOURCE_NAMES, read_params, source_kind
+from goosejax.checkpoint.pretrained import SOURCE_NAMES, read_params, source_kind
 from goosejax.convert.pth import write_pth
 from goosejax.errors import GoosejaxError
 
@@ -88,7 +88,7 @@ def _check_destination(dst: Path, target: str, force: bool) -> None:
   if target == "hf" and not is_hf_checkpoint(dst):
     raise ConvertError(f"{dst} exists and is not a Hugging Face model directory; --force only "
                        "replaces one (config.json + model.safetensors)")
-  if target == "goosejax" and not checkpoint.is_checkpoint(dst):
+  if target == "goosejax" and not checkpoint_format.is_checkpoint(dst):
     raise ConvertError(f"{dst} exists and is not a goosejax checkpoint directory; --force "
                                 "only replaces a goosejax checkpoint")
 
@@ -120,7 +120,7 @@ def convert(src: Path, dst: Path, target: str | None = None, *, dtype: str | Non
     log(f"writing goosejax checkpoint {dst} ({out_dtype})")
     cfg = dataclasses.replace(cfg, param_dtype=out_dtype)
     stored = {name: np.asarray(value).astype(DTYPES[out_dtype]) for name, value in params.items()}
-    checkpoint.save_checkpoint(dst, stored, cfg, overwrite=force,
+    checkpoint_format.save_checkpoint(dst, stored, cfg, overwrite=force,
                                metadata={"converted_from": str(src.resolve()), "source_kind": kind})
   elif target == "hf":
     out_dtype = dtype or cfg.param_dtype

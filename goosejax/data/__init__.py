@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import importlib
 
-from goosejax.data.errors import DataError
+from goosejax.errors import DataError
 from goosejax.data.tokenizer import Tokenizer, load_tokenizer
 
 _LAZY = {

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from goosejax.data.errors import DataError
+from goosejax.errors import DataError
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1

@@ -20,7 +20,7 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator, MutableMapping
 
-from goosejax.data.errors import DataError
+from goosejax.errors import DataError
 
 JSONL_SUFFIXES = (".jsonl",)
 TEXT_SUFFIXES = (".txt",)

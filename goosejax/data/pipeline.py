@@ -46,7 +46,7 @@ from goosejax.config import DataConfig
 from goosejax.data.binidx import BinIdxDataset, dtype_for_vocab
 from goosejax.data.documents import (ARRAY_RECORD_SUFFIXES, JSONL_SUFFIXES, TEXT_SUFFIXES,
                                      builtin_documents, expand_paths, read_documents)
-from goosejax.data.errors import DataError
+from goosejax.errors import DataError
 from goosejax.data.order import MagicPrimeOrder, is_prime, largest_magic_prime
 from goosejax.data.tokenizer import Tokenizer, load_tokenizer
 

@@ -11,7 +11,7 @@ import io
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from goosejax.data.errors import DataError
+from goosejax.errors import DataError
 
 EOT_PIECE = "<|endoftext|>"
 _MAX_SENTENCE_CHARS = 2000  # documents are fed to the trainer in line-aligned chunks this long

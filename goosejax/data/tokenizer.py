@@ -13,7 +13,7 @@ import functools
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence, runtime_checkable
 
-from goosejax.data.errors import DataError
+from goosejax.errors import DataError
 
 
 @runtime_checkable
@@ -49,5 +49,5 @@ def _load(kind: str, path: str, mtime_ns: int) -> Tokenizer:
   if kind == ".model":
     from goosejax.data.spm import SentencePieceTokenizer
     return SentencePieceTokenizer(path)
-  from goosejax.data.hf import HFTokenizer
+  from goosejax.data.hf_tokenizer import HFTokenizer
   return HFTokenizer(path)

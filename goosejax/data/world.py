@@ -19,7 +19,7 @@ import functools
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from goosejax.data.errors import DataError
+from goosejax.errors import DataError
 
 VOCAB_PATH = Path(__file__).resolve().parent / "rwkv_vocab_v20230424.txt"
 VOCAB_SHA256 = "e6dee3d4e31b4d5c40ac99508ac6c701ceef4bed681bf2167ce9a908552bca89"

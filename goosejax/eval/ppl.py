@@ -74,7 +74,7 @@ def load_documents(path: str | Path, tokenizer, *, text_field: str = "text",
   """
   from goosejax.data.binidx import BinIdxDataset, prefix_of
   from goosejax.data.documents import read_documents
-  from goosejax.data.errors import DataError
+  from goosejax.errors import DataError
 
   path = Path(path)
   prefix = prefix_of(path)

@@ -3,7 +3,7 @@ from goosejax.infer.generate import (GenerationError, Generator, decode_loop, ge
                                      official_occurrence_weights)
 from goosejax.infer.prefill import prefill_last, prefill_split
 from goosejax.infer.sampling import SamplingConfig, sampling_probs
-from goosejax.infer.step import DecodeWeights, decode_step, decode_weights
+from goosejax.infer.decode import DecodeWeights, decode_step, decode_weights
 
 __all__ = ["DecodeWeights", "GenerationError", "Generator", "SamplingConfig", "decode_loop",
            "decode_step", "decode_weights", "generate",

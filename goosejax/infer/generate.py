@@ -21,7 +21,7 @@ import numpy as np
 from goosejax.infer.prefill import prefill_split
 from goosejax.infer.sampling import (GenerationError, SamplingConfig, apply_penalties, sample,
                                      update_counts)
-from goosejax.infer.step import DecodeWeights, decode_step_layers, decode_weights
+from goosejax.infer.decode import DecodeWeights, decode_step_layers, decode_weights
 from goosejax.model.rwkv7 import RWKV7
 from goosejax.model.state import LayerStates, RWKV7State, join_state, split_state
 

@@ -16,7 +16,7 @@ def load_model(path: str | os.PathLike, dtype: str = "float32") -> RWKV7:
   """A ready RWKV7 (compute dtype `dtype`, weights stored in it) from any supported path."""
   if dtype not in DTYPES:
     raise GenerationError(f"dtype={dtype!r}: expected one of {list(DTYPES)}")
-  from goosejax.convert.pretrained import load_pretrained
+  from goosejax.checkpoint.pretrained import load_pretrained
   return load_pretrained(path, dtype=dtype)
 
 

@@ -7,7 +7,7 @@ applies the head to the last position only.
 Two forms of the same function: `prefill_last(model, ...)` runs the model's own layer scan
 (`RWKV7.hidden_states`); `prefill_split(weights, ...)` (what `generate` uses) runs the same
 `Blocks` unrolled on the per-layer weights the decoder already holds
-(goosejax.infer.step.last_logits), which spares the scan's copy of every layer's weights out
+(goosejax.infer.decode.last_logits), which spares the scan's copy of every layer's weights out
 of the stacked arrays (~8% of a 512-token prefill at 0.1B on CPU).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from goosejax.infer.step import DecodeWeights, LayerStates, last_logits
+from goosejax.infer.decode import DecodeWeights, LayerStates, last_logits
 from goosejax.model.rwkv7 import RWKV7
 from goosejax.model.state import RWKV7State
 

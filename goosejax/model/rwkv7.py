@@ -1,7 +1,7 @@
 """The RWKV-7 (x070) language model: embedding, L stacked blocks run by `lax.scan`, head.
 
 The pieces are also callable one by one, for code that holds the weights another way (the
-decoder keeps one `Blocks` per layer, see goosejax.infer.step): `embed`, `Blocks` on one
+decoder keeps one `Blocks` per layer, see goosejax.infer.decode): `embed`, `Blocks` on one
 layer's weights, `run_layers` (the layers unrolled), `layer_norm` and `head_logits`. There
 is no other copy of the model's math.
 """
@@ -20,7 +20,7 @@ from goosejax.model.channel_mix import ChannelMix
 from goosejax.model.norms import LayerNorm, layer_norm
 from goosejax.model.state import LayerStates, RWKV7State, zeros_state
 from goosejax.model.time_mix import TimeMix, matmul
-from goosejax.sequence_parallel import previous_tokens
+from goosejax.sharding import previous_tokens
 
 
 def shift_tokens(x_BTC: jax.Array, last_B1C: jax.Array, reset_BT: jax.Array | None) -> jax.Array:

@@ -20,7 +20,7 @@ class Transposed:
   """A weight matrix stored [out, in] (the transpose of the model's [in, out]), for `matmul`.
 
   Decoding stores its large matrices this way: one-row products read them faster on XLA:CPU
-  (goosejax.infer.step). It stands where the [in, out] array would, also inside a Param
+  (goosejax.infer.decode). It stands where the [in, out] array would, also inside a Param
   (`param[...]` gives it back), so the model's code runs unchanged on either layout.
   """
 

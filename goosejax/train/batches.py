@@ -22,7 +22,8 @@ from goosejax.config import Config, ConfigError
 SPLITS = ("train", "validation")
 
 
-class BatchIterator(Protocol):
+class ResumableBatches(Protocol):
+  """What `train` reads batches from (goosejax.data.pipeline.BatchIterator is one)."""
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]: ...
   def __next__(self) -> dict[str, np.ndarray]: ...
   def get_state(self) -> Any: ...
@@ -82,7 +83,7 @@ class SyntheticBatches:
 
 
 def open_batches(cfg: Config, split: str, process_index: int,
-                 process_count: int) -> BatchIterator | None:
+                 process_count: int) -> ResumableBatches | None:
   """This process's batches of `split` ('train' or 'validation') from goosejax.data's
   pipelines; None when the data has no held-out split (data.validation_fraction=0)."""
   if split not in SPLITS:

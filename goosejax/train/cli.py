@@ -25,7 +25,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from goosejax import config_args
+from goosejax.config import args as config_args
 
 DEFAULT_COMPILATION_CACHE = "~/.cache/goosejax/jax"
 

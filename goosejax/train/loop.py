@@ -11,7 +11,7 @@ NaN/inf; no checkpoint is written from a non-finite step, so the newest one on d
 last good state. Re-running the same command resumes from the newest checkpoint and
 reproduces the uninterrupted run's losses bit for bit.
 
-The run directory is safe from the run itself: one `train` at a time holds it (run_lock);
+The run directory is safe from the run itself: one `train` at a time holds it (run_dir);
 everything is checked (the directory, the model and data settings against config.json or
 the checkpoints, --init-from) before config.json is written; a checkpoint that cannot be
 written (full disk) stops the run at the next step with CheckpointSaveError; a newest
@@ -31,13 +31,13 @@ import jax
 import numpy as np
 
 from goosejax import sharding
-from goosejax.checkpoint import checkpoint_steps
+from goosejax.checkpoint.format import checkpoint_steps
 from goosejax.config import EXECUTION_SETTINGS, Config, ConfigError, ModelConfig
-from goosejax.config_text import write_config_yaml
-from goosejax.sequence_parallel import SEQUENCE_AXIS
-from goosejax.train import recipe, run_lock
-from goosejax.train.batches import BatchIterator, open_batches
-from goosejax.train.checkpoint import (CheckpointError, TrainCheckpointer, read_checkpoint_config,
+from goosejax.config.text import write_config_yaml
+from goosejax.sharding import SEQUENCE_AXIS
+from goosejax.train import recipe, run_dir as run_dir_lock
+from goosejax.train.batches import ResumableBatches, open_batches
+from goosejax.train.run_checkpoints import (CheckpointError, TrainCheckpointer, read_checkpoint_config,
                                        read_run_config, write_run_config)
 from goosejax.train.compiled_steps import CompiledSteps
 from goosejax.train.metrics import (MetricsLogger, flops_per_token, memory_summary,
@@ -139,19 +139,19 @@ def _check_run_dir(run_dir: Path, cfg: Config) -> list[str]:
   return switched
 
 
-def _take_run_dir_lock(run_dir: Path, say: Callable[[str], None]) -> "run_lock.RunLock | None":
+def _take_run_dir_lock(run_dir: Path, say: Callable[[str], None]) -> "run_dir_lock.RunLock | None":
   """Process 0 takes the lock; every process raises if it could not."""
   lock, error = None, None
   if jax.process_index() == 0:
     try:
-      lock = run_lock.acquire(run_dir, say)
-    except run_lock.RunDirError as e:
+      lock = run_dir_lock.acquire(run_dir, say)
+    except run_dir_lock.RunDirError as e:
       error = e
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     taken = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
     if not taken and error is None:
-      error = run_lock.RunDirError(f"{run_dir}: process 0 could not take the run-directory "
+      error = run_dir_lock.RunDirError(f"{run_dir}: process 0 could not take the run-directory "
                                    "lock (its message says why)")
   if error is not None:
     raise error
@@ -160,8 +160,8 @@ def _take_run_dir_lock(run_dir: Path, say: Callable[[str], None]) -> "run_lock.R
 
 def load_init_params(path: str | Path, cfg: Config) -> dict[str, np.ndarray]:
   """Starting weights: an official .pth, a goosejax checkpoint or a run directory's latest
-  step (goosejax.convert.pretrained.read_params), checked against the model config."""
-  from goosejax.convert.pretrained import read_params
+  step (goosejax.checkpoint.pretrained.read_params), checked against the model config."""
+  from goosejax.checkpoint.pretrained import read_params
   if not Path(path).exists():
     raise CheckpointError(f"--init-from {path}: no such file or directory")
   _, params, _ = read_params(path)
@@ -178,7 +178,7 @@ def load_init_params(path: str | Path, cfg: Config) -> dict[str, np.ndarray]:
 
 def _restore_or_init(cfg: Config, run_dir: Path, init_from: str | Path | None, tx: Any,
                      mesh: jax.sharding.Mesh,
-                     checkpointer: TrainCheckpointer, train_batches: BatchIterator,
+                     checkpointer: TrainCheckpointer, train_batches: ResumableBatches,
                      say: Callable[[str], None]) -> tuple[recipe.TrainState, Any, int | None]:
   """(state, its shardings, the restored step or None): the newest checkpoint that restores
   (with its data position), else fresh or --init-from weights."""
@@ -202,8 +202,8 @@ def _finite(*values: float) -> bool:
 
 
 def train(cfg: Config, run_dir: str | Path, *, init_from: str | Path | None = None,
-          train_batches: BatchIterator | None = None,
-          open_validation: Callable[[], BatchIterator | None] | None = None,
+          train_batches: ResumableBatches | None = None,
+          open_validation: Callable[[], ResumableBatches | None] | None = None,
           mesh: jax.sharding.Mesh | None = None, stop_at_step: int | None = None,
           out: TextIO | None = None, progress_bar: bool | None = None,
           compiled_steps: CompiledSteps | None = None,
@@ -231,8 +231,8 @@ def train(cfg: Config, run_dir: str | Path, *, init_from: str | Path | None = No
 
 
 def _train_holding_lock(cfg: Config, run_dir: Path, init_from: str | Path | None,
-                        train_batches: BatchIterator | None,
-                        open_validation: Callable[[], BatchIterator | None] | None,
+                        train_batches: ResumableBatches | None,
+                        open_validation: Callable[[], ResumableBatches | None] | None,
                         mesh: jax.sharding.Mesh, stop_at_step: int | None, out: TextIO,
                         say: Callable[[str], None], progress_bar: bool | None,
                         compiled_steps: CompiledSteps,

@@ -11,12 +11,12 @@ from jax.sharding import PartitionSpec as P
 import pallas_kernels
 from goosejax import sharding
 from goosejax.errors import GoosejaxError
-from goosejax.sequence_parallel import span_mesh
+from goosejax.sharding import span_mesh
 from goosejax.wkv import self_check
 from goosejax.wkv.sequence_parallel import wkv7_sequence_parallel, wkv7_sequence_parallel_kernel
 from goosejax.wkv.chunked import wkv7_chunked
 from goosejax.wkv.reference import compute_dtype, wkv7_reference
-from goosejax.wkv.step import wkv7_single_token
+from goosejax.wkv.single_token import wkv7_single_token
 from pallas_kernels.chunk_sizes import CHUNK_SIZES, KERNEL_CHUNK_SIZES
 
 IMPLEMENTATIONS = ("auto", "reference", "chunked", "associative", "pallas")
@@ -86,9 +86,9 @@ def wkv7(r, log_w, k, v, a, b, state=None, *, reset=None, impl="auto", chunk_siz
   impl: "reference" (token scan), "chunked" (chunks in a sequential scan), "associative"
   (chunks combined by associative scan), "pallas" (the Pallas kernels; interpret mode on CPU),
   "auto" (the Pallas kernels on TPU / CUDA and the measured XLA form on CPU). Every impl but
-  "reference" runs T == 1 as one fused recurrent step (`goosejax.wkv.step`).
+  "reference" runs T == 1 as one fused recurrent step (`goosejax.wkv.single_token`).
   chunk_size: 16, 32 or 64 (None: each form's default).
-  Under an ambient mesh that splits T over its `sequence` axis (goosejax.sequence_parallel),
+  Under an ambient mesh that splits T over its `sequence` axis (goosejax.sharding),
   "chunked" and "associative" run the sequence-parallel associative form (XLA), "pallas" the
   kernels on each span, "auto" the kernels on TPU / CUDA and the XLA form elsewhere.
   Everything is computed in fp32 (float64 when an input is float64 under x64).
@@ -103,7 +103,7 @@ def wkv7(r, log_w, k, v, a, b, state=None, *, reset=None, impl="auto", chunk_siz
   state = jnp.zeros((B, H, N, N), dtype) if state is None else state.astype(dtype)
   if impl == "reference":
     return wkv7_reference(r, log_w, k, v, a, b, state, reset=reset)
-  if T == 1:  # one token: the fused single step (goosejax.wkv.step), whatever the sequence form
+  if T == 1:  # one token: the fused single step (goosejax.wkv.single_token), whatever the sequence form
     return wkv7_single_token(r, log_w, k, v, a, b, state, reset, dtype)
   mesh = span_mesh(T)
   if mesh is not None:

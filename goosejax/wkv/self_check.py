@@ -7,7 +7,7 @@ small input (T not a multiple of the chunk, a document reset, a non-zero incomin
 strongest decay the model produces) is compared with the token-scan reference. A mismatch or
 an error switches that platform to the XLA form for the rest of the process, with one
 warning line that names what was found. Compiling for a target the process does not have
-(goosejax.aot) checks nothing: there is nothing to run on.
+(goosejax.plan.targets) checks nothing: there is nothing to run on.
 
 The outcome is a per-process fact about the hardware, kept in `KERNEL_CHECKS` (public, so
 a caller can read or reset it) and summarised by `describe_wkv` for start-up lines.

@@ -1,4 +1,4 @@
-"""WKV-7 with one sequence split over the `sequence` mesh axis (goosejax.sequence_parallel).
+"""WKV-7 with one sequence split over the `sequence` mesh axis (goosejax.sharding).
 
 Shape letters: B batch, T tokens, S tokens of one span (T / spans), H heads, N head size,
 L chunks of one span, C tokens per chunk, P spans.
@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec as P
 
 from goosejax import sharding
 from goosejax.errors import GoosejaxError
-from goosejax.sequence_parallel import SEQUENCE_AXIS, from_neighbour, scan_spans
+from goosejax.sharding import SEQUENCE_AXIS, from_neighbour, scan_spans
 from goosejax.wkv.chunked import associative_backward, associative_forward
 from pallas_kernels.chunk_math import ChunkMath
 from pallas_kernels.chunk_sizes import CHUNK_SIZES

@@ -5,7 +5,7 @@ compiler, on a machine without one.
   goosejax plan --config rwkv7-1.5b --topology v6e --devices 64      (the usual 64-chip slice)
   goosejax plan --config rwkv7-1.5b --topology h100:4x8 mesh.data=4 mesh.fsdp=8   (4 hosts x 8)
 
-The train job's sharded step is compiled for compile-only devices of the target (goosejax.aot:
+The train job's sharded step is compiled for compile-only devices of the target (goosejax.plan.targets:
 needs the `tpu` or `cuda` extra), on the mesh of the config's `mesh` section, for its batch
 (data.batch_size sequences of data.ctx_len tokens). Printed: the parameter count; per-device
 memory (parameters, optimizer state and batch from their sharded sizes, temporaries from the
@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 
-from goosejax import config_args
+from goosejax.config import args as config_args
 from goosejax.errors import GoosejaxError
 
 GIB = 2**30
@@ -158,25 +158,26 @@ def make_plan(cfg, target: str, config_name: str, progress=None) -> Plan:
   """Compile `cfg`'s train step for `target` and gather the plan's figures. Raises PlanError
   for a mesh that does not divide the slice or the model (a plan that does not fit is returned;
   `Plan.memory.fits` says so)."""
-  from goosejax import aot, compiled_cost, sharding
+  from goosejax import sharding
+  from goosejax.plan import cost, targets
   from goosejax.config import ConfigError
   from goosejax.train import recipe
 
   progress = progress or _quiet
   recipe.check_trainable(cfg)
   with progress(f"compile-only devices of {target}"):
-    facts = aot.target_facts(target)
+    facts = targets.target_facts(target)
   try:
     sizes = cfg.mesh.shape(facts.devices)
   except ConfigError as e:
     raise PlanError(f"{target} has {facts.devices} devices: {e}") from None
   check_mesh_divides(cfg, sizes)
-  mesh = sharding.make_mesh(cfg.mesh, aot.target_devices(target))
+  mesh = sharding.make_mesh(cfg.mesh, targets.target_devices(target))
   try:
     sharding.process_row_block(mesh, 0)  # every host can load whole rows of the batch
   except sharding.ShardingError as e:
     raise PlanError(f"{target}: {e}") from None
-  state, batch = aot.train_step_inputs(cfg, mesh, with_reset=cfg.data.pack_documents)
+  state, batch = targets.train_step_inputs(cfg, mesh, with_reset=cfg.data.pack_documents)
   parameters = sum(math.prod(leaf.shape) for leaf in state.params.values())
   embedding = math.prod(state.params["emb"].shape)
 
@@ -184,19 +185,19 @@ def make_plan(cfg, target: str, config_name: str, progress=None) -> Plan:
   with progress(f"compiling the train step for {facts.devices} devices, mesh {_mesh_text(sizes)}"):
     compiled, compiler_message = _compile(cfg, target)
   compile_seconds = time.monotonic() - start
-  cost = None
+  program = None
   if compiled is not None:
     with progress("counting FLOPs in the compiled program"):
-      cost = compiled_cost.program_cost(compiled)
-  platform = aot.parse_target(target).platform
+      program = cost.program_cost(compiled)
+  platform = targets.parse_target(target).platform
   return Plan(
       config_name=config_name, target=target, platform=platform, device_kind=facts.device_kind,
       devices=facts.devices, mesh=sizes, parameters=parameters, embedding=embedding,
       tokens=cfg.data.batch_size * cfg.data.ctx_len,
       memory=_memory(compiled, compiler_message, state, batch, facts.memory_bytes),
-      flops=_flops(cfg, platform, parameters - embedding, cost, facts.devices),
+      flops=_flops(cfg, platform, parameters - embedding, program, facts.devices),
       peak_flops=facts.peak_bf16_flops, chunk_size=kernel_chunk_size(cfg.model, platform),
-      kernel_runs=cost.kernel_runs if cost else {}, compile_seconds=compile_seconds,
+      kernel_runs=program.kernel_runs if program else {}, compile_seconds=compile_seconds,
       compiler_message=compiler_message)
 
 
@@ -204,9 +205,9 @@ def _compile(cfg, target: str):
   """(the compiled train step, None), or (None, the compiler's message) when the TPU compiler
   refuses a program larger than HBM."""
   import jax
-  from goosejax import aot
+  from goosejax.plan import targets
   try:
-    return aot.compile_train_step(cfg, target, with_reset=cfg.data.pack_documents), None
+    return targets.compile_train_step(cfg, target, with_reset=cfg.data.pack_documents), None
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
@@ -387,14 +388,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def resolve_target(topology: str, devices: int | None) -> str:
   """A full target name from --topology and --devices."""
-  from goosejax import aot
+  from goosejax.plan import targets
   if ":" not in topology:
     if devices is None:
       raise PlanError(f"--topology {topology}: give the layout ({topology}:<topology>) or "
                       f"--devices N")
-    return aot.target_for(topology, devices)
+    return targets.target_for(topology, devices)
   if devices is not None:
-    count = aot.target_facts(topology).devices
+    count = targets.target_facts(topology).devices
     if count != devices:
       raise PlanError(f"--topology {topology} has {count} devices, not --devices {devices}")
   return topology

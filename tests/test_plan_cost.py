@@ -1,4 +1,4 @@
-"""goosejax.compiled_cost: FLOPs of compiled programs with loop bodies counted per trip, and Pallas
+"""goosejax.plan.cost: FLOPs of compiled programs with loop bodies counted per trip, and Pallas
 kernel executions. XLA's own cost analysis counts a `while` body once."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import SingleDeviceSharding
 
-from goosejax import aot, compiled_cost
+from goosejax.plan import cost, targets
 from goosejax.wkv import wkv7
 from targets import require
 
@@ -49,7 +49,7 @@ def _args(layers: int, sharding=None):
 @pytest.mark.parametrize("fn, layers, matmuls", [
     (_layers, 5, 5), (_layers, 9, 9), (_unrolled, 7, 7), (_nested, 4, 12)])
 def test_loop_bodies_count_once_per_trip_on_cpu(fn, layers, matmuls):
-  cost = compiled_cost.program_cost(_compile(fn, *_args(layers)))
+  cost = cost.program_cost(_compile(fn, *_args(layers)))
   assert cost.flops_counted_once < 0.5 * cost.flops     # what XLA reports: each body once
   assert matmuls * MATMUL <= cost.flops < matmuls * MATMUL * 1.05   # + the tanh's
   assert cost.kernel_runs == {}
@@ -60,9 +60,9 @@ def test_trip_counts_of_accelerator_programs(target, platform):
   """TPU programs carry no trip counts (read from the loop condition and increment here); GPU
   ones do."""
   require(platform)
-  device = SingleDeviceSharding(aot.target_devices(target)[0])
+  device = SingleDeviceSharding(targets.target_devices(target)[0])
   for fn, layers, matmuls in ((_nested, 4, 12), (_unrolled, 7, 7)):
-    cost = compiled_cost.program_cost(_compile(fn, *_args(layers, device)))
+    cost = cost.program_cost(_compile(fn, *_args(layers, device)))
     assert matmuls * MATMUL <= cost.flops < matmuls * MATMUL * 1.05
 
 
@@ -70,7 +70,7 @@ def test_pallas_kernel_runs_are_counted_per_trip():
   """The WKV kernel (interpret mode on CPU is not a custom call, so compile for a TPU) inside a
   scan of 3 steps runs 3 times; its forward+backward 3 times each."""
   require("tpu")
-  device = SingleDeviceSharding(aot.target_devices("v5e:2x2")[0])
+  device = SingleDeviceSharding(targets.target_devices("v5e:2x2")[0])
   shape = jax.ShapeDtypeStruct((3, 1, 128, 2, 64), jnp.bfloat16, sharding=device)
 
   def loss(*xs):
@@ -79,5 +79,5 @@ def test_pallas_kernel_runs_are_counted_per_trip():
       return total + jnp.sum(y.astype(jnp.float32)) + jnp.sum(state), None
     return jax.lax.scan(step, 0.0, xs)[0]
 
-  runs = compiled_cost.program_cost(_compile(jax.grad(loss), *[shape] * 6)).kernel_runs
+  runs = cost.program_cost(_compile(jax.grad(loss), *[shape] * 6)).kernel_runs
   assert sorted(runs.values()) == [3, 3] and any("forward" in name for name in runs)

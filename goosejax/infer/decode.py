@@ -5,7 +5,7 @@ layers as a `lax.scan` over weights stacked [L, ...], which slices (copies) ever
 weights out of the stacked arrays on every call. Here the weights are split per layer once,
 outside jit (`decode_weights`), and a step runs `goosejax.model.rwkv7.run_layers`: the model's
 `Blocks` on each layer's weights, unrolled, T = 1 for a decode step (the WKV operator then
-takes its fused single-token form, goosejax.wkv.step). No layer math lives here: embedding,
+takes its fused single-token form, goosejax.wkv.single_token). No layer math lives here: embedding,
 blocks, norms and head are the model's functions, so a step computes `model(tokens_B1, state)`.
 
 Layout: each layer's six large matrices and the head are stored [out, in] (`TRANSPOSED`) and

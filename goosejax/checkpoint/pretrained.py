@@ -4,8 +4,8 @@ Accepted paths (`source_kind` tells them apart, `read_params` reads each; every 
 — load_pretrained, `--model`, training's `--init-from`, `goosejax convert` — goes through them):
   * an official RWKV-7 x070 `.pth` (a torch zip file; read without torch, see convert/pth.py),
     in bf16 / fp16 / fp32, with or without layer 0's v0/v1/v2, vectors [1,1,C] or [C];
-  * a Hugging Face / flash-linear-attention directory (config.json + safetensors, convert/hf.py);
-  * a goosejax checkpoint directory (goosejax/checkpoint.py);
+  * a Hugging Face / flash-linear-attention directory (config.json + safetensors, convert/hf_checkpoint.py);
+  * a goosejax checkpoint directory (goosejax/checkpoint/format.py);
   * a training run directory: its latest complete checkpoint.
 """
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any, Literal
 import jax.numpy as jnp
 import numpy as np
 
-from goosejax import checkpoint
+from goosejax.checkpoint import format as checkpoint_format
 from goosejax.config import ModelConfig
-from goosejax.convert.hf import is_hf_directory, load_hf
+from goosejax.convert.hf_checkpoint import is_hf_directory, load_hf
 from goosejax.convert.official import CheckpointFormatError, official_to_params
 from goosejax.convert.pth import read_pth
 
@@ -67,7 +67,7 @@ def read_params(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, np.ndar
     cfg, params = official_to_params(state_dict, str(path), dtype=np.float32)
     return cfg, params, {"kind": kind, "path": str(path), "stored_dtypes": dtypes,
                          "has_layer0_value_lora": "blocks.0.att.v0" in state_dict}
-  info, params = checkpoint.load_checkpoint(path)
+  info, params = checkpoint_format.load_checkpoint(path)
   return info.model, params, {"kind": kind, "path": str(info.path), "step": info.step}
 
 
@@ -106,5 +106,5 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = "float32", *, param_dt
   try:
     load_param_dict(model, params)
   except ValueError as e:
-    raise checkpoint.CheckpointError(f"{path}: parameters do not fit the model config: {e}") from None
+    raise checkpoint_format.CheckpointError(f"{path}: parameters do not fit the model config: {e}") from None
   return model

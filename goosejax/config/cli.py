@@ -15,7 +15,7 @@ import argparse
 import shutil
 import sys
 
-from goosejax import config_args
+from goosejax.config import args as config_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
   parser = build_parser()
   args = config_args.parse_args(parser, argv)
   from goosejax.cli import exit_status
-  from goosejax.config_text import keys_markdown, keys_table, to_yaml
+  from goosejax.config.text import keys_markdown, keys_table, to_yaml
 
   if args.keys:
     if args.config or args.overrides or args.explain:

@@ -23,9 +23,9 @@ deleted array file): it renames each to `<step>.corrupt-<time>`, a name Orbax an
 never read as a step, and says so; when none restores it refuses, naming each, and renames
 nothing.
 
-This is the run-directory layout of goosejax/checkpoint.py (a CheckpointManager step with
+This is the run-directory layout of goosejax/checkpoint/format.py (a CheckpointManager step with
 params/ as a flat dict and meta/metadata): `goosejax.load_pretrained(RUN_DIR)` and
-`goosejax.checkpoint.load_checkpoint(RUN_DIR)` read a run's newest checkpoint for inference.
+`goosejax.checkpoint.format.load_checkpoint(RUN_DIR)` read a run's newest checkpoint for inference.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from goosejax.checkpoint import (FORMAT_VERSION, RUN_CHECKPOINTS, CheckpointError, checkpoint_steps,
+from goosejax.checkpoint.format import (FORMAT_VERSION, RUN_CHECKPOINTS, CheckpointError, checkpoint_steps,
                                  step_directory)
 from goosejax.config import Config, ConfigError, config_from_dict
 

@@ -99,7 +99,7 @@ def keys_markdown() -> str:
   lines = [
       "# Configuration keys",
       "",
-      f"<!-- Generated from goosejax/config.py; regenerate with `{MARKDOWN_COMMAND}`. -->",
+      f"<!-- Generated from goosejax/config/schema.py; regenerate with `{MARKDOWN_COMMAND}`. -->",
       "",
       "Every setting a run uses, by section. A config is a YAML file or preset "
       "(`--config tiny`); a file may start from another with `base: <preset or path>`. Any "

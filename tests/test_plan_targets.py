@@ -1,4 +1,4 @@
-"""Compiling for hardware this machine does not have: TPU slices and GPU nodes (goosejax.aot).
+"""Compiling for hardware this machine does not have: TPU slices and GPU nodes (goosejax.plan.targets).
 
 The real compilers run here (Mosaic and XLA:TPU from libtpu; XLA:GPU and ptxas from the CUDA
 plugin), so a kernel or sharded step that would not compile on the hardware fails here. Needs
@@ -15,14 +15,14 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import SingleDeviceSharding
 
-from goosejax import aot
+from goosejax.plan import targets
 from goosejax.config import load_config
 from goosejax.wkv import wkv7
 from targets import require
 
 
 def _kernel_calls(compiled, platform: str) -> int:
-  return aot.custom_call_targets(compiled.as_text()).count(aot.KERNEL_CALL_TARGETS[platform])
+  return targets.custom_call_targets(compiled.as_text()).count(targets.KERNEL_CALL_TARGETS[platform])
 
 
 _MOVE_FREE = {"parameter", "constant", "bitcast", "tuple", "get-tuple-element", "broadcast",
@@ -61,14 +61,14 @@ def _sequence_moves(compiled, elements: int) -> list[str]:
     ("h100:0", "1-16 GPUs per host"), ("tpu", "expected a TPU slice"),
 ])
 def test_bad_target_names_say_what_is_expected(name, error):
-  with pytest.raises(aot.TargetError, match=error):
-    aot.parse_target(name)
+  with pytest.raises(targets.TargetError, match=error):
+    targets.parse_target(name)
 
 
 def test_gpu_targets_parse_hosts_and_devices():
-  target = aot.parse_target("h200:4x8")
+  target = targets.parse_target("h200:4x8")
   assert (target.platform, target.kind, target.hosts, target.devices_per_host) == ("cuda", "h200", 4, 8)
-  assert aot.parse_target("h100:8").hosts == 1
+  assert targets.parse_target("h100:8").hosts == 1
 
 
 @pytest.mark.parametrize("target, platform, devices", [
@@ -77,9 +77,9 @@ def test_gpu_targets_parse_hosts_and_devices():
 ])
 def test_targets_give_compile_only_devices(target, platform, devices):
   require(platform)
-  facts = aot.target_facts(target)
-  assert facts.devices == devices == len(aot.target_devices(target))
-  assert facts.memory_bytes >= 16 * aot.GIB and facts.peak_bf16_flops > 1e14
+  facts = targets.target_facts(target)
+  assert facts.devices == devices == len(targets.target_devices(target))
+  assert facts.memory_bytes >= 16 * targets.GIB and facts.peak_bf16_flops > 1e14
 
 
 @pytest.mark.parametrize("target, platform", [("v5e:2x2", "tpu"), ("v5p:2x2x1", "tpu"),
@@ -88,7 +88,7 @@ def test_wkv_kernels_compile_forward_and_backward(target, platform):
   """impl="auto" on one device of the target: exactly one kernel in the forward, two (forward
   and backward) in forward+backward. T = 200 is not a multiple of any chunk size."""
   require(platform)
-  device = SingleDeviceSharding(aot.target_devices(target)[0])
+  device = SingleDeviceSharding(targets.target_devices(target)[0])
   inputs = [jax.ShapeDtypeStruct((2, 200, 4, 64), jnp.bfloat16, sharding=device) for _ in range(6)]
 
   def forward(*xs):
@@ -112,7 +112,7 @@ def test_wkv_kernels_read_and_write_sequences_in_place(target, platform):
   state checkpoints, so its temporaries stay below one sequence."""
   require(platform)
   shape = (2, 256, 4, 64)
-  device = SingleDeviceSharding(aot.target_devices(target)[0])
+  device = SingleDeviceSharding(targets.target_devices(target)[0])
   inputs = [jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=device) for _ in range(6)]
 
   def loss(*xs):
@@ -139,6 +139,6 @@ def test_sharded_train_step_compiles_with_the_kernels(target, platform, mesh):
   slice / 4-GPU node: the WKV kernels run per device inside it, forward and backward."""
   require(platform)
   cfg = load_config("tiny", ["model.vocab_size=512", "data.ctx_len=64", *mesh])
-  compiled = aot.compile_train_step(cfg, target)
+  compiled = targets.compile_train_step(cfg, target)
   assert _kernel_calls(compiled, platform) == 2
   assert compiled.memory_analysis().temp_size_in_bytes < 256 * 2**20

@@ -24,7 +24,7 @@ import numpy as np
 
 from goosejax.data.binidx import BinIdxWriter, dtype_for_vocab, prefix_of
 from goosejax.data.documents import expand_paths, read_documents
-from goosejax.data.errors import DataError
+from goosejax.errors import DataError
 from goosejax.data.tokenizer import load_tokenizer
 
 
