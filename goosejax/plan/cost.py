@@ -78,8 +78,11 @@ class _Program:
       else:
         current.lines.append(line)
     self.entry = next(c.name for c in self.computations.values() if c.is_entry)
+    # Memoised per program (a class-level functools.cache would keep every program's text alive
+    # for the whole process).
+    for method in ("loops", "callees", "loop_correction", "flops_counted_once"):
+      setattr(self, method, functools.cache(getattr(self, method)))
 
-  @functools.cache
   def loops(self, name: str) -> tuple[tuple[str, str, int], ...]:
     """(condition, body, trips) of each `while` in computation `name`."""
     found = []
@@ -88,7 +91,6 @@ class _Program:
         found.append((loop[2], loop[3], self.trip_count(name, line, loop)))
     return tuple(found)
 
-  @functools.cache
   def callees(self, name: str) -> tuple[tuple[str, int], ...]:
     """(computation called from `name`, times per run of `name`), loop trips included; a
     loop's condition runs once more than its body."""
@@ -126,7 +128,6 @@ class _Program:
           counts[kernel[1]] += times
     return dict(counts)
 
-  @functools.cache
   def loop_correction(self, name: str) -> float:
     """FLOPs the once-through count misses in `name`: every loop under it runs its body `trips`
     times, each run costing the body's own corrected count (loop conditions are compares and
@@ -141,7 +142,6 @@ class _Program:
         missing += self.loop_correction(callee)
     return missing
 
-  @functools.cache
   def flops_counted_once(self, root: str) -> float:
     """XLA's cost analysis of the module with `root` as its entry computation."""
     from jax._src.lib import _jax
