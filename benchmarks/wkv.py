@@ -33,7 +33,7 @@ import numpy as np
 
 from goosejax.wkv import CHUNK_SIZES, auto_choice, wkv7, wkv7_chunked, wkv7_reference
 from goosejax.wkv.reference import compute_dtype
-from pallas_kernels.chunk_sizes import LOG_DECAY_MIN
+from pallas_kernels.wkv_policy import LOG_DECAY_MIN
 VARIANTS = {  # name -> (mode, intra) for wkv7_chunked
     "chunked": ("sequential", "matmul"),
     "chunked+rec": ("sequential", "recurrent"),

@@ -25,7 +25,7 @@ walk only the state through them.
 
 Centring: the products A_xy use (x e^{g_t - m}) (y e^{m - g_s}) with m = g_end / 2, so every
 C x C x N product is a plain matmul, no ratio is formed by dividing cumulative products, and each
-factor is at most e^{|LOG_DECAY_MIN| C / 2} for decays in the RWKV-7 range (chunk_sizes).
+factor is at most e^{|LOG_DECAY_MIN| C / 2} for decays in the RWKV-7 range (wkv_policy).
 
 Packed heads (TPU): G heads side by side in the lanes, each head's contractions multiply by its
 lane mask and the state is block-diagonal [G*N, G*N]; with G = 1 the masks disappear.
@@ -60,7 +60,7 @@ LADDER_BLOCK = 16  # with sliced_inverse, the diagonal blocks the masked ladder 
 @dataclasses.dataclass(frozen=True)
 class ChunkLayout:
   """Static shape and precision facts of a chunk step."""
-  chunk_size: int      # C: chunk_sizes.CHUNK_SIZES (the math takes any power of two >= 2)
+  chunk_size: int      # C: wkv_policy.CHUNK_SIZES (the math takes any power of two >= 2)
   heads_packed: int    # G heads side by side in the lanes (block-diagonal state when > 1)
   head_size: int       # N
   value_lanes: int     # lanes of v, y and the state's rows (G*N, or a value tile when G == 1)

@@ -21,7 +21,7 @@ import numpy as np
 
 from pallas_kernels import mosaic_tpu, triton_gpu
 from pallas_kernels.chunk_math import FP32_DOTS, ChunkLayout
-from pallas_kernels.chunk_sizes import KERNEL_CHUNK_SIZES
+from pallas_kernels.wkv_policy import KERNEL_CHUNK_SIZES
 
 BACKENDS = tuple(KERNEL_CHUNK_SIZES)
 _INPUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -233,7 +233,7 @@ def wkv7_pallas(r, log_w, k, v, a, b, state=None, *, reset=None, chunk_size: int
 
   r, k, v, a, b, log_w: [B,T,H,N] float32/bfloat16/float16; state: [B,H,N,N] or None (zeros);
   reset: [B,T] bool or None. Differentiable in all of r, log_w, k, v, a, b and state.
-  chunk_size: tokens per chunk, `chunk_sizes.KERNEL_CHUNK_SIZES[backend]`: 16, 32 or 64 on TPU and
+  chunk_size: tokens per chunk, `wkv_policy.KERNEL_CHUNK_SIZES[backend]`: 16, 32 or 64 on TPU and
     16 or 32 with Triton (the kernels pad T with identity steps).
   backend: "tpu" (Mosaic), "triton" (GPU) or None for the default platform's (TPU layout on CPU).
   interpret: run the kernel in the Pallas interpreter; None means "when running on CPU".

@@ -9,7 +9,7 @@ import pytest
 
 from closeness import assert_close
 from pallas_kernels.chunk_math import ChunkLayout, ChunkMath, chunk_constants
-from pallas_kernels.chunk_sizes import LOG_DECAY_MIN
+from pallas_kernels.wkv_policy import LOG_DECAY_MIN
 from wkv_inputs import float32, make_inputs, recurrence
 
 NAMES = ("r", "log_w", "k", "v", "a", "b")

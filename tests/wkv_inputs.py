@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from closeness import relative_error  # noqa: F401  (the WKV tests' error measure)
-from pallas_kernels.chunk_sizes import LOG_DECAY_MIN
+from pallas_kernels.wkv_policy import LOG_DECAY_MIN
 
 
 def make_inputs(rng: np.random.Generator, batch: int, length: int, heads: int, head_size: int, *,

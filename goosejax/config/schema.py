@@ -11,7 +11,7 @@ from typing import Any, Literal, NamedTuple
 
 
 from goosejax.errors import GoosejaxError
-from pallas_kernels.chunk_sizes import CHUNK_SIZES
+from pallas_kernels.wkv_policy import CHUNK_SIZES
 
 
 class ConfigError(GoosejaxError):

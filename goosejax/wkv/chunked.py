@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from goosejax.wkv.reference import wkv7_step
 from pallas_kernels.chunk_math import ChunkMath
-from pallas_kernels.chunk_sizes import CHUNK_SIZES
+from pallas_kernels.wkv_policy import CHUNK_SIZES
 
 MODES = ("sequential", "associative")
 INTRA = ("matmul", "recurrent")

@@ -17,7 +17,7 @@ from goosejax.wkv.sequence_parallel import wkv7_sequence_parallel, wkv7_sequence
 from goosejax.wkv.chunked import wkv7_chunked
 from goosejax.wkv.reference import compute_dtype, wkv7_reference
 from goosejax.wkv.single_token import wkv7_single_token
-from pallas_kernels.chunk_sizes import CHUNK_SIZES, KERNEL_CHUNK_SIZES
+from pallas_kernels.wkv_policy import CHUNK_SIZES, KERNEL_CHUNK_SIZES
 
 IMPLEMENTATIONS = ("auto", "reference", "chunked", "associative", "pallas")
 

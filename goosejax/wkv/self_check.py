@@ -25,11 +25,12 @@ import numpy as np
 
 import pallas_kernels
 from goosejax.wkv.reference import wkv7_reference
+from pallas_kernels.wkv_policy import LOG_DECAY_MIN
 
 # Largest |error| / max |reference| accepted per output. Compiled fp32 dots (TF32x3 on CUDA,
 # multi-pass bf16 on TPU) stay near 1e-5; a wrong index or a lost term is O(1).
 TOLERANCE = 5e-3
-STRONGEST_LOG_DECAY = -0.606531   # -DECAY_SCALE * sigmoid(+inf): the model's fastest decay
+STRONGEST_LOG_DECAY = LOG_DECAY_MIN   # -DECAY_SCALE * sigmoid(+inf): the model's fastest decay
 
 
 @dataclasses.dataclass(frozen=True)

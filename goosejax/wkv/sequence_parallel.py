@@ -44,7 +44,7 @@ from goosejax.errors import GoosejaxError
 from goosejax.sharding import SEQUENCE_AXIS, from_neighbour, scan_spans
 from goosejax.wkv.chunked import associative_backward, associative_forward
 from pallas_kernels.chunk_math import ChunkMath
-from pallas_kernels.chunk_sizes import CHUNK_SIZES
+from pallas_kernels.wkv_policy import CHUNK_SIZES
 
 
 class SequenceSplitError(GoosejaxError):

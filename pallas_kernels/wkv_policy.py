@@ -11,7 +11,10 @@ C = 32 (see `triton_gpu`).
 """
 from __future__ import annotations
 
-LOG_DECAY_MIN = -0.6065306597126334  # -e^{-1/2}: RWKV-7's log decay lies in [LOG_DECAY_MIN, 0)
+# The model's decay scale: w = exp(-DECAY_SCALE * sigmoid(z)). The official runtime's 6-digit
+# constant (e^{-1/2} rounded); the model must match that runtime bit for bit, so keep it as is.
+DECAY_SCALE = 0.606531
+LOG_DECAY_MIN = -DECAY_SCALE  # RWKV-7's log decay lies in [LOG_DECAY_MIN, 0)
 
 CHUNK_SIZES = (16, 32, 64)  # every chunked form: XLA chunked / associative, Pallas TPU
 KERNEL_CHUNK_SIZES = {"tpu": CHUNK_SIZES, "triton": (16, 32)}  # per Pallas backend
