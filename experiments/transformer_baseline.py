@@ -22,7 +22,7 @@ from flax import nnx
 
 from goosejax.config import ModelConfig
 from goosejax.model.norms import LayerNorm
-from goosejax.model.time_mix import matmul
+from goosejax.model.layers import matmul
 
 INIT_STD = 0.02
 ROPE_BASE = 10_000.0

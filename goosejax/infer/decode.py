@@ -11,7 +11,7 @@ blocks, norms and head are the model's functions, so a step computes `model(toke
 Layout: each layer's six large matrices and the head are stored [out, in] (`TRANSPOSED`) and
 given to the model as `Transposed` weights, which its one `matmul` contracts on their second
 axis: XLA:CPU's one-row products read them 5-10% faster than [in, out] (0.1B shape, 2-core
-x86-64). Not as transposed views (x @ w_OI.T): XLA:CPU fuses those into a loop that made
+x86-64). Not as transposed views (x @ w_out_in.T): XLA:CPU fuses those into a loop that made
 whole decode steps slower (and is ~10x slower on the narrow LoRA matrices, which stay
 [in, out]; [out, in] was no faster for them). benchmarks/inference.py measures decoding
 against chains of these matrix-vector products.
@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from goosejax.model.layers import Transposed
 from goosejax.model.norms import layer_norm
 from goosejax.model.params import param_dict
 from goosejax.model.rwkv7 import Blocks, embed, head_logits, run_layers
 from goosejax.model.state import LayerStates, RWKV7State, join_state, split_state
-from goosejax.model.time_mix import Transposed
 from goosejax.param_table import PARAMS, Layout
 
 _LAYER_PREFIX = "blocks."

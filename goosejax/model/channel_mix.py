@@ -8,7 +8,7 @@ from flax import nnx
 from goosejax import sharding
 from goosejax.config import ModelConfig
 from goosejax.model import init
-from goosejax.model.time_mix import matmul
+from goosejax.model.layers import matmul
 
 
 class ChannelMix(nnx.Module):

@@ -17,9 +17,10 @@ from goosejax import sharding
 from goosejax.config import ModelConfig
 from goosejax.model import init
 from goosejax.model.channel_mix import ChannelMix
+from goosejax.model.layers import matmul
 from goosejax.model.norms import LayerNorm, layer_norm
 from goosejax.model.state import LayerStates, RWKV7State, zeros_state
-from goosejax.model.time_mix import TimeMix, matmul
+from goosejax.model.time_mix import TimeMix
 from goosejax.sharding import previous_tokens
 
 

@@ -8,46 +8,12 @@ from flax import nnx
 from goosejax import sharding
 from goosejax.config import ModelConfig
 from goosejax.model import init
+from goosejax.model.layers import matmul
 from goosejax.model.norms import group_norm_heads
 from goosejax.wkv import wkv7
 
 DECAY_SCALE = 0.606531       # the official runtime's constant (e^-0.5 to 6 digits)
 KK_NORM_EPS = 1e-12          # F.normalize's eps on the norm
-
-
-@jax.tree_util.register_pytree_node_class
-class Transposed:
-  """A weight matrix stored [out, in] (the transpose of the model's [in, out]), for `matmul`.
-
-  Decoding stores its large matrices this way: one-row products read them faster on XLA:CPU
-  (goosejax.infer.decode). It stands where the [in, out] array would, also inside a Param
-  (`param[...]` gives it back), so the model's code runs unchanged on either layout.
-  """
-
-  def __init__(self, w_OI: jax.Array):
-    self.w_OI = w_OI
-
-  def __getitem__(self, index):
-    if index is not Ellipsis:
-      raise TypeError("a Transposed weight is only read whole (param[...])")
-    return self
-
-  def tree_flatten(self):
-    return (self.w_OI,), None
-
-  @classmethod
-  def tree_unflatten(cls, _, children):
-    return cls(*children)
-
-
-def matmul(x: jax.Array, w, out_dtype=None) -> jax.Array:
-  """x @ w for w [in, out] (an array, or a `Transposed` one stored [out, in]), with w cast to
-  x's dtype and fp32 accumulation at full precision; the result in `out_dtype` (default x's
-  dtype). The one matrix product of the model: every linear layer, LoRA and the head."""
-  w, axis = (w.w_OI, 1) if isinstance(w, Transposed) else (w, 0)
-  y = jax.lax.dot_general(x, w.astype(x.dtype), (((x.ndim - 1,), (axis,)), ((), ())),
-                          precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-  return y.astype(out_dtype or x.dtype)
 
 
 def matmul_f32(x: jax.Array, w) -> jax.Array:
