@@ -1,9 +1,14 @@
 """`train(cfg, run_dir)`: one pretraining run, start to finish, resumable at any point.
 
-    mesh -> run dir check -> fresh sharded state, --init-from weights, or the latest
-    checkpoint (params, optimizer, data position) -> compile (memory printed) -> steps:
-    dispatch step k+1, then read step k's metrics (the host never stalls the device),
-    log, evaluate, checkpoint -> final checkpoint.
+    open the run: mesh -> run-directory lock and checks (run_dir) -> fresh sharded state,
+        --init-from weights, or the latest checkpoint (params, optimizer, data position)
+        -> config.json -> logger
+    run steps: compile (memory printed), then dispatch step k+1 before reading step k's
+        metrics (the host never stalls the device); log, evaluate, checkpoint
+    finish: the final checkpoint, on disk before the run says how it ended
+
+`train` gathers its arguments into one `RunOptions`; the open run (`_Run`) holds what the
+steps use and the run's mutable state, and is closed on every way out.
 
 Stopping: the run ends after `run.steps` updates, on SIGTERM/SIGINT (preemption: a
 checkpoint is written first), or with `NonFiniteLossError` when a loss or gradient norm is
@@ -20,34 +25,27 @@ checkpoint that does not restore is moved aside and the one before it resumes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TextIO
+from typing import Any, Callable, Mapping, TextIO
 
 import jax
 import numpy as np
 
 from goosejax import sharding
-from goosejax.checkpoint.format import checkpoint_steps
-from goosejax.config import EXECUTION_SETTINGS, Config, ConfigError, ModelConfig
-from goosejax.config.text import write_config_yaml
+from goosejax.config import Config, ConfigError
 from goosejax.sharding import SEQUENCE_AXIS
-from goosejax.train import recipe, run_dir as run_dir_lock
+from goosejax.train import recipe, run_dir as run_dir_module
 from goosejax.train.batches import ResumableBatches, open_batches
-from goosejax.train.run_checkpoints import (CheckpointError, TrainCheckpointer, read_checkpoint_config,
-                                       read_run_config, write_run_config)
 from goosejax.train.compiled_steps import CompiledSteps
 from goosejax.train.metrics import (MetricsLogger, flops_per_token, memory_summary,
                                     peak_flops_per_device)
+from goosejax.train.run_checkpoints import CheckpointError, TrainCheckpointer
 from goosejax.wkv.dispatch import startup_line
-
-
-# The config as YAML for people (`goosejax config`'s output, each value's source noted);
-# resuming reads config.json.
-RESOLVED_CONFIG_FILE = "config.yaml"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -99,65 +97,6 @@ def _check_batch_layout(cfg: Config, mesh) -> None:
     raise ConfigError(str(e)) from None
 
 
-# Data settings the saved data position depends on. data.paths is left to the data
-# pipeline's own check (file names and sizes), so a corpus may move to another directory.
-_DATA_POSITION_SETTINGS = ("source", "tokenizer", "ctx_len", "batch_size", "order", "seed",
-                           "weights", "pack_documents", "validation_fraction", "magic_prime")
-
-
-def _changes(section: str, before: Any, now: Any, keys: Sequence[str]) -> list[str]:
-  """['model.n_layer 2 -> 3', ...] for the `keys` of two config dataclasses that differ."""
-  return [f"{section}.{k} {getattr(before, k)!r} -> {getattr(now, k)!r}" for k in keys
-          if getattr(before, k) != getattr(now, k)]
-
-
-def _check_run_dir(run_dir: Path, cfg: Config) -> list[str]:
-  """The config must continue what the run directory holds: the same model, and the same
-  data settings once a checkpoint records a data position. Reads config.json, or the
-  newest checkpoint's saved config when config.json is gone. Returns the execution settings
-  (EXECUTION_SETTINGS: compute dtype, WKV implementation and chunk size) that changed,
-  which are allowed."""
-  previous, source = read_run_config(run_dir), run_dir / "config.json"
-  if previous is None:
-    from_checkpoint = read_checkpoint_config(run_dir)
-    if from_checkpoint is None:
-      return []
-    previous, source = from_checkpoint
-  identity = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in EXECUTION_SETTINGS]
-  changed = _changes("model", previous.model, cfg.model, identity)
-  if changed:
-    raise CheckpointError(f"{run_dir} holds a different model ({source} vs now: "
-                          f"{', '.join(changed)}); use a new --run-dir")
-  switched = _changes("model", previous.model, cfg.model, EXECUTION_SETTINGS)
-  if not checkpoint_steps(run_dir):
-    return switched
-  changed = _changes("data", previous.data, cfg.data, _DATA_POSITION_SETTINGS)
-  if changed:
-    raise CheckpointError(f"{run_dir}: its checkpoints resume a data position that depends on "
-                          f"the data settings, which changed ({source} vs now: "
-                          f"{', '.join(changed)}); set them back or use a new --run-dir")
-  return switched
-
-
-def _take_run_dir_lock(run_dir: Path, say: Callable[[str], None]) -> "run_dir_lock.RunLock | None":
-  """Process 0 takes the lock; every process raises if it could not."""
-  lock, error = None, None
-  if jax.process_index() == 0:
-    try:
-      lock = run_dir_lock.acquire(run_dir, say)
-    except run_dir_lock.RunDirError as e:
-      error = e
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    taken = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
-    if not taken and error is None:
-      error = run_dir_lock.RunDirError(f"{run_dir}: process 0 could not take the run-directory "
-                                   "lock (its message says why)")
-  if error is not None:
-    raise error
-  return lock
-
-
 def load_init_params(path: str | Path, cfg: Config) -> dict[str, np.ndarray]:
   """Starting weights: an official .pth, a goosejax checkpoint or a run directory's latest
   step (goosejax.checkpoint.pretrained.read_params), checked against the model config."""
@@ -197,8 +136,19 @@ def _restore_or_init(cfg: Config, run_dir: Path, init_from: str | Path | None, t
   return state, shardings, None
 
 
-def _finite(*values: float) -> bool:
-  return all(math.isfinite(v) for v in values)
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+  """`train`'s keyword arguments, the mesh, output and compiled-step cache defaulted; the batches
+  stay None until the run directory has accepted the config (opening them reads the data)."""
+  init_from: str | Path | None
+  batches: ResumableBatches | None
+  open_validation: Callable[[], ResumableBatches | None] | None
+  mesh: jax.sharding.Mesh
+  stop_at_step: int | None
+  out: TextIO
+  progress_bar: bool | None
+  compiled_steps: CompiledSteps
+  config_sources: Mapping[str, str] | None
 
 
 def train(cfg: Config, run_dir: str | Path, *, init_from: str | Path | None = None,
@@ -214,170 +164,277 @@ def train(cfg: Config, run_dir: str | Path, *, init_from: str | Path | None = No
   `config_sources` (config.ResolvedConfig.sources) annotates RUN_DIR/config.yaml."""
   recipe.check_trainable(cfg)
   run_dir = Path(run_dir)
-  primary = jax.process_index() == 0
-  out = out or sys.stdout
-  say = (lambda line: print(line, file=out, flush=True)) if primary else (lambda line: None)
-  mesh = mesh or sharding.make_mesh(cfg.mesh)
-  _check_batch_layout(cfg, mesh)
-  lock = _take_run_dir_lock(run_dir, say)
+  options = RunOptions(
+      init_from=init_from, batches=train_batches, open_validation=open_validation,
+      mesh=mesh or sharding.make_mesh(cfg.mesh), stop_at_step=stop_at_step,
+      out=out or sys.stdout, progress_bar=progress_bar,
+      compiled_steps=compiled_steps if compiled_steps is not None else CompiledSteps(),
+      config_sources=config_sources)
+  say = _say_on_process_0(options.out)
+  _check_batch_layout(cfg, options.mesh)
+  lock = run_dir_module.take_lock(run_dir, say)
   try:
-    return _train_holding_lock(cfg, run_dir, init_from, train_batches, open_validation, mesh,
-                               stop_at_step, out, say, progress_bar,
-                               compiled_steps if compiled_steps is not None else CompiledSteps(),
-                               config_sources)
+    return _train_holding_lock(cfg, run_dir, options, say)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _train_holding_lock(cfg: Config, run_dir: Path, init_from: str | Path | None,
-                        train_batches: ResumableBatches | None,
-                        open_validation: Callable[[], ResumableBatches | None] | None,
-                        mesh: jax.sharding.Mesh, stop_at_step: int | None, out: TextIO,
-                        say: Callable[[str], None], progress_bar: bool | None,
-                        compiled_steps: CompiledSteps,
-                        config_sources: Mapping[str, str] | None) -> RunResult:
-  primary = jax.process_index() == 0
-  switched = _check_run_dir(run_dir, cfg)
+def _say_on_process_0(out: TextIO) -> Callable[[str], None]:
+  if jax.process_index() != 0:
+    return lambda line: None
+  return lambda line: print(line, file=out, flush=True)
+
+
+def _train_holding_lock(cfg: Config, run_dir: Path, options: RunOptions,
+                        say: Callable[[str], None]) -> RunResult:
+  """Open the run, run its steps, finish it; the run is closed on every way out."""
+  run = _open_run(cfg, run_dir, options, say)
+  try:
+    step, data_state = _run_steps(run)
+    return _finish(run, step, data_state)
+  finally:
+    run.close()
+
+
+@dataclasses.dataclass
+class _Run:
+  """An open run: what its steps use, and its mutable state (the train state, the newest
+  checkpoint's step, metrics not read yet, this invocation's losses, the latest validation
+  loss). `close()` restores the signal handlers and closes the logger and checkpointer."""
+  cfg: Config
+  run_dir: Path
+  options: RunOptions
+  say: Callable[[str], None]
+  batches: ResumableBatches
+  open_validation: Callable[[], ResumableBatches | None]
+  graphdef: Any
+  tx: Any
+  shardings: Any
+  eval_step: Callable[..., Any]
+  checkpointer: TrainCheckpointer
+  logger: MetricsLogger
+  stop: StopRequest
+  restore_signals: Callable[[], None]
+  state: recipe.TrainState
+  start: int                        # the step this invocation starts from
+  last_saved: int | None
+  pending: tuple[int, Any] | None = None     # (step, metrics on the devices)
+  losses: dict[int, float] = dataclasses.field(default_factory=dict)
+  val_loss: float | None = None
+
+  def next_batch(self) -> dict[str, jax.Array]:
+    return sharding.host_to_global(next(self.batches), self.options.mesh)
+
+  def compile_train_step(self, batch: dict[str, jax.Array]) -> Callable[..., Any]:
+    """The train step for `batch`'s shapes, compiled or taken from options.compiled_steps;
+    its memory use printed."""
+    cfg, mesh = self.cfg, self.options.mesh
+    signature = tuple((k, v.shape, v.dtype.name) for k, v in sorted(batch.items()))
+    compiled = self.options.compiled_steps.get_or_build(
+        ("train", cfg.model, cfg.optimizer, cfg.run.steps, cfg.run.remat, mesh, signature),
+        lambda: recipe.jit_train_step(recipe.make_train_step(self.graphdef, self.tx, cfg, mesh),
+                                      self.shardings, mesh).lower(self.state, batch).compile())
+    self.say(memory_summary(compiled))
+    return compiled
+
+  def flush(self) -> None:
+    """Read the pending step's metrics (waiting for that step), refuse non-finite ones, log."""
+    if self.pending is None:
+      return
+    (step, metrics), self.pending = self.pending, None
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not _finite(values["loss"], values["grad_norm"], values["param_norm"]):
+      raise _non_finite_error(step, values, self.last_saved, self.checkpointer.directory)
+    self.losses[step] = values["loss"]
+    self.logger.log_step(step, values)
+    if step % self.cfg.run.log_every == 0 or step == self.cfg.run.steps:
+      self.logger.end_interval(step)
+
+  def evaluate(self, step: int) -> None:
+    """val_loss: the mean over run.eval_batches validation batches, logged; None without
+    validation data."""
+    self.val_loss = None
+    batches = self.open_validation()
+    if batches is None:
+      return
+    mesh = self.options.mesh
+    batch_losses = [float(self.eval_step(self.state.params, sharding.host_to_global(batch, mesh)))
+                    for _, batch in zip(range(self.cfg.run.eval_batches), batches)]
+    if not batch_losses:
+      return
+    self.val_loss = float(np.mean(batch_losses))
+    self.logger.log_eval(step, self.val_loss)
+    self.say(f"step {step}: validation loss {self.val_loss:.4f}")
+
+  def save(self, step: int, data_state: Any) -> None:
+    self.checkpointer.save(step, self.state.params, self.state.opt_state, data_state,
+                           {"model": dataclasses.asdict(self.cfg.model),
+                            "config": self.cfg.to_dict()})
+    self.last_saved = step
+
+  def close(self) -> None:
+    self.restore_signals()
+    self.logger.close()
+    self.checkpointer.close()
+
+
+def _open_run(cfg: Config, run_dir: Path, options: RunOptions,
+              say: Callable[[str], None]) -> _Run:
+  """Everything before the first step but its compilation: the checks, the state (restored or
+  new), config.json, the startup lines, the logger, the signal handlers. The checkpointer is
+  closed if any of it fails."""
+  switched = run_dir_module.check_compatible(run_dir, cfg)
   if switched:
     say(f"{run_dir}: execution settings changed since the last run ({', '.join(switched)}); "
         "the model and its checkpoints are the same")
-  pcount = jax.process_count()
-  rows = sharding.process_row_block(mesh)  # processes that hold the same rows load the same data
-  if train_batches is None:
-    train_batches = open_batches(cfg, "train", rows.index, rows.count)
-  if open_validation is None:
-    open_validation = lambda: open_batches(cfg, "validation", rows.index, rows.count)
-
+  batches, open_validation = _open_data(cfg, options)
   graphdef, shapes = recipe.abstract_model(cfg)
   tx = recipe.make_optimizer(cfg.optimizer, cfg.run.steps, list(shapes))
   checkpointer = TrainCheckpointer(run_dir, cfg.run.keep_checkpoints, cfg.run.async_checkpointing)
   try:
-    state, shardings, latest = _restore_or_init(cfg, run_dir, init_from, tx, mesh, checkpointer,
-                                                train_batches, say)
-    if primary:
-      write_run_config(run_dir, cfg)  # only now: everything above has accepted this config
-      write_config_yaml(run_dir / RESOLVED_CONFIG_FILE, cfg, config_sources)
-      say(f"resolved config: {run_dir / RESOLVED_CONFIG_FILE} (`--config` reads it back)")
+    state, shardings, latest = _restore_or_init(cfg, run_dir, options.init_from, tx, options.mesh,
+                                                checkpointer, batches, say)
+    if jax.process_index() == 0:  # only now: everything above has accepted this config
+      run_dir_module.write_config_files(run_dir, cfg, options.config_sources, say)
+    _say_model(cfg, options.mesh, shapes, say)
+    eval_step = options.compiled_steps.get_or_build(
+        ("eval", cfg.model, cfg.run.remat, options.mesh),
+        lambda: recipe.jit_eval_step(recipe.make_eval_step(graphdef, options.mesh), shardings,
+                                     options.mesh))
+    logger = _open_logger(cfg, run_dir, options, latest or 0, say)
   except BaseException:
     checkpointer.close()
     raise
-  start = latest or 0
-  total = cfg.run.steps
+  stop = StopRequest()
+  return _Run(
+      cfg=cfg, run_dir=run_dir, options=options, say=say, batches=batches,
+      open_validation=open_validation, graphdef=graphdef, tx=tx, shardings=shardings,
+      eval_step=eval_step, checkpointer=checkpointer, logger=logger, stop=stop,
+      restore_signals=_install_signal_handlers(stop), state=state, start=latest or 0,
+      last_saved=latest)
+
+
+def _open_data(cfg: Config, options: RunOptions
+               ) -> tuple[ResumableBatches, Callable[[], ResumableBatches | None]]:
+  """The given batches, else the configured data; processes that hold the same rows of the
+  batch load the same data."""
+  rows = sharding.process_row_block(options.mesh)
+  batches = options.batches
+  if batches is None:
+    batches = open_batches(cfg, "train", rows.index, rows.count)
+  open_validation = options.open_validation
+  if open_validation is None:
+    open_validation = functools.partial(open_batches, cfg, "validation", rows.index, rows.count)
+  return batches, open_validation
+
+
+def _say_model(cfg: Config, mesh: jax.sharding.Mesh, shapes: Mapping[str, Any],
+               say: Callable[[str], None]) -> None:
   n_params = sum(math.prod(s.shape) for s in shapes.values())
   say(f"model: {n_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)} over {mesh.devices.size} "
-      f"devices ({jax.devices()[0].device_kind}), {pcount} process(es)")
+      f"devices ({jax.devices()[0].device_kind}), {jax.process_count()} process(es)")
   say(startup_line(cfg.model.wkv_impl, cfg.model.wkv_chunk_size, mesh.shape[SEQUENCE_AXIS]))
 
-  eval_step = compiled_steps.get_or_build(
-      ("eval", cfg.model, cfg.run.remat, mesh),
-      lambda: recipe.jit_eval_step(recipe.make_eval_step(graphdef, mesh), shardings, mesh))
-  tokens_per_step = cfg.data.batch_size * cfg.data.ctx_len
+
+def _open_logger(cfg: Config, run_dir: Path, options: RunOptions, start: int,
+                 say: Callable[[str], None]) -> MetricsLogger:
+  """The metrics logger (process 0 writes), MFU measured against the devices' peak."""
   peak, peak_source = peak_flops_per_device(cfg.run.peak_tflops)
+  n_devices = options.mesh.devices.size
   logger = MetricsLogger(
-      run_dir, total_steps=total, tokens_per_step=tokens_per_step,
+      run_dir, total_steps=cfg.run.steps, tokens_per_step=cfg.data.batch_size * cfg.data.ctx_len,
       train_flops_per_token=flops_per_token(cfg.model)["train"],
-      peak_flops_total=peak * mesh.devices.size, n_devices=mesh.devices.size,
-      resume_step=start, tensorboard=cfg.run.tensorboard, out=out, enabled=primary,
-      progress_bar=progress_bar)
+      peak_flops_total=peak * n_devices, n_devices=n_devices, resume_step=start,
+      tensorboard=cfg.run.tensorboard, out=options.out, enabled=jax.process_index() == 0,
+      progress_bar=options.progress_bar)
   say(f"MFU against {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
+  return logger
 
-  stop = StopRequest()
-  restore_signals = _install_signal_handlers(stop)
-  losses: dict[int, float] = {}
-  val_loss = None
-  last_saved = latest
 
-  def save(step: int, data_state: Any) -> None:
-    nonlocal last_saved
-    checkpointer.save(step, state.params, state.opt_state, data_state,
-                      {"model": dataclasses.asdict(cfg.model), "config": cfg.to_dict()})
-    last_saved = step
-
-  def flush(pending) -> None:
-    step, metrics = pending
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not _finite(values["loss"], values["grad_norm"], values["param_norm"]):
-      where = (f"the last good checkpoint is step {last_saved} in {checkpointer.directory}; "
-               "rerunning resumes from it" if last_saved is not None else
-               "no checkpoint was written yet; rerunning starts over")
-      raise NonFiniteLossError(
-          f"step {step}: loss {values['loss']}, gradient norm {values['grad_norm']}, parameter "
-          f"norm {values['param_norm']} (lr {values['lr']:.3g}); stopping. {where} (lower "
-          "optimizer.lr_init or check the data)")
-    losses[step] = values["loss"]
-    logger.log_step(step, values)
-    if step % cfg.run.log_every == 0 or step == total:
-      logger.end_interval(step)
-
-  def evaluate(step: int) -> float | None:
-    batches = open_validation()
-    if batches is None:
-      return None
-    batch_losses = [float(eval_step(state.params, sharding.host_to_global(batch, mesh)))
-                    for _, batch in zip(range(cfg.run.eval_batches), batches)]
-    if not batch_losses:
-      return None
-    result = float(np.mean(batch_losses))
-    logger.log_eval(step, result)
-    say(f"step {step}: validation loss {result:.4f}")
-    return result
-
-  try:
-    step = start
+def _run_steps(run: _Run) -> tuple[int, Any]:
+  """Compile (under the signal handlers: a long compile stops cleanly), then step until
+  run.steps or a stop request. Step k+1 is dispatched before step k's metrics are read, so
+  the host never stalls the devices. Returns the last step and the data position a
+  checkpoint of it records."""
+  step, total = run.start, run.cfg.run.steps
+  data_state = None
+  if step < total:
+    batch = run.next_batch()
+    compiled = run.compile_train_step(batch)
+  run.logger.restart_clock()
+  while step < total and run.stop.reason is None:
+    run.state, metrics = compiled(run.state, batch)
+    step += 1
+    run.checkpointer.raise_if_save_failed()  # a full disk stops the run now, not a save later
+    # The data position a checkpoint of this step records, taken before the next batch is
+    # read (which overlaps with the step running on the devices).
+    data_state = run.batches.get_state()
     if step < total:
-      batch = sharding.host_to_global(next(train_batches), mesh)
-      signature = tuple((k, v.shape, v.dtype.name) for k, v in sorted(batch.items()))
-      compiled = compiled_steps.get_or_build(
-          ("train", cfg.model, cfg.optimizer, cfg.run.steps, cfg.run.remat, mesh, signature),
-          lambda: recipe.jit_train_step(recipe.make_train_step(graphdef, tx, cfg, mesh),
-                                        shardings, mesh).lower(state, batch).compile())
-      say(memory_summary(compiled))
-    logger.restart_clock()
-    pending = None
-    while step < total and stop.reason is None:
-      state, metrics = compiled(state, batch)
-      step += 1
-      checkpointer.raise_if_save_failed()  # a full disk stops the run now, not a save later
-      # The data position a checkpoint of this step records, taken before the next batch is
-      # read (which overlaps with the step running on the devices).
-      data_state = train_batches.get_state()
-      if step < total:
-        batch = sharding.host_to_global(next(train_batches), mesh)
-      if pending is not None:
-        flush(pending)
-      pending = (step, metrics)
-      if step == stop_at_step:
-        stop.request("stop_at_step")
-      if pcount > 1 and _preemption_reached(step):
-        stop.request("signal")
-      eval_due = step % cfg.run.eval_every == 0 or step == total
-      save_due = step % cfg.run.checkpoint_every == 0 or step == total or stop.reason is not None
-      if eval_due or save_due:
-        flush(pending)
-        pending = None
-        if eval_due:
-          val_loss = evaluate(step)
-        if save_due:
-          save(step, data_state)
-        logger.restart_clock()
-    if pending is not None:
-      flush(pending)
-    if stop.reason is not None and step > start and last_saved != step:
-      save(step, data_state)  # the signal came after this step's checkpoint decision
-    checkpointer.wait()  # the final checkpoint is on disk before the run says so
-    if start >= total:
-      say(f"{run_dir} already finished {start} of run.steps={total} steps; raise --steps to continue")
-    reason = stop.reason or "finished"
-    if reason != "finished" and step > start:
-      say(f"stopped after step {step} ({reason}); checkpoint saved, rerun the same command to resume")
-    elif reason != "finished":
-      say(f"stopped before the first step ({reason}); nothing new to save")
-    return RunResult(step, reason, losses, val_loss)
-  finally:
-    restore_signals()
-    logger.close()
-    checkpointer.close()
+      batch = run.next_batch()
+    run.flush()  # the step before: one step behind, while this one runs
+    run.pending = (step, metrics)
+    _note_stop_requests(run, step)
+    _evaluate_and_save_if_due(run, step, data_state)
+  run.flush()
+  return step, data_state
+
+
+def _note_stop_requests(run: _Run, step: int) -> None:
+  if step == run.options.stop_at_step:
+    run.stop.request("stop_at_step")
+  if jax.process_count() > 1 and _preemption_reached(step):
+    run.stop.request("signal")
+
+
+def _evaluate_and_save_if_due(run: _Run, step: int, data_state: Any) -> None:
+  """Evaluate and checkpoint where due, after reading this step's metrics; the step clock
+  restarts after, so neither counts as step time."""
+  settings = run.cfg.run
+  eval_due = step % settings.eval_every == 0 or step == settings.steps
+  save_due = (step % settings.checkpoint_every == 0 or step == settings.steps
+              or run.stop.reason is not None)
+  if not (eval_due or save_due):
+    return
+  run.flush()
+  if eval_due:
+    run.evaluate(step)
+  if save_due:
+    run.save(step, data_state)
+  run.logger.restart_clock()
+
+
+def _finish(run: _Run, step: int, data_state: Any) -> RunResult:
+  """The last checkpoint, on disk before the run says how it ended."""
+  if run.stop.reason is not None and step > run.start and run.last_saved != step:
+    run.save(step, data_state)  # the signal came after this step's checkpoint decision
+  run.checkpointer.wait()
+  total = run.cfg.run.steps
+  if run.start >= total:
+    run.say(f"{run.run_dir} already finished {run.start} of run.steps={total} steps; raise --steps "
+            "to continue")
+  reason = run.stop.reason or "finished"
+  if reason != "finished" and step > run.start:
+    run.say(f"stopped after step {step} ({reason}); checkpoint saved, rerun the same command to "
+            "resume")
+  elif reason != "finished":
+    run.say(f"stopped before the first step ({reason}); nothing new to save")
+  return RunResult(step, reason, run.losses, run.val_loss)
+
+
+def _finite(*values: float) -> bool:
+  return all(math.isfinite(v) for v in values)
+
+
+def _non_finite_error(step: int, values: Mapping[str, float], last_saved: int | None,
+                      checkpoints: Path) -> NonFiniteLossError:
+  where = (f"the last good checkpoint is step {last_saved} in {checkpoints}; "
+           "rerunning resumes from it" if last_saved is not None else
+           "no checkpoint was written yet; rerunning starts over")
+  return NonFiniteLossError(
+      f"step {step}: loss {values['loss']}, gradient norm {values['grad_norm']}, parameter "
+      f"norm {values['param_norm']} (lr {values['lr']:.3g}); stopping. {where} (lower "
+      "optimizer.lr_init or check the data)")
 
 
 def _preemption_reached(step: int) -> bool:

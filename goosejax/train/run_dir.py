@@ -1,15 +1,23 @@
-"""One `goosejax train` per run directory: RUN_DIR/train.lock.
+"""The run directory before training: one `goosejax train` at a time holds it, the config
+must continue what it holds, and only then are config.json and config.yaml written.
 
-The lock is an exclusive `fcntl.flock` on RUN_DIR/train.lock, which the kernel releases
-when the holder dies, even by kill -9; the file also names the holder (host, pid, start
-time) for the refusal message. A clean exit empties the file, so a non-empty file found
-unlocked was left by a process that died: it is taken over with a one-line notice.
+Lock: RUN_DIR/train.lock, an exclusive `fcntl.flock`, which the kernel releases when the
+holder dies, even by kill -9; the file also names the holder (host, pid, start time) for the
+refusal message. A clean exit empties the file, so a non-empty file found unlocked was left
+by a process that died: it is taken over with a one-line notice.
 
 Where the filesystem has no flock (some NFS/Lustre mounts), the file alone decides: a
 holder that is still running on this host, or any holder on another host (whose pid
 cannot be checked from here), refuses the start; a dead holder on this host is taken over.
 In a multi-process job only process 0 takes the lock (it alone writes config.json and
-metrics); the others learn its outcome from `train`.
+metrics); `take_lock` tells every process its outcome.
+
+Compatibility (`check_compatible`): the same model as config.json (or the newest
+checkpoint's saved config), and the same data settings once a checkpoint records a data
+position; execution settings may change.
+
+The lock needs only the standard library and goosejax.config: what reads checkpoints or talks
+to other processes imports JAX inside the function, so a bare process can hold the lock.
 """
 from __future__ import annotations
 
@@ -21,11 +29,16 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping, Sequence
 
+from goosejax.config import EXECUTION_SETTINGS, Config, ModelConfig
+from goosejax.config.text import write_config_yaml
 from goosejax.errors import GoosejaxError
 
 LOCK_FILE = "train.lock"
+# The config as YAML for people (`goosejax config`'s output, each value's source noted);
+# resuming reads config.json.
+RESOLVED_CONFIG_FILE = "config.yaml"
 # flock errors that mean "this filesystem cannot lock", not "someone holds it".
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
 
@@ -164,3 +177,77 @@ def _held_message(path: Path, holder: Holder | None) -> str:
   who = holder.describe() if holder is not None else "a process that has not written its name yet"
   return (f"{path.parent} is in use by another goosejax train: {who}; wait for it to finish or "
           f"stop it, or use another --run-dir")
+
+
+def take_lock(run_dir: Path, say: Callable[[str], None]) -> RunLock | None:
+  """Process 0 takes the lock (the others get None); every process raises if it could not."""
+  import jax  # here, not at the top: a bare process holds the lock without JAX
+  lock, error = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = acquire(run_dir, say)
+    except RunDirError as e:
+      error = e
+  if jax.process_count() > 1:
+    import numpy as np
+    from jax.experimental import multihost_utils
+    taken = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+    if not taken and error is None:
+      error = RunDirError(f"{run_dir}: process 0 could not take the run-directory lock (its "
+                          "message says why)")
+  if error is not None:
+    raise error
+  return lock
+
+
+# Data settings the saved data position depends on. data.paths is left to the data
+# pipeline's own check (file names and sizes), so a corpus may move to another directory.
+_DATA_POSITION_SETTINGS = ("source", "tokenizer", "ctx_len", "batch_size", "order", "seed",
+                           "weights", "pack_documents", "validation_fraction", "magic_prime")
+
+
+def _changes(section: str, before: Any, now: Any, keys: Sequence[str]) -> list[str]:
+  """['model.n_layer 2 -> 3', ...] for the `keys` of two config dataclasses that differ."""
+  return [f"{section}.{k} {getattr(before, k)!r} -> {getattr(now, k)!r}" for k in keys
+          if getattr(before, k) != getattr(now, k)]
+
+
+def check_compatible(run_dir: Path, cfg: Config) -> list[str]:
+  """The config must continue what the run directory holds: the same model, and the same
+  data settings once a checkpoint records a data position. Reads config.json, or the
+  newest checkpoint's saved config when config.json is gone. Returns the execution settings
+  (EXECUTION_SETTINGS: compute dtype, WKV implementation and chunk size) that changed,
+  which are allowed."""
+  # Checkpoint reading imports JAX and Orbax: here, so the lock alone does not.
+  from goosejax.checkpoint.format import CheckpointError, checkpoint_steps
+  from goosejax.train.run_checkpoints import read_checkpoint_config, read_run_config
+  previous, source = read_run_config(run_dir), run_dir / "config.json"
+  if previous is None:
+    from_checkpoint = read_checkpoint_config(run_dir)
+    if from_checkpoint is None:
+      return []
+    previous, source = from_checkpoint
+  identity = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in EXECUTION_SETTINGS]
+  changed = _changes("model", previous.model, cfg.model, identity)
+  if changed:
+    raise CheckpointError(f"{run_dir} holds a different model ({source} vs now: "
+                          f"{', '.join(changed)}); use a new --run-dir")
+  switched = _changes("model", previous.model, cfg.model, EXECUTION_SETTINGS)
+  if not checkpoint_steps(run_dir):
+    return switched
+  changed = _changes("data", previous.data, cfg.data, _DATA_POSITION_SETTINGS)
+  if changed:
+    raise CheckpointError(f"{run_dir}: its checkpoints resume a data position that depends on "
+                          f"the data settings, which changed ({source} vs now: "
+                          f"{', '.join(changed)}); set them back or use a new --run-dir")
+  return switched
+
+
+def write_config_files(run_dir: Path, cfg: Config, sources: Mapping[str, str] | None,
+                       say: Callable[[str], None]) -> None:
+  """config.json (what a resumed run checks against) and config.yaml (for people, each value's
+  source noted). Call it only once everything has accepted `cfg`."""
+  from goosejax.train.run_checkpoints import write_run_config  # imports Orbax: see check_compatible
+  write_run_config(run_dir, cfg)
+  write_config_yaml(run_dir / RESOLVED_CONFIG_FILE, cfg, sources)
+  say(f"resolved config: {run_dir / RESOLVED_CONFIG_FILE} (`--config` reads it back)")
