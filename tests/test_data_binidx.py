@@ -1,5 +1,6 @@
-"""binidx: bit layout against an independent reader/writer written from spec §5, bad files,
-and the `prepare-data` command."""
+"""binidx: bit layout against an independent reader/writer written from the table in
+docs/architecture.md#training-data-binidx-and-sample-order, bad files, and the `prepare-data`
+command."""
 import json
 import pickle
 import re
@@ -13,7 +14,7 @@ from goosejax.data import BinIdxDataset, BinIdxWriter, DataError, load_tokenizer
 
 
 def spec_read(prefix):
-  """Parse PREFIX.idx/.bin exactly as the spec's table says (independent of goosejax)."""
+  """Parse PREFIX.idx/.bin exactly as the format's table says (independent of goosejax)."""
   idx = open(f"{prefix}.idx", "rb").read()
   assert idx[:9] == b"MMIDIDX\x00\x00"
   version, code, n, d = struct.unpack("<QBQQ", idx[9:34])
@@ -101,13 +102,6 @@ def test_inconsistent_pointers_are_rejected(tmp_path):
   (tmp_path / "ds.idx").write_bytes(bytes(idx))
   with pytest.raises(DataError, match="running sum"):
     BinIdxDataset(tmp_path / "ds")
-
-
-def test_check_vocab_names_the_offending_token(tmp_path):
-  spec_write(tmp_path / "ds", DOCS)
-  BinIdxDataset(tmp_path / "ds").check_vocab(65530)
-  with pytest.raises(DataError, match=r"token 65529 at token offset 4 \(document 1\)"):
-    BinIdxDataset(tmp_path / "ds").check_vocab(65529)
 
 
 # ----------------------------------------------------------------------------- prepare-data

@@ -9,7 +9,7 @@ import pytest
 
 from goosejax.config import ConfigError, DataConfig
 from goosejax.data import (BinIdxDataset, BinIdxWriter, DataError, load_tokenizer,
-                           make_global_batch, make_train_iterator, make_validation_iterator)
+                           make_train_iterator, make_validation_iterator)
 from goosejax.data.order import MagicPrimeOrder, largest_magic_prime, magic_prime
 
 T = 16
@@ -237,14 +237,17 @@ def test_builtin_corpus_feeds_a_batch():
 
 
 def test_global_batch_on_a_mesh(stream_a):
-  import jax
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  """A pipeline batch as the trainer places it (goosejax.sharding.host_to_global)."""
+  from jax.sharding import PartitionSpec
 
-  mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
-  sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+  from goosejax import sharding
+  from goosejax.config import MeshConfig
+
+  mesh = sharding.make_mesh(MeshConfig(data=4, fsdp=2))
   batch = next(make_train_iterator(config(stream_a, batch_size=8, pack_documents=True), 0, 1))
-  arrays = make_global_batch(batch, sharding)
-  assert arrays["inputs"].shape == (8, T) and arrays["inputs"].sharding == sharding
+  arrays = sharding.host_to_global(batch, mesh)
+  assert arrays["inputs"].shape == (8, T)
+  assert arrays["inputs"].sharding.spec == PartitionSpec(("data", "fsdp"), None)
   assert arrays["reset"].dtype == bool
   for key in batch:
     assert np.array_equal(np.asarray(arrays[key]), batch[key])

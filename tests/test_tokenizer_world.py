@@ -13,7 +13,7 @@ from goosejax.data.world import VOCAB_PATH, VOCAB_SHA256, WorldTokenizer, parse_
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "world_tokenizer_ids.json"
 CASES = json.loads(FIXTURE.read_text())["cases"]
-SPEC_VECTORS = {  # spec §4, verified with the official tokenizer
+SPEC_VECTORS = {  # docs/architecture.md#tokenizer, verified with the official tokenizer
     "The Eiffel tower is in the city of": [6699, 304, 25740, 109, 39990, 4600, 4596, 22590, 30449, 4706],
     "Hello world\n\n": [33155, 40213, 261],
     "User: hi\n\nAssistant:": [24281, 59, 4571, 261, 5585, 41693, 59],
@@ -61,12 +61,13 @@ def test_reference_matches_official_fixtures(world):
   assert not mismatches, f"{len(mismatches)} mismatches, first: {mismatches[0]!r}"
 
 
-def test_fast_path_matches_reference_on_random_bytes(world):
+def test_fast_path_matches_reference_on_random_text(world):
   rng = random.Random(0)
-  alphabet = list(range(256)) + list(b" \n\t\r") * 20 + list(b"etaoin shrdlu") * 10
+  alphabet = ([chr(c) for c in range(256)] + list(" \n\t\r") * 20 + list("etaoin shrdlu") * 10
+              + list("中文测试éß😀\u200b"))
   for _ in range(100):
-    data = bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 300)))
-    assert world.encode_bytes(data) == world.encode_reference(data), data
+    text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 300)))
+    assert world.encode(text) == world.encode_reference(text), text
 
 
 def test_encode_batch_and_decode_round_trip(world):

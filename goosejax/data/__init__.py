@@ -22,7 +22,6 @@ Pipelines (`goosejax.data.pipeline`)
   BatchIterator: __next__() -> {"inputs": int32 [b, T], "targets": int32 [b, T],
                  "reset": bool [b, T] (only with data.pack_documents)}; get_state() -> dict
                  (JSON-serializable); set_state(dict) resumes exactly
-  make_global_batch(batch, sharding) -> dict of global jax.Arrays
   magic_prime(n_tokens, ctx_len)        RWKV-LM's prime for its sample order
 
 Errors: every bad input raises `DataError` (a ValueError) naming the file and the problem.
@@ -43,7 +42,6 @@ _LAZY = {
     "builtin_documents": "goosejax.data.documents",
     "make_train_iterator": "goosejax.data.pipeline",
     "make_validation_iterator": "goosejax.data.pipeline",
-    "make_global_batch": "goosejax.data.pipeline",
     "BatchIterator": "goosejax.data.pipeline",
     "magic_prime": "goosejax.data.order",
 }

@@ -1,4 +1,5 @@
-"""binidx: the RWKV-LM / Megatron `MMIDIDX` tokenized-data format (spec §5).
+"""binidx: the RWKV-LM / Megatron `MMIDIDX` tokenized-data format
+(docs/architecture.md#training-data-binidx-and-sample-order).
 
 `<prefix>.idx` (little-endian): magic b"MMIDIDX\\x00\\x00", uint64 version 1, uint8 dtype code,
 uint64 n (items), uint64 d (doc-index length), int32 sizes[n], int64 pointers[n] (byte
@@ -6,7 +7,7 @@ offsets into .bin), int64 doc_idx[d]. `<prefix>.bin`: the items' tokens back to 
 goosejax writes one item per document (its tokens then the end-of-text id) and
 doc_idx = [0, 1, ..., n], exactly as RWKV-LM's make_data.py does.
 
-`BinIdxDataset(prefix)` checks the index against the spec and the .bin size, then memory-maps
+`BinIdxDataset(prefix)` checks the index against the format and the .bin size, then memory-maps
 the tokens: `tokens` is the flat token stream (what RWKV-LM samples from), `len(ds)` and
 `ds[i]` give documents, so the dataset is a Grain random-access data source.
 `BinIdxWriter(prefix, dtype)` streams documents to disk and writes the index on `close()`.
@@ -124,17 +125,6 @@ class BinIdxDataset:
   def document_starts(self) -> np.ndarray:
     """int64 token offset of each document in the flat stream."""
     return self.pointers // self.dtype.itemsize
-
-  def check_vocab(self, vocab_size: int, chunk_tokens: int = 1 << 24) -> None:
-    """Scan all tokens; raise if one is negative or >= vocab_size (names the first offender)."""
-    for start in range(0, self.n_tokens, chunk_tokens):
-      chunk = np.asarray(self.tokens[start:start + chunk_tokens])
-      bad = np.flatnonzero((chunk >= vocab_size) | (chunk < 0))
-      if len(bad):
-        where = start + int(bad[0])
-        raise DataError(f"{self.bin_path}: token {int(chunk[bad[0]])} at token offset {where} "
-                        f"(document {int(np.searchsorted(self.document_starts, where, 'right')) - 1}) "
-                        f"is outside the vocabulary [0, {vocab_size})")
 
 
 class BinIdxWriter:

@@ -25,8 +25,9 @@ token and every document is read as `[eot] tokens...`, the context official eval
 first token instead.
 
 API: `make_train_iterator`, `make_validation_iterator` -> `BatchIterator` (`next()`,
-`get_state()` -> JSON-serializable dict, `set_state(dict)`), `make_global_batch`; the
-magic-prime arithmetic lives in `goosejax.data.order`.
+`get_state()` -> JSON-serializable dict, `set_state(dict)`); the magic-prime arithmetic lives
+in `goosejax.data.order`. Training makes global arrays of the batches with
+`goosejax.sharding.host_to_global`.
 """
 from __future__ import annotations
 
@@ -378,13 +379,3 @@ def make_validation_iterator(config: DataConfig, process_index: int | None = Non
   return BatchIterator(batched, settings=settings, global_batch_size=config.batch_size,
                        process_index=process_index, process_count=process_count)
 
-
-def make_global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, Any]:
-  """This process's numpy batch -> global jax.Arrays laid out by `sharding` (a NamedSharding
-  whose first axis is the batch), via jax.make_array_from_process_local_data."""
-  import jax
-
-  count = jax.process_count()
-  return {key: jax.make_array_from_process_local_data(
-              sharding, local, (local.shape[0] * count,) + local.shape[1:])
-          for key, local in batch.items()}

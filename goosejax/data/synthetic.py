@@ -41,9 +41,6 @@ class FiniteGroup:
   def order(self) -> int:
     return self.table.shape[0]
 
-  def multiply(self, a: int, b: int) -> int:
-    return int(self.table[a, b])
-
   def running_products(self, elements_T: np.ndarray) -> np.ndarray:
     """[T] element ids -> [T] ids of g_1 · ... · g_t."""
     products_T = np.empty(len(elements_T), np.int32)
@@ -52,9 +49,6 @@ class FiniteGroup:
       product = self.table[product, element]
       products_T[t] = product
     return products_T
-
-  def is_abelian(self) -> bool:
-    return bool(np.array_equal(self.table, self.table.T))
 
 
 def group_from_permutations(name: str, permutations: Sequence[Permutation]) -> FiniteGroup:

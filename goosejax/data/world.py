@@ -105,11 +105,6 @@ class WorldTokenizer:
   def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
     return [self.encode(text) for text in texts]
 
-  def encode_bytes(self, data: bytes) -> list[int]:
-    if self._automaton is None:
-      return self.encode_reference(data)
-    return list(map(self._piece_id, self._find(data.decode("latin-1"))))
-
   def encode_reference(self, data: bytes | str) -> list[int]:
     """Greedy longest match with a pure-Python byte trie (the reference for the fast path)."""
     if isinstance(data, str):
