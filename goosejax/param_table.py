@@ -19,9 +19,9 @@ from typing import Callable, Iterator, Literal
 
 from goosejax.config import ModelConfig
 
-# Optimizer groups (spec §3.2, RWKV-LM's configure_optimizers): "decay" gets decoupled weight
-# decay; "w0" (att.w0) gets optimizer.w0_lr_scale x the learning rate and no decay;
-# "no_decay" is everything else (LoRAs, vectors, norms).
+# Optimizer groups (RWKV-LM's configure_optimizers; docs/architecture.md#initialisation-and-optimizer):
+# "decay" gets decoupled weight decay; "w0" (att.w0) gets optimizer.w0_lr_scale x the learning
+# rate and no decay; "no_decay" is everything else (LoRAs, vectors, norms).
 Group = Literal["decay", "no_decay", "w0"]
 
 

@@ -8,7 +8,7 @@ elementwise ops, sums, selects; no cumsum or custom_vjp, and no slicing in Trito
 arrive as kernel inputs), and `pallas_kernels` is the lower layer, imported by goosejax and never
 the reverse.
 
-Per head, a chunk of C tokens entering with state S0 [value, key] (time along rows; spec §1.2):
+Per head, a chunk of C tokens with state S0 [value, key], time along rows (docs/architecture.md#the-chunked-wkv-7-form):
 
     g = inclusive cumulative log decay (a triangular matmul), g_excl = g - log_w, g_end = sum log_w
     A_xy[t, s] = sum_j x_t[j] y_s[j] e^{(g_excl or g)_t[j] - g_s[j]}, s < t for rows from a,
@@ -230,7 +230,7 @@ class ChunkMath:
     """(I - A)^{-1} for strictly lower A [..., C, C] by the Schur ladder: from the block-diagonal
     inverse X of block size h, the one of size 2h is X + X (A E_h) X, E_h keeping the lower-left
     half-blocks (exact algebra, fp32 products, no powers of A: the doubling product
-    (I + A)(I + A^2)... loses all precision over a 64 chunk, spec §1.6).
+    (I + A)(I + A^2)... loses all precision over a 64 chunk, docs/architecture.md#the-chunked-wkv-7-form).
 
     Kernels run every level as full C x C products with the level's mask, 2 log2(C) - 2 of
     them. With `sliced_inverse` (the XLA forms) the levels past LADDER_BLOCK compute only the

@@ -6,7 +6,7 @@ import pytest
 from goosejax.config import (Config, ConfigError, DataConfig, MeshConfig, ModelConfig,
                              OptimizerConfig, load_config, config_from_dict, suggested_lora_ranks)
 
-RELEASED = {  # preset: (L, C, H, lora ranks) from spec §1.1
+RELEASED = {  # preset: (L, C, H, lora ranks), docs/architecture.md#parameters-and-checkpoint-layout
     "rwkv7-0.1b": (12, 768, 12, (64, 64, 32, 128)),
     "rwkv7-0.4b": (24, 1024, 16, (64, 64, 32, 128)),
     "rwkv7-1.5b": (24, 2048, 32, (96, 96, 64, 256)),

@@ -174,7 +174,7 @@ def init_params():
 
 
 def spec_ramps(layer: int):
-  """The helper quantities of spec §3.1, written from the table."""
+  """The helper quantities of docs/architecture.md#initialisation-and-optimizer, written from the table."""
   L, C, N = INIT_CFG.n_layer, INIT_CFG.n_embd, INIT_CFG.head_size
   i = np.arange(C, dtype=np.float64)
   r01, r10 = layer / (L - 1), 1 - layer / L

@@ -69,7 +69,7 @@ def test_ladder_inverse_is_exact(C, sliced):
   """Both ways of running the ladder (kernels: masked full-size products; XLA: merges on
   slices). float64: random strictly lower A to 1e-12. fp32, the worst cases: all removal keys
   aligned with iclr = 1 and no decay (A = -strict-lower ones) or the strongest decay, where the
-  doubling product over a 64 chunk loses all precision (spec §1.6)."""
+  doubling product over a 64 chunk loses all precision (docs/architecture.md#the-chunked-wkv-7-form)."""
   layout = ChunkLayout(C, 1, 16, 16, False, sliced_inverse=sliced)
   rng = np.random.default_rng(C)
   random = np.tril(rng.normal(size=(3, C, C)) / np.sqrt(C), -1)

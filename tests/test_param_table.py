@@ -1,4 +1,4 @@
-"""goosejax.param_table against the model that creates the parameters, the spec's optimizer
+"""goosejax.param_table against the model that creates the parameters, RWKV-LM's optimizer
 groups, the sharding rules, and itself (names, layer patterns, layouts)."""
 import jax
 import numpy as np
@@ -33,8 +33,8 @@ def test_the_model_creates_exactly_the_declared_parameters_with_their_shapes():
   assert wrong == {}, "(created, declared) shapes"
 
 
-def test_decay_groups_follow_the_spec_rule():
-  # Spec §3.2: att.w0 alone in the 2x-lr group; weight decay on tensors with >= 2
+def test_decay_groups_follow_rwkv_lms_rule():
+  # docs/architecture.md#initialisation-and-optimizer: att.w0 alone in the 2x-lr group; weight decay on tensors with >= 2
   # non-singleton dims and ".weight" in their official name; nothing else decays.
   sizes = dimension_sizes(CFG)
   for p in PARAMS:

@@ -75,8 +75,8 @@ def test_wkv_formula_matches_the_compiled_kernel_body(chunk):
   assert 0.85 * (forward + backward) < flops(jax.grad(loss, argnums=tuple(range(6)))) <= forward + backward
 
 
-def test_wkv_formula_at_the_spec_point():
-  """C = 64, N = 64 as in the docstring (spec §1.6 counts 111k forward with a blocked inverse)."""
+def test_wkv_formula_at_c64_n64():
+  """C = 64, N = 64 as in the docstring and docs/architecture.md#the-chunked-wkv-7-form."""
   assert plan_cli.wkv_flops_per_token_head(64, 64) == (196608, 409600)
 
 

@@ -1,7 +1,7 @@
 """Hugging Face / flash-linear-attention RWKV-7 checkpoints (safetensors + config.json), both ways.
 
-The layout is FLA's `RWKV7ForCausalLM` (fla-hub/*, RWKV/RWKV7-Goose-*-HF), spec §1.4:
-`model.embeddings`, `model.layers.{i}.{pre_norm,attn_norm,attn,ffn_norm,ffn}`, `model.norm`,
+The layout is FLA's `RWKV7ForCausalLM` (fla-hub/*, RWKV/RWKV7-Goose-*-HF;
+docs/architecture.md#parameters-and-checkpoint-layout): `model.embeddings`, `model.layers.{i}.{pre_norm,attn_norm,attn,ffn_norm,ffn}`, `model.norm`,
 `lm_head`. The LoRAs are `nn.Sequential(Linear, act, Linear)` modules, so their weights are the
 transposes of the official [in, out] matrices and the official bias vectors (w0, a0, v0) are
 the second Linear's bias; layer 0 has no `v_lora` (each tensor's name and layout is declared

@@ -1,9 +1,9 @@
 """Official RWKV-7 x070 state dicts (`blocks.{i}.att.x_r`, ...) <-> goosejax parameter dicts.
 
-The official layout is described in spec §1.2: Linear weights are PyTorch [out, in] (goosejax
-stores [in, out]); LoRA matrices are [in, out] in both; vectors are [1,1,C] or [C]; layer 0
-may or may not carry the unused v0/v1/v2. Every size is inferred from tensor shapes. Each
-key and its layout is declared in goosejax.param_table.
+The official layout (docs/architecture.md#parameters-and-checkpoint-layout): Linear weights
+are PyTorch [out, in] (goosejax stores [in, out]); LoRA matrices are [in, out] in both; vectors
+are [1,1,C] or [C]; layer 0 may or may not carry the unused v0/v1/v2. Every size is inferred
+from tensor shapes. Each key and its layout is declared in goosejax.param_table.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""RWKV-LM's "magic prime" sample order (spec §5).
+"""RWKV-LM's "magic prime" sample order (docs/architecture.md#training-data-binidx-and-sample-order).
 
 Slot = (c * ii^3) mod P with ii = j + 1 for the global sample index j, c = int(P * (sqrt(5)-1)/2)
 and P the largest prime with P % 3 == 2 and P <= n_tokens // ctx_len - 1 (make_data.py's

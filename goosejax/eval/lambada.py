@@ -1,4 +1,5 @@
-"""LAMBADA with the official RWKV protocol (spec §6.2, RWKV-LM's lambada_test.jsonl).
+"""LAMBADA with the official RWKV protocol (docs/architecture.md#evaluation-protocol; RWKV-LM's
+RWKV-v7/misc/lambada_test.jsonl).
 
 Each text is split at its last space: context = the text before it, target = " " + the last
 word. Input = [0] + encode(context) + encode(target). A document is correct when every

@@ -5,7 +5,7 @@
 or `goosejax eval lm-eval --model PATH --tasks ...`.
 
 Every request is scored from a fresh state after the document-start token 0, exactly as
-`goosejax eval` scores (spec §6.2), so loglikelihood_rolling equals `eval ppl`'s document
+`goosejax eval` scores (docs/architecture.md#evaluation-protocol), so loglikelihood_rolling equals `eval ppl`'s document
 log-likelihood and loglikelihood(context, " " + word) equals LAMBADA's. Contexts and
 continuations are split as lm-eval's causal models do: trailing spaces of the context move
 to the continuation, and the continuation's tokens are those of encode(context +

@@ -1,9 +1,9 @@
 """Perplexity and bits per byte of documents (txt, jsonl or binidx).
 
 Each document is scored from a fresh state with the document-start token 0 in front
-(spec §6.2): input [0] + doc, every doc token predicted once. Perplexity is
-exp(total NLL / tokens); bits per byte is total NLL / ln 2 / UTF-8 bytes of the documents'
-text, which makes models with different tokenizers comparable.
+(docs/architecture.md#evaluation-protocol): input [0] + doc, every doc token predicted once.
+Perplexity is exp(total NLL / tokens); bits per byte is total NLL / ln 2 / UTF-8 bytes of the
+documents' text, which makes models with different tokenizers comparable.
 """
 from __future__ import annotations
 

@@ -5,8 +5,9 @@ s (each normally starting with the document-start token 0), the log-probability 
 given s[:t] and whether s[t] is the argmax. Sequences are packed whole into B rows
 (longest first, each into the currently shortest row); a row's sequences follow one another
 with a reset at each sequence start, so each is scored exactly as if run alone from a zero
-state (spec §6.2). The rows advance together in fixed chunks of T tokens carrying the
-recurrent state, so memory stays at one [B, T, V] logits block and one compile serves all.
+state (docs/architecture.md#evaluation-protocol). The rows advance together in fixed chunks
+of T tokens carrying the recurrent state, so memory stays at one [B, T, V] logits block and
+one compile serves all.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""RWKV-7 channel mixing: token shift, then W_v relu(W_k x)^2 (spec §2.5)."""
+"""RWKV-7 channel mixing: token shift, then W_v relu(W_k x)^2 (docs/architecture.md#the-forward-pass)."""
 from __future__ import annotations
 
 import jax

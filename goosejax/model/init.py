@@ -1,4 +1,5 @@
-"""Official RWKV-7 initialisation (RWKV-LM train_temp, since 2025-05-06; spec §3.1).
+"""Official RWKV-7 initialisation: RWKV-LM train_temp's since 2025-05-06
+(docs/architecture.md#initialisation-and-optimizer).
 
 Every helper returns arrays for all layers at once, stacked on a leading L axis. Orthogonal
 matrices are drawn in fp32 (bf16 QR is inaccurate) in the official [out, in] orientation and

@@ -1,4 +1,4 @@
-"""The RWKV-7 training recipe (spec §3.2) as pure JAX functions.
+"""The RWKV-7 training recipe (docs/architecture.md#initialisation-and-optimizer) as pure JAX functions.
 
 * Parameter groups as in RWKV-LM's `configure_optimizers`, declared per parameter in
   goosejax.param_table: `att.w0` at `w0_lr_scale` x lr (2x) without weight decay; decoupled
