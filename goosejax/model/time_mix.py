@@ -1,4 +1,4 @@
-"""RWKV-7 time mixing (spec §2.2-2.4), parameters stacked over layers."""
+"""RWKV-7 time mixing (docs/architecture.md#the-forward-pass), parameters stacked over layers."""
 from __future__ import annotations
 
 import jax

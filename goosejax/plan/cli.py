@@ -69,8 +69,8 @@ def check_mesh_divides(cfg, sizes: dict[str, int]) -> None:
 
 def wkv_flops_per_token_head(chunk: int, head_size: int) -> tuple[int, int]:
   """(forward, backward) FLOPs of the WKV-7 kernels per token and head, counted from the chunked
-  algorithm they run (spec wkv7-kernels.md §1.2; pallas_kernels.chunk_math), C = chunk, N = head
-  size, per chunk and head (2mnk per m x k by k x n product):
+  algorithm they run (pallas_kernels.chunk_math; docs/architecture.md#the-chunked-wkv-7-form),
+  C = chunk, N = head size, per chunk and head (2mnk per m x k by k x n product):
 
     forward   20 C^2 N + 8 C N^2 + 4 C^3 (log2 C - 1)
       C^2 N: the decay cumsum as a triangular matmul (2), the four decayed C x C products
@@ -86,8 +86,7 @@ def wkv_flops_per_token_head(chunk: int, head_size: int) -> tuple[int, int]:
 
   Per token divide by C. The count is algorithmic: the TPU kernel packs two 64-wide heads into
   the 128 lanes and masks, so its MXU does more; reset masks and elementwise work are left out.
-  At C = 64, N = 64: 197k forward + 409k backward per token and head (the spec's §1.6 estimate,
-  with a blocked inverse and the cumsum not a matmul: 111k + ~390k)."""
+  At C = 64, N = 64: 197k forward + 410k backward per token and head."""
   C, N, levels = chunk, head_size, int(math.log2(chunk))
   forward = 20 * C * C * N + 8 * C * N * N + 4 * C**3 * (levels - 1)
   backward = 56 * C * C * N + 20 * C * N * N + 4 * C**3 * levels
