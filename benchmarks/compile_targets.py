@@ -23,7 +23,7 @@ from jax.sharding import SingleDeviceSharding
 
 from goosejax.plan import targets
 from goosejax.wkv import wkv7
-from goosejax.wkv.dispatch import PALLAS_AUTO_CHUNK_SIZES
+from pallas_kernels.wkv_policy import POLICY
 
 MIB = 2**20
 
@@ -70,7 +70,7 @@ def main() -> None:
   print("|---|---|---|---|---|---|---|---|---|")
   for target in args.targets:
     platform = targets.parse_target(target).platform
-    chunk_size = PALLAS_AUTO_CHUNK_SIZES[platform]
+    chunk_size = POLICY[platform].auto.chunk_size
     floor = floor_bytes(shape, dtype, chunk_size)
     for name, compiled, seconds in compile_both(target, shape, dtype):
       memory = compiled.memory_analysis()

@@ -1,12 +1,12 @@
 """Pallas WKV-7 kernels: Mosaic TPU and Triton GPU, interpret mode on CPU. See `wkv7_pallas`.
 
-The kernels load on first use, so `pallas_kernels.wkv_policy` (the chunk-size rule, jax-free)
+The kernels load on first use, so `pallas_kernels.wkv_policy` (the WKV policy table, jax-free)
 can be imported by configuration code without importing jax.
 """
 import importlib
 
 _EXPORTS = {"BACKENDS": "wkv7", "PallasWKVError": "wkv7", "platform_callables": "wkv7",
-            "wkv7_pallas": "wkv7", "CHUNK_SIZES": "wkv_policy", "KERNEL_CHUNK_SIZES": "wkv_policy"}
+            "wkv7_pallas": "wkv7", "CHUNK_SIZES": "wkv_policy", "POLICY": "wkv_policy"}
 
 __all__ = sorted(_EXPORTS)
 

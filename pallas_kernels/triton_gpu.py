@@ -15,7 +15,7 @@ tests/test_plan_targets.py passes at C = 16, and at C = 32 when run by hand):
             0.4 KB (forward) and 1.7 KB (backward) at 8 warps, the least of 4, 8 and 16 warps.
   chunk 32: forward 48 KB, backward 120 KB; spill stacks 1.7 KB and 3.3 KB at 8 warps.
   chunk 64: backward 352 KB, over the 227 KB a Hopper block can have, so chunks above 32 are refused
-            (wkv_policy.KERNEL_CHUNK_SIZES).
+            (wkv_policy.TRITON).
 Value tiles are independent in the forward (u, y and the state rows all split by value
 channel); in the backward the key-side gradients (r, log_w, k, a, b) are partial sums per tile, written
 in fp32 and summed by the caller. Triton needs power-of-two arrays: C, N and the tile are powers of two

@@ -21,10 +21,9 @@ import numpy as np
 
 from pallas_kernels import mosaic_tpu, triton_gpu
 from pallas_kernels.chunk_math import FP32_DOTS, ChunkLayout
-from pallas_kernels.wkv_policy import KERNEL_CHUNK_SIZES
+from pallas_kernels.wkv_policy import KERNEL_INPUT_DTYPES, KERNELS, POLICY
 
-BACKENDS = tuple(KERNEL_CHUNK_SIZES)
-_INPUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+BACKENDS = tuple(KERNELS)
 _TPU_BLOCK_TOKENS = 256     # tokens per TPU grid step: few grid steps, blocks well inside VMEM
 _TPU_MAX_GROUP_LANES = 512  # a single whole-width head group is allowed up to this many lanes
 
@@ -43,6 +42,19 @@ class KernelPlan:
   head_size: int         # N after padding (Triton powers of two)
   chunks: int            # after padding T
   chunks_per_block: int  # TPU time block
+
+  @property
+  def kernel(self):
+    """The module whose forward and backward call `pl.pallas_call` for this backend."""
+    return mosaic_tpu if self.backend == "tpu" else triton_gpu
+
+  @property
+  def options(self) -> dict:
+    """The keyword arguments of that module's forward and backward."""
+    options = dict(layout=self.layout, interpret=self.interpret)
+    if self.backend == "tpu":
+      options["chunks_per_block"] = self.chunks_per_block
+    return options
 
 
 def _resolve_backend(backend: str | None) -> str:
@@ -97,7 +109,7 @@ def plan_kernels(shape, dtype, *, chunk_size: int, backend: str | None, interpre
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
   fp32_dot = _resolve_fp32_dot(fp32_dot, backend, interpret)
-  allowed = KERNEL_CHUNK_SIZES[backend]
+  allowed = KERNELS[backend].chunk_sizes
   if chunk_size not in allowed:
     raise PallasWKVError(f"wkv7_pallas: chunk_size={chunk_size} with backend={backend!r}; expected one "
                          f"of {allowed} (Triton's backward needs too much shared memory above 32)")
@@ -127,7 +139,7 @@ def _check_inputs(r, log_w, k, v, a, b, state, reset):
     if x.shape != r.shape:
       raise PallasWKVError(f"wkv7_pallas: {name} has shape {x.shape}, expected r's shape {r.shape}")
   for name, x in (("r", r), ("log_w", log_w), ("k", k), ("v", v), ("a", a), ("b", b)):
-    if x.dtype not in _INPUT_DTYPES:
+    if x.dtype.name not in KERNEL_INPUT_DTYPES:
       raise PallasWKVError(f"wkv7_pallas: {name} has dtype {x.dtype}; the kernels take float32, "
                            "bfloat16 or float16 inputs")
   B, T, H, N = r.shape
@@ -190,35 +202,24 @@ def _unpack_state(packed, plan: KernelPlan, H: int, N: int):
 # ----------------------------------------------------------------------------------------------
 # The differentiable kernel call on prepared layouts.
 
-def _forward(plan: KernelPlan, r, log_w, k, v, a, b, state, reset, *, checkpoints: bool):
-  if plan.backend == "tpu":
-    return mosaic_tpu.forward(r, log_w, k, v, a, b, state, reset, layout=plan.layout,
-                              chunks_per_block=plan.chunks_per_block, interpret=plan.interpret,
-                              checkpoints=checkpoints)
-  return triton_gpu.forward(r, log_w, k, v, a, b, state, reset, layout=plan.layout,
-                            interpret=plan.interpret, checkpoints=checkpoints)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _wkv7_kernels(plan: KernelPlan, r, log_w, k, v, a, b, state, reset):
   """Without a gradient the lean forward runs: it writes no checkpoints."""
-  return tuple(_forward(plan, r, log_w, k, v, a, b, state, reset, checkpoints=False))
+  return tuple(plan.kernel.forward(r, log_w, k, v, a, b, state, reset, **plan.options,
+                                   checkpoints=False))
 
 
 def _wkv7_kernels_fwd(plan: KernelPlan, r, log_w, k, v, a, b, state, reset):
-  y, state_end, checkpoint = _forward(plan, r, log_w, k, v, a, b, state, reset, checkpoints=True)
+  y, state_end, checkpoint = plan.kernel.forward(r, log_w, k, v, a, b, state, reset,
+                                                 **plan.options, checkpoints=True)
   return (y, state_end), (r, log_w, k, v, a, b, reset, checkpoint)
 
 
 def _wkv7_kernels_bwd(plan: KernelPlan, residuals, cotangents):
   r, log_w, k, v, a, b, reset, checkpoint = residuals
   dy, dstate_end = cotangents
-  args = (r, log_w, k, v, a, b, reset, checkpoint, dy.astype(r.dtype), dstate_end.astype(jnp.float32))
-  if plan.backend == "tpu":
-    grads = mosaic_tpu.backward(*args, layout=plan.layout, chunks_per_block=plan.chunks_per_block,
-                                interpret=plan.interpret)
-  else:
-    grads = triton_gpu.backward(*args, layout=plan.layout, interpret=plan.interpret)
+  grads = plan.kernel.backward(r, log_w, k, v, a, b, reset, checkpoint, dy.astype(r.dtype),
+                               dstate_end.astype(jnp.float32), **plan.options)
   dreset = None if reset is None else jnp.zeros_like(reset)
   return (*grads, dreset)
 
@@ -226,15 +227,15 @@ def _wkv7_kernels_bwd(plan: KernelPlan, residuals, cotangents):
 _wkv7_kernels.defvjp(_wkv7_kernels_fwd, _wkv7_kernels_bwd)
 
 
-def wkv7_pallas(r, log_w, k, v, a, b, state=None, *, reset=None, chunk_size: int = 16,
+def wkv7_pallas(r, log_w, k, v, a, b, state=None, reset=None, *, chunk_size: int | None = None,
                 backend: str | None = None, interpret: bool | None = None, mxu_dtype=None,
                 value_block: int | None = None, fp32_dot: str | None = None):
   """WKV-7 on Pallas kernels: returns (y [B,T,H,N] in r.dtype, final state [B,H,N,N] fp32).
 
   r, k, v, a, b, log_w: [B,T,H,N] float32/bfloat16/float16; state: [B,H,N,N] or None (zeros);
   reset: [B,T] bool or None. Differentiable in all of r, log_w, k, v, a, b and state.
-  chunk_size: tokens per chunk, `wkv_policy.KERNEL_CHUNK_SIZES[backend]`: 16, 32 or 64 on TPU and
-    16 or 32 with Triton (the kernels pad T with identity steps).
+  chunk_size: tokens per chunk, `wkv_policy.KERNELS[backend].chunk_sizes`: 16, 32 or 64 on TPU and
+    16 or 32 with Triton (the kernels pad T with identity steps); None: the kernel's default (16).
   backend: "tpu" (Mosaic), "triton" (GPU) or None for the default platform's (TPU layout on CPU).
   interpret: run the kernel in the Pallas interpreter; None means "when running on CPU".
   mxu_dtype: operands of the matmuls the precision analysis allows in bf16 (the readout and the state
@@ -249,6 +250,8 @@ def wkv7_pallas(r, log_w, k, v, a, b, state=None, *, reset=None, chunk_size: int
   _check_inputs(r, log_w, k, v, a, b, state, reset)
   shape = r.shape
   B, T, H, N = shape
+  backend = _resolve_backend(backend)
+  chunk_size = chunk_size or KERNELS[backend].chunk_size
   plan = plan_kernels(shape, r.dtype, chunk_size=chunk_size, backend=backend, interpret=interpret,
                       mxu_dtype=mxu_dtype, has_reset=reset is not None, value_block=value_block,
                       fp32_dot=fp32_dot)
@@ -265,18 +268,13 @@ def wkv7_pallas(r, log_w, k, v, a, b, state=None, *, reset=None, chunk_size: int
   return _from_kernel(y, plan, shape), _unpack_state(state_end, plan, H, N)
 
 
-def platform_callables(*, chunk_size: int = 16, mxu_dtype=None) -> dict[str, Callable]:
+def platform_callables(*, chunk_size: int | None = None, mxu_dtype=None) -> dict[str, Callable]:
   """Per-platform kernels for `jax.lax.platform_dependent(..., tpu=..., cuda=..., default=...)`.
 
   Each callable takes (r, log_w, k, v, a, b, state, reset) positionally and returns (y, final state);
   compiled kernels (never interpreted), so one jitted function lowers to Mosaic on TPU and Triton on
   CUDA. Lowering handles one platform at a time.
   """
-  def make(backend):
-    def call(r, log_w, k, v, a, b, state=None, reset=None):
-      return wkv7_pallas(r, log_w, k, v, a, b, state, reset=reset, chunk_size=chunk_size,
-                         backend=backend, interpret=False, mxu_dtype=mxu_dtype)
-    call.__name__ = f"wkv7_pallas_{backend}"
-    return call
-
-  return {"tpu": make("tpu"), "cuda": make("triton")}
+  return {platform: functools.partial(wkv7_pallas, chunk_size=chunk_size, backend=row.kernel.backend,
+                                      interpret=False, mxu_dtype=mxu_dtype)
+          for platform, row in POLICY.items() if not row.kernel.interpret}

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import functools
+import inspect
+import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +12,7 @@ import numpy as np
 import pytest
 
 from goosejax.wkv import CHUNK_SIZES, IMPLEMENTATIONS, WKVInputError, auto_choice, wkv7
-from goosejax.wkv.dispatch import AUTO_CHOICES
+from pallas_kernels.wkv_policy import POLICY
 from wkv_inputs import make_inputs, recurrence, relative_error
 
 
@@ -80,10 +83,10 @@ def test_bfloat16_inputs_keep_fp32_state_and_stay_close_to_float64():
 
 
 def test_auto_has_a_choice_for_every_platform():
-  for platform in ("cpu", "gpu", "tpu"):
+  for platform in ("cpu", "tpu", "cuda", "rocm"):
     choice = auto_choice(platform)
     assert choice.impl in IMPLEMENTATIONS and choice.chunk_size in CHUNK_SIZES
-    assert choice == AUTO_CHOICES[platform]
+    assert choice == POLICY.get(platform, POLICY["default"]).auto
   assert auto_choice("cpu") == auto_choice() or jax.default_backend() != "cpu"
 
 
@@ -126,3 +129,53 @@ def test_auto_lowers_to_the_platforms_kernel(platform, present, absent):
     assert present in text
   for name in (absent if isinstance(absent, tuple) else (absent,)):
     assert name not in text
+
+
+_OUR_DIRS = tuple(str(pathlib.Path(__file__).resolve().parents[1] / name) + os.sep
+                  for name in ("goosejax", "pallas_kernels"))
+
+
+def _our_frames_at_each_pallas_call(monkeypatch, run) -> list[list[str]]:
+  """For every `pl.pallas_call` that `run()` traces, the functions of our own frames on the
+  stack (files under goosejax/ or pallas_kernels/), innermost first."""
+  from jax.experimental import pallas as pl
+  stacks, pallas_call = [], pl.pallas_call
+
+  def recording(*args, **kwargs):
+    frames = [f for f in inspect.stack(context=0) if f.filename.startswith(_OUR_DIRS)]
+    stacks.append([f"{pathlib.Path(f.filename).stem}.{f.function}" for f in frames])
+    return pallas_call(*args, **kwargs)
+
+  monkeypatch.setattr(pl, "pallas_call", recording)
+  run()
+  return stacks
+
+
+@pytest.mark.parametrize("impl", ["pallas", "auto"])
+@pytest.mark.parametrize("mesh_shape", [None, (2, 2)], ids=["one-device", "rows-and-heads-split"])
+def test_wkv7_reaches_the_kernel_in_at_most_four_of_our_frames(monkeypatch, impl, mesh_shape):
+  """wkv7 -> wkv7_pallas -> the custom VJP -> mosaic_tpu / triton_gpu forward and backward,
+  for every platform's branch (a jitted trace traces them all), forward and gradient."""
+  _, inputs = _problem(length=40)
+  *xs, state, reset = inputs
+
+  def loss(r, log_w, state):
+    y, final = wkv7(r, log_w, *xs[2:], state, reset=reset, impl=impl)
+    return jnp.sum(y) + jnp.sum(final)
+
+  def run():
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    if mesh_shape is None:
+      return grad.trace(xs[0], xs[1], state)
+    mesh = jax.make_mesh(mesh_shape, ("data", "tensor"), devices=jax.devices()[:4],
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return grad.trace(xs[0], xs[1], state)
+
+  stacks = _our_frames_at_each_pallas_call(monkeypatch, run)
+  kernel_modules = {stack[0] for stack in stacks}
+  assert kernel_modules == {"mosaic_tpu.forward", "mosaic_tpu.backward", "triton_gpu.forward",
+                            "triton_gpu.backward"}
+  for stack in stacks:  # the backward runs later, from the custom VJP's rule
+    if stack[0].endswith(".forward"):
+      assert stack[-1] == "dispatch.wkv7" and len(stack) <= 4, stack

@@ -6,6 +6,7 @@ import pytest
 
 import pallas_kernels
 from goosejax.wkv import self_check
+from pallas_kernels.wkv_policy import CHUNK_SIZES, POLICY
 
 CHUNK = 16
 
@@ -25,7 +26,7 @@ def test_a_correct_kernel_passes_even_when_called_while_tracing():
   # Called from inside a jit trace, as wkv7 does: the check must run, not be staged.
   jax.jit(lambda x: x + self_check.check_platform("tpu", interpreted, CHUNK, warnings.append)
           .passed)(jnp.zeros(()))
-  check = self_check.KERNEL_CHECKS["tpu"]
+  check = self_check.KERNEL_CHECKS["tpu", CHUNK]
   assert check.passed and not warnings, check
   worst = float(check.detail.split()[3])
   assert worst < 1e-4, check.detail
@@ -89,8 +90,9 @@ def test_on_cpu_nothing_is_checked_and_the_line_says_what_runs():
 
 def test_on_a_local_accelerator_the_line_reports_the_check(monkeypatch):
   monkeypatch.setattr(self_check, "local_platform", lambda: "tpu")
-  monkeypatch.setitem(self_check.KERNEL_CHECKS, "tpu",
-                      self_check.KernelCheck("tpu", False, "worst relative error 3.0e-01 (y)"))
+  for size in (CHUNK, 64):
+    monkeypatch.setitem(self_check.KERNEL_CHECKS, ("tpu", size),
+                        self_check.KernelCheck("tpu", False, "worst relative error 3.0e-01 (y)"))
   assert not self_check.kernels_usable("tpu", CHUNK)
   line = self_check.describe_wkv("auto", 64)
   assert "XLA chunked form on tpu" in line and "3.0e-01" in line
@@ -109,7 +111,9 @@ def test_a_failed_check_keeps_the_kernel_out_of_the_compiled_program(monkeypatch
 
   require("tpu")
   monkeypatch.setattr(self_check, "local_platform", lambda: "tpu")
-  monkeypatch.setitem(self_check.KERNEL_CHECKS, "tpu", self_check.KernelCheck("tpu", False, "test"))
+  for size in CHUNK_SIZES:
+    monkeypatch.setitem(self_check.KERNEL_CHECKS, ("tpu", size),
+                        self_check.KernelCheck("tpu", False, "test"))
   device = SingleDeviceSharding(targets.target_devices("v5e:2x2")[0])
   inputs = [jax.ShapeDtypeStruct((1, 100, 2, 64), jnp.bfloat16, sharding=device) for _ in range(6)]
   compiled = jax.jit(lambda *xs: wkv7(*xs, impl=impl)).trace(*inputs).lower().compile()
@@ -125,10 +129,18 @@ def test_startup_line_names_the_implementation_and_the_kernel_chunk(monkeypatch)
   checked = []
   monkeypatch.setattr(self_check, "local_platform", lambda: "cuda")
   monkeypatch.setattr(self_check, "kernels_usable", lambda platform, size: checked.append(size) or True)
-  monkeypatch.setitem(self_check.KERNEL_CHECKS, "cuda", self_check.KernelCheck("cuda", True, "ok"))
-  assert "Pallas kernels on cuda" in dispatch.startup_line("auto", 64)
-  assert "Pallas kernels on cuda" in dispatch.startup_line("pallas", 64)
+  for size in (16, 32):
+    monkeypatch.setitem(self_check.KERNEL_CHECKS, ("cuda", size),
+                        self_check.KernelCheck("cuda", True, "ok"))
+  line = dispatch.startup_line("auto", 64)
+  assert "Pallas kernels on cuda" in line
+  # a chunk size the kernel does not take is said, with the one that runs instead
+  assert line.endswith("; wkv_chunk_size=64 is not one the cuda kernel takes (16, 32): impl=auto "
+                       f"runs it at {POLICY['cuda'].auto.chunk_size}")
+  line = dispatch.startup_line("pallas", 64)
+  assert "Pallas kernels on cuda" in line and line.endswith("impl=pallas runs it at 32")
+  assert "takes" not in dispatch.startup_line("auto", 32) + dispatch.startup_line("pallas", 16)
   # the chunk sizes checked (kernels_usable caches; the line asks it again for the spans' form)
-  assert list(dict.fromkeys(checked)) == [dispatch.PALLAS_AUTO_CHUNK_SIZES["cuda"], 32]  # Triton <= 32
+  assert list(dict.fromkeys(checked)) == [POLICY["cuda"].auto.chunk_size, 32]  # Triton <= 32
   assert "spans of a split sequence runs the kernel" in dispatch.startup_line("auto", 64, spans=8)
   assert "runs the XLA associative form" in dispatch.startup_line("chunked", 64, spans=8)

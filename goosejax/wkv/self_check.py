@@ -9,8 +9,9 @@ an error switches that platform to the XLA form for the rest of the process, wit
 warning line that names what was found. Compiling for a target the process does not have
 (goosejax.plan.targets) checks nothing: there is nothing to run on.
 
-The outcome is a per-process fact about the hardware, kept in `KERNEL_CHECKS` (public, so
-a caller can read or reset it) and summarised by `describe_wkv` for start-up lines.
+The outcome is a per-process fact about the hardware and the chunk size, kept in
+`KERNEL_CHECKS` by (platform, chunk size) (public, so a caller can read or reset it) and
+summarised by `describe_wkv` for start-up lines.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ class KernelCheck:
   detail: str                   # the worst relative error, or the error raised
 
 
-KERNEL_CHECKS: dict[str, KernelCheck] = {}
+KERNEL_CHECKS: dict[tuple[str, int], KernelCheck] = {}  # by (platform, chunk size)
 
 
 def local_platform() -> str | None:
@@ -104,9 +105,10 @@ def compare_with_reference(kernel: Callable, chunk_size: int) -> tuple[str, floa
 
 def check_platform(platform: str, kernel: Callable, chunk_size: int,
                    warn: Callable[[str], None] | None = None) -> KernelCheck:
-  """Runs the check for `platform` once per process (later calls return the first outcome)."""
-  if platform in KERNEL_CHECKS:
-    return KERNEL_CHECKS[platform]
+  """Runs the check for `platform` at `chunk_size` once per process (later calls return the
+  first outcome)."""
+  if (platform, chunk_size) in KERNEL_CHECKS:
+    return KERNEL_CHECKS[platform, chunk_size]
   try:
     # In a thread of its own: JAX's trace state is per thread, so the check runs now on the
     # device even when wkv7 calls it while a jit is being traced.
@@ -117,10 +119,11 @@ def check_platform(platform: str, kernel: Callable, chunk_size: int,
       detail += f" > {TOLERANCE:g}"
   except Exception as error:  # any failure to compile or run means the kernels are not usable
     passed, detail = False, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-  result = KERNEL_CHECKS[platform] = KernelCheck(platform, passed, detail)
+  result = KERNEL_CHECKS[platform, chunk_size] = KernelCheck(platform, passed, detail)
   if not passed:
     (warn or _stderr)(f"goosejax: WARNING: the Pallas WKV kernel failed its self-check on "
-                      f"{platform} ({detail}); using the XLA chunked form instead")
+                      f"{platform} at chunk size {chunk_size} ({detail}); using the XLA chunked "
+                      "form instead")
   return result
 
 
@@ -133,7 +136,7 @@ def kernels_usable(platform: str, chunk_size: int) -> bool:
   return check_platform(platform, kernel, chunk_size).passed
 
 
-def describe_wkv(impl: str, kernel_chunk_size: int) -> str:
+def describe_wkv(impl: str, kernel_chunk_size: int | None) -> str:
   """One start-up line: which WKV implementation runs on this process's devices (running the
   self-check now, with the chunk size the kernel would use, if it has not run yet)."""
   backend = jax.default_backend()
@@ -145,9 +148,11 @@ def describe_wkv(impl: str, kernel_chunk_size: int) -> str:
     return f"wkv: impl={impl} runs {form} on {backend} (no TPU or CUDA devices)"
   if kernels_usable(platform, kernel_chunk_size):
     return (f"wkv: impl={impl} runs the Pallas kernels on {platform} "
-            f"(self-check passed: {KERNEL_CHECKS[platform].detail})")
+            f"at chunk size {kernel_chunk_size} (self-check passed: "
+            f"{KERNEL_CHECKS[platform, kernel_chunk_size].detail})")
   return (f"wkv: impl={impl} runs the XLA chunked form on {platform}: the Pallas kernel failed "
-          f"its self-check ({KERNEL_CHECKS[platform].detail})")
+          f"its self-check at chunk size {kernel_chunk_size} "
+          f"({KERNEL_CHECKS[platform, kernel_chunk_size].detail})")
 
 
 def _stderr(line: str) -> None:

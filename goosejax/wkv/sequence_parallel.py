@@ -197,7 +197,7 @@ def _span_by_kernel(kernel, r, log_w, k, v, a, b, reset_BS, initial_BHNN):
   return y_BSHN.astype(r.dtype), end_BHNN[None]
 
 
-def wkv7_sequence_parallel_kernel(kernel, r, log_w, k, v, a, b, state, *, mesh, reset=None):
+def wkv7_sequence_parallel_kernel(kernel, r, log_w, k, v, a, b, state, reset=None, *, mesh):
   """WKV-7 over [B, T, H, N] inputs whose T is split over `mesh`'s sequence axis, every span
   run by `kernel`: a single-device callable (r, log_w, k, v, a, b, state, reset) -> (y, final
   state), differentiable (e.g. a Pallas kernel with its custom VJP). Rows and heads are split
