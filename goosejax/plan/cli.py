@@ -31,6 +31,7 @@ import time
 
 from goosejax.config import args as config_args
 from goosejax.errors import GoosejaxError
+from pallas_kernels import wkv_policy
 
 GIB = 2**30
 
@@ -94,10 +95,11 @@ def wkv_flops_per_token_head(chunk: int, head_size: int) -> tuple[int, int]:
 
 
 def kernel_chunk_size(model_cfg, platform: str) -> int:
-  """The chunk size the Pallas kernel runs with on `platform` ("tpu", "cuda") for this model."""
-  from goosejax.wkv.dispatch import kernel_chunk_size as dispatch_choice
+  """The chunk size the Pallas kernel runs with on `platform` ("tpu", "cuda") for this model:
+  the policy table's (`wkv_policy.choose`; a configured size the kernel does not take is
+  replaced, see `wkv_policy.substitution`)."""
   impl = "pallas" if model_cfg.wkv_impl == "pallas" else "auto"
-  return dispatch_choice(impl, platform, model_cfg.wkv_chunk_size)
+  return wkv_policy.choose(platform, impl, model_cfg.wkv_chunk_size).chunk_size
 
 
 # ----------------------------------------------------------------------------- the plan
