@@ -8,17 +8,24 @@ from flax import nnx
 from goosejax import sharding
 from goosejax.config import ModelConfig
 from goosejax.model import init
-from goosejax.model.layers import matmul
+from goosejax.model.layers import matmul, merge_heads, split_heads
 from goosejax.model.norms import group_norm_heads
 from goosejax.wkv import wkv7
+from pallas_kernels.wkv_policy import DECAY_SCALE
 
-DECAY_SCALE = 0.606531       # the official runtime's constant (e^-0.5 to 6 digits)
 KK_NORM_EPS = 1e-12          # F.normalize's eps on the norm
 
 
-def matmul_f32(x: jax.Array, w) -> jax.Array:
-  """`matmul` in fp32 whatever the compute dtype (the decay, in-context rate and value LoRAs)."""
-  return matmul(x.astype(jnp.float32), w)
+def fp32(x: jax.Array) -> jax.Array:
+  """x in fp32: the decay, in-context learning rate, value residual, keys and bonus are
+  computed in fp32 whatever the compute dtype."""
+  return x.astype(jnp.float32)
+
+
+def lora(x: jax.Array, down, up, activation=None) -> jax.Array:
+  """up(activation(down(x))): a low-rank path, in x's dtype."""
+  hidden = matmul(x, down)
+  return matmul(hidden if activation is None else activation(hidden), up)
 
 
 class TimeMix(nnx.Module):
@@ -71,46 +78,49 @@ class TimeMix(nnx.Module):
     reset_BT: True where a document starts (the WKV state is zeroed before that token).
     Returns (out_BTC, new wkv state, v_first_BTC).
     """
-    B, T, C = x_BTC.shape
-    H, N = self.n_head, self.head_size
-    dtype = x_BTC.dtype
-    p = lambda param: param[...].astype(dtype)
+    to_compute = lambda t: t.astype(x_BTC.dtype)   # the compute dtype; `fp32` the other way
+    # Token shift: six lerps from this token toward the previous one, in the compute dtype.
     delta_BTC = prev_BTC - x_BTC
-    xr, xw, xk, xv, xa, xg = (x_BTC + delta_BTC * p(mu) for mu in
-                              (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
-    r = matmul(xr, self.receptance[...])
-    k = matmul(xk, self.key[...])
-    v = matmul(xv, self.value[...])
-    # Decay, in fp32 throughout: w = exp(-0.606531 * sigmoid(z)), stored as its log.
-    z = self.w0[...].astype(jnp.float32) + matmul_f32(jnp.tanh(matmul_f32(xw, self.w1[...])), self.w2[...])
-    log_w = -DECAY_SCALE * jax.nn.sigmoid(z)
-    iclr = jax.nn.sigmoid(self.a0[...].astype(jnp.float32)
-                          + matmul_f32(matmul_f32(xa, self.a1[...]), self.a2[...]))
-    gate = matmul(jax.nn.sigmoid(matmul(xg, self.g1[...])), self.g2[...])
+    xr_BTC, xw_BTC, xk_BTC, xv_BTC, xa_BTC, xg_BTC = (
+        x_BTC + delta_BTC * to_compute(mu_C[...])
+        for mu_C in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+    r_BTC = matmul(xr_BTC, self.receptance[...])
+    k_BTC = matmul(xk_BTC, self.key[...])
+    v_BTC = matmul(xv_BTC, self.value[...])
+    gate_BTC = lora(xg_BTC, self.g1[...], self.g2[...], jax.nn.sigmoid)
+    # Decay (w = exp(w_log)), in-context learning rate and value residual gate: fp32 LoRAs.
+    w_log_BTC = -DECAY_SCALE * jax.nn.sigmoid(
+        fp32(self.w0[...]) + lora(fp32(xw_BTC), self.w1[...], self.w2[...], jnp.tanh))
+    iclr_BTC = jax.nn.sigmoid(fp32(self.a0[...]) + lora(fp32(xa_BTC), self.a1[...], self.a2[...]))
+    nu_BTC = jax.nn.sigmoid(fp32(self.v0[...]) + lora(fp32(xv_BTC), self.v1[...], self.v2[...]))
 
-    # Removal key from the unmodified k, normalised per head.
-    kk = (k.astype(jnp.float32) * self.k_k[...].astype(jnp.float32)).reshape(B, T, H, N)
-    kk = kk / jnp.maximum(jnp.linalg.norm(kk, axis=-1, keepdims=True), KK_NORM_EPS)
-    k = k.astype(jnp.float32) * (1 + (iclr - 1) * self.k_a[...].astype(jnp.float32))
-
+    # Removal key: the unmodified key times k_k, unit length per head.
+    kk_BTHN = self.heads(fp32(k_BTC) * fp32(self.k_k[...]))
+    kk_BTHN = kk_BTHN / jnp.maximum(jnp.linalg.norm(kk_BTHN, axis=-1, keepdims=True), KK_NORM_EPS)
+    # Replacement key: the key scaled toward k * k_a as the in-context learning rate grows.
+    k_BTC = fp32(k_BTC) * (1 + (iclr_BTC - 1) * fp32(self.k_a[...]))
     # Value residual: layer 0 defines v_first; later layers lerp toward it.
-    nu = jax.nn.sigmoid(self.v0[...].astype(jnp.float32)
-                        + matmul_f32(matmul_f32(xv, self.v1[...]), self.v2[...]))
-    v = v.astype(jnp.float32)
-    v_mixed = v + (v_first_BTC.astype(jnp.float32) - v) * nu
-    v = jnp.where(is_first_layer, v, v_mixed)
-    v_first_BTC = jnp.where(is_first_layer, v, v_first_BTC.astype(jnp.float32)).astype(v_first_BTC.dtype)
+    v_BTC = fp32(v_BTC)
+    v_BTC = jnp.where(is_first_layer, v_BTC, v_BTC + (fp32(v_first_BTC) - v_BTC) * nu_BTC)
+    v_first_BTC = jnp.where(is_first_layer, v_BTC, fp32(v_first_BTC)).astype(v_first_BTC.dtype)
 
-    # Split by heads over `tensor` (each device runs the WKV of its own heads, no gather).
-    heads = lambda t: sharding.constrain(t.reshape(B, T, H, N), sharding.HEADS_AXES)
-    iclr_h = heads(iclr)
-    kk = sharding.constrain(kk, sharding.HEADS_AXES)
-    y_BTHN, wkv_BHNN = wkv7(heads(r).astype(dtype), heads(log_w), heads(k).astype(dtype),
-                            heads(v).astype(dtype), (-kk).astype(dtype), (kk * iclr_h).astype(dtype),
-                            wkv_BHNN, reset=reset_BT, impl=self.wkv_impl, chunk_size=self.wkv_chunk_size)
-    y_BTC = group_norm_heads(y_BTHN.astype(jnp.float32), self.ln_x_weight[...], self.ln_x_bias[...])
-    bonus_BTH1 = jnp.sum(heads(r.astype(jnp.float32)) * heads(k) * self.r_k[...].astype(jnp.float32),
-                         axis=-1, keepdims=True)
-    y_BTC = y_BTC + (bonus_BTH1 * heads(v)).reshape(B, T, C)
-    out_BTC = matmul((y_BTC * gate.astype(jnp.float32)).astype(dtype), self.output[...])
+    r_BTHN, w_log_BTHN, k_BTHN, v_BTHN, iclr_BTHN = map(
+        self.heads, (r_BTC, w_log_BTC, k_BTC, v_BTC, iclr_BTC))
+    a_BTHN, b_BTHN = -kk_BTHN, kk_BTHN * iclr_BTHN
+    # The WKV reads r, k, v, a, b rounded to the compute dtype and w_log in fp32.
+    y_BTHN, wkv_BHNN = wkv7(to_compute(r_BTHN), w_log_BTHN, to_compute(k_BTHN), to_compute(v_BTHN),
+                            to_compute(a_BTHN), to_compute(b_BTHN), wkv_BHNN, reset=reset_BT,
+                            impl=self.wkv_impl, chunk_size=self.wkv_chunk_size)
+    # ln_x per head, plus the bonus: each head's value weighted by its (r * k * r_k) sum.
+    y_BTC = group_norm_heads(y_BTHN, self.ln_x_weight[...], self.ln_x_bias[...])
+    # (r goes to fp32 before its split: fp32(r_BTHN) would round r's bf16 gradient differently.)
+    bonus_BTH1 = jnp.sum(self.heads(fp32(r_BTC)) * k_BTHN * fp32(self.r_k[...]), axis=-1,
+                         keepdims=True)
+    y_BTC = y_BTC + merge_heads(bonus_BTH1 * v_BTHN)
+    out_BTC = matmul(to_compute(y_BTC * fp32(gate_BTC)), self.output[...])
     return out_BTC, wkv_BHNN, v_first_BTC
+
+  def heads(self, x_BTC: jax.Array) -> jax.Array:
+    """[B,T,C] -> [B,T,H,N], split by heads over `tensor` (each device runs the WKV of its
+    own heads, no gather)."""
+    return sharding.constrain(split_heads(x_BTC, self.head_size), sharding.HEADS_AXES)
