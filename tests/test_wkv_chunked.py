@@ -13,24 +13,24 @@ from goosejax.wkv import wkv7_chunked, wkv7_reference
 from wkv_inputs import make_inputs, recurrence
 
 LENGTHS = (1, 2, 15, 16, 17, 63, 64, 65, 100, 300)
-# (mode, intra, chunk size, group, lengths): every length in both modes at C = 64, every
-# length sequentially at C = 16 and the multi-chunk ones associatively (each length is a
-# separate associative-scan program to compile); C = 32 is covered by the float64 gradient
-# test, which runs the same forward. Groups of 3 chunks also pad to a multiple of 3 chunks.
+# (mode, intra, chunk size, lengths): every length in both modes at Q = 64, every length
+# sequentially at Q = 16 and the multi-chunk ones associatively (each length is a separate
+# associative-scan program to compile); Q = 32 is covered by the float64 gradient test, which
+# runs the same forward.
 FORWARD_CASES = [
-    ("sequential", "matmul", 16, 3, LENGTHS),
-    ("sequential", "matmul", 64, 1, LENGTHS),
-    ("associative", "matmul", 16, 1, (2, 17, 65, 300)),
-    ("associative", "matmul", 64, 1, LENGTHS),
-    ("sequential", "recurrent", 16, 1, LENGTHS),
+    ("sequential", "matmul", 16, LENGTHS),
+    ("sequential", "matmul", 64, LENGTHS),
+    ("associative", "matmul", 16, (2, 17, 65, 300)),
+    ("associative", "matmul", 64, LENGTHS),
+    ("sequential", "recurrent", 16, LENGTHS),
 ]
 
 
-@functools.partial(jax.jit, static_argnames=("mode", "intra", "chunk_size", "group"))
-def _chunked_many(cases, *, mode, intra, chunk_size, group):
+@functools.partial(jax.jit, static_argnames=("mode", "intra", "chunk_size"))
+def _chunked_many(cases, *, mode, intra, chunk_size):
   """One compile for a whole list of (inputs..., state, reset) of different lengths."""
   return [wkv7_chunked(*c[:6], c[6], reset=c[7], chunk_size=chunk_size, mode=mode, intra=intra,
-                       group=group, dtype=c[0].dtype) for c in cases]
+                       dtype=c[0].dtype) for c in cases]
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +43,13 @@ def float64_cases():
   return cases
 
 
-@pytest.mark.parametrize("mode,intra,chunk_size,group,lengths", FORWARD_CASES,
-                         ids=[f"{m}-{i}-C{c}-G{g}" for m, i, c, g, _ in FORWARD_CASES])
-def test_float64_matches_token_recurrence(float64_cases, mode, intra, chunk_size, group, lengths):
+@pytest.mark.parametrize("mode,intra,chunk_size,lengths", FORWARD_CASES,
+                         ids=[f"{m}-{i}-Q{c}" for m, i, c, _ in FORWARD_CASES])
+def test_float64_matches_token_recurrence(float64_cases, mode, intra, chunk_size, lengths):
   """Outputs and final state to 1e-9 with initial state, resets, strongest decays, iclr -> 1."""
   with jax.enable_x64(True):
     cases = [tuple(jnp.asarray(x) for x in float64_cases[t][0]) for t in lengths]
-    results = _chunked_many(cases, mode=mode, intra=intra, chunk_size=chunk_size, group=group)
+    results = _chunked_many(cases, mode=mode, intra=intra, chunk_size=chunk_size)
   for length, (y, final) in zip(lengths, results):
     y_want, final_want = float64_cases[length][1]
     assert y.dtype == jnp.float64 and y.shape == y_want.shape
@@ -81,9 +81,9 @@ def _gradients(inputs, reset, y_weight, final_weight, configs):
       if config is None:
         y, final = wkv7_reference(*args[:6], args[6], reset=reset)
       else:
-        mode, intra, chunk_size, group = config
+        mode, intra, chunk_size = config
         y, final = wkv7_chunked(*args[:6], args[6], reset=reset, chunk_size=chunk_size,
-                                mode=mode, intra=intra, group=group, dtype=args[0].dtype)
+                                mode=mode, intra=intra, dtype=args[0].dtype)
       return _loss(y, final, y_weight, final_weight)
     grads.append(jax.grad(loss, argnums=tuple(range(7)))(*inputs))
   return grads
@@ -91,8 +91,8 @@ def _gradients(inputs, reset, y_weight, final_weight, configs):
 
 # The recurrent intra-chunk forward shares the sequential backward (tested here through
 # "matmul") and its forward is checked in float64 above.
-GRADIENT_CONFIGS = (("sequential", "matmul", 16, 2), ("sequential", "matmul", 64, 1),
-                    ("associative", "matmul", 64, 1))
+GRADIENT_CONFIGS = (("sequential", "matmul", 16), ("sequential", "matmul", 64),
+                    ("associative", "matmul", 64))
 NAMES = ("r", "log_w", "k", "v", "a", "b", "state")
 
 
@@ -117,7 +117,7 @@ def test_float32_gradients_match_reference():
 
 def test_float64_gradients_match_reference():
   """The custom VJP is exact: in float64 the gradients agree with the scan's to 1e-9."""
-  configs = (("sequential", "matmul", 32, 1), ("associative", "matmul", 32, 1))
+  configs = (("sequential", "matmul", 32), ("associative", "matmul", 32))
   with jax.enable_x64(True):
     problem = _gradient_problem(jnp.float64, length=65)
     reference, *chunked = _gradients(*problem, configs=(None,) + configs)
