@@ -22,7 +22,7 @@ from flax import nnx
 
 from goosejax.config import ModelConfig
 from goosejax.model.norms import LayerNorm
-from goosejax.model.layers import matmul
+from goosejax.model.layers import matmul, merge_heads, split_heads
 
 INIT_STD = 0.02
 ROPE_BASE = 10_000.0
@@ -59,9 +59,8 @@ class CausalSelfAttention(nnx.Module):
     self.output = _normal(rngs, (L, C, C), INIT_STD / math.sqrt(2 * L), pdt)
 
   def __call__(self, x_BTC: jax.Array, cos_TF: jax.Array, sin_TF: jax.Array) -> jax.Array:
-    B, T, C = x_BTC.shape
-    N = self.head_size
-    heads = lambda w: matmul(x_BTC, w[...]).reshape(B, T, C // N, N)
+    T, N = x_BTC.shape[1], self.head_size
+    heads = lambda w: split_heads(matmul(x_BTC, w[...]), N)
     q_BTHN = apply_rotary(heads(self.receptance), cos_TF, sin_TF)
     k_BTHN = apply_rotary(heads(self.key), cos_TF, sin_TF)
     v_BTHN = heads(self.value)
@@ -71,7 +70,7 @@ class CausalSelfAttention(nnx.Module):
     scores_BHTS = jnp.where(causal_TS, scores_BHTS, -jnp.inf)
     probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(x_BTC.dtype)
     y_BTHN = jnp.einsum("bhts,bshn->bthn", probs_BHTS, v_BTHN)
-    return matmul(y_BTHN.reshape(B, T, C), self.output[...])
+    return matmul(merge_heads(y_BTHN), self.output[...])
 
 
 class MLP(nnx.Module):

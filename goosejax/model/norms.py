@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from goosejax.model.layers import merge_heads
+
 LAYER_NORM_EPS = 1e-5
 GROUP_NORM_EPS = 64e-5   # ln_x: 1e-5 * head_size_divisor**2 in older code; fixed in all official kernels
 
@@ -36,6 +38,5 @@ def layer_norm(x: jax.Array, weight_C: jax.Array, bias_C: jax.Array) -> jax.Arra
 
 def group_norm_heads(y_BTHN: jax.Array, weight_C: jax.Array, bias_C: jax.Array) -> jax.Array:
   """GroupNorm with one group per head (ln_x), eps 64e-5, then the per-channel affine."""
-  B, T, H, N = y_BTHN.shape
-  y_BTC = normalize(y_BTHN, GROUP_NORM_EPS).reshape(B, T, H * N)
+  y_BTC = merge_heads(normalize(y_BTHN, GROUP_NORM_EPS))
   return y_BTC * weight_C.astype(jnp.float32) + bias_C.astype(jnp.float32)
