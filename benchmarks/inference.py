@@ -101,7 +101,7 @@ class Goosejax:
     start = time.perf_counter()
     carry = _decode_loop_jit(self.generator.weights, carry, jnp.int32(tokens), SamplingConfig(0.0),
                              no_tokens, no_tokens, jnp.ones((V,), jnp.float32))
-    self.jax.block_until_ready(carry.tokens_BN)
+    self.jax.block_until_ready(carry.tokens_BT)
     return time.perf_counter() - start
 
   def prefill(self, tokens: list[int]) -> float:

@@ -104,7 +104,7 @@ def test_the_pure_decode_loop_composes_with_jit(model):
     carry = init_carry(logits[:, -1], state, 7, 0)
     no_tokens = jnp.zeros((V,), bool)
     carry = decode_loop(weights, carry, jnp.int32(7), cfg, no_tokens, no_tokens, jnp.ones((V,)))
-    return carry.tokens_BN
+    return carry.tokens_BT
 
   tokens = greedy_tokens(weights, TOKENS)
   assert tokens.tolist() == generate(model, TOKENS, 7, temperature=0)

@@ -31,7 +31,7 @@ PAD_ID = -1   # fills the output buffer after a row stops
 class DecodeCarry(NamedTuple):
   """Everything the decode loop carries from one token to the next."""
   step: jax.Array          # [] int32: tokens sampled so far (the next write column)
-  tokens_BN: jax.Array     # [B, max_new] int32, PAD_ID where nothing was emitted
+  tokens_BT: jax.Array     # [B, max_new] int32, PAD_ID where nothing was emitted
   lengths_B: jax.Array     # [B] int32: tokens emitted per row
   done_B: jax.Array        # [B] bool: row hit a stop token
   logits_BV: jax.Array     # [B, V] fp32: logits for the next token
@@ -61,7 +61,7 @@ def decode_loop(weights: DecodeWeights, carry: DecodeCarry, stop_at: jax.Array, 
   step only if another token can follow (within the buffer, some row still live), so no
   step is wasted after the last token and a later call with a larger `stop_at` continues.
   """
-  max_new = carry.tokens_BN.shape[1]
+  max_new = carry.tokens_BT.shape[1]
 
   def cond(c: DecodeCarry):
     return (c.step < stop_at) & ~jnp.all(c.done_B)
@@ -72,8 +72,8 @@ def decode_loop(weights: DecodeWeights, carry: DecodeCarry, stop_at: jax.Array, 
     token_B = sample(logits_BV, uniform_B, cfg)
     stopped_B = stop_V[token_B]
     emit_B = ~c.done_B & ~stopped_B
-    tokens_BN = jax.lax.dynamic_update_slice(
-        c.tokens_BN, jnp.where(emit_B, token_B, PAD_ID)[:, None], (0, c.step))
+    tokens_BT = jax.lax.dynamic_update_slice(
+        c.tokens_BT, jnp.where(emit_B, token_B, PAD_ID)[:, None], (0, c.step))
     done_B = c.done_B | stopped_B
     seen_BV, counts_BV = update_counts(c.seen_BV, c.counts_BV, token_B, occurrence_weight_V,
                                        emit_B, cfg)
@@ -81,7 +81,7 @@ def decode_loop(weights: DecodeWeights, carry: DecodeCarry, stop_at: jax.Array, 
     more = (step < max_new) & ~jnp.all(done_B)   # not stop_at: a later block continues
     logits_BV, layers = jax.lax.cond(
         more, lambda: decode_step_layers(weights, token_B, c.layers), lambda: (c.logits_BV, c.layers))
-    return DecodeCarry(step, tokens_BN, c.lengths_B + emit_B, done_B, logits_BV, layers,
+    return DecodeCarry(step, tokens_BT, c.lengths_B + emit_B, done_B, logits_BV, layers,
                        seen_BV, counts_BV, c.key)
 
   return jax.lax.while_loop(cond, body, carry)
@@ -181,12 +181,12 @@ class Generator:
         if step >= max_new_tokens or bool(jnp.all(carry.done_B)):
           break
         carry = run(carry, stop_at=jnp.int32(min(step + block_size, max_new_tokens)))
-        tokens, lengths = np.asarray(carry.tokens_BN), np.asarray(carry.lengths_B)
+        tokens, lengths = np.asarray(carry.tokens_BT), np.asarray(carry.lengths_B)
         new = [tokens[row, emitted[row]:lengths[row]].tolist() for row in range(len(prompts))]
         emitted[:] = lengths
         if any(new) and callback(new[0] if single else new) is True:
           break      # the caller saw enough (e.g. a stop string in the decoded text)
-    tokens, lengths = np.asarray(carry.tokens_BN), np.asarray(carry.lengths_B)
+    tokens, lengths = np.asarray(carry.tokens_BT), np.asarray(carry.lengths_B)
     out = [tokens[row, :lengths[row]].tolist() for row in range(len(prompts))]
     result = out[0] if single else out
     return (result, prompt_state) if return_state else result

@@ -116,11 +116,11 @@ def _kept_tokens(probs_BV: jax.Array, cfg: SamplingConfig) -> jax.Array:
   top_k = cfg.top_k if 0 < cfg.top_k < V else 0
   if top_k:
     # The top-p cutoff only matters inside the k kept tokens, so the partial sort suffices.
-    sorted_BK, ids_BK = jax.lax.top_k(probs_BV, top_k)
+    top_probs, top_ids = jax.lax.top_k(probs_BV, top_k)   # [B, top_k] each
     if cfg.top_p < 1:
-      keep_BV &= probs_BV >= _cutoff_in_sorted(sorted_BK, cfg.top_p)[0]
+      keep_BV &= probs_BV >= _cutoff_in_sorted(top_probs, cfg.top_p)[0]
     # Exactly k tokens (ties at the k-th value: the lowest ids, as lax.top_k returns them).
-    keep_BV &= jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], ids_BK].set(True)
+    keep_BV &= jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], top_ids].set(True)
   elif cfg.top_p < 1:
     keep_BV &= probs_BV >= _top_p_cutoff(probs_BV, cfg.top_p)
   return keep_BV
@@ -141,13 +141,13 @@ def _tempered(logits_BV: jax.Array, keep_BV: jax.Array, temperature: float) -> j
   return weights_BV / jnp.sum(weights_BV, axis=-1, keepdims=True)
 
 
-def _cutoff_in_sorted(sorted_BK: jax.Array, top_p: float) -> tuple[jax.Array, jax.Array]:
+def _cutoff_in_sorted(sorted_probs: jax.Array, top_p: float) -> tuple[jax.Array, jax.Array]:
   """(cutoff [B,1], found [B,1]): the probability at the first position of the descending
-  `sorted_BK` where the cumulative sum reaches top_p (0 where it is not reached)."""
-  reached_BK = jnp.cumsum(sorted_BK, axis=-1) >= top_p
-  found_B1 = jnp.any(reached_BK, axis=-1, keepdims=True)
-  first_B1 = argmax(reached_BK.astype(jnp.float32))[:, None]
-  cutoff_B1 = jnp.take_along_axis(sorted_BK, first_B1, axis=-1)
+  `sorted_probs` [B, k] where the cumulative sum reaches top_p (0 where it is not reached)."""
+  reached = jnp.cumsum(sorted_probs, axis=-1) >= top_p   # [B, k]
+  found_B1 = jnp.any(reached, axis=-1, keepdims=True)
+  first_B1 = argmax(reached.astype(jnp.float32))[:, None]
+  cutoff_B1 = jnp.take_along_axis(sorted_probs, first_B1, axis=-1)
   return jnp.where(found_B1, cutoff_B1, 0.0), found_B1
 
 
@@ -196,17 +196,17 @@ def draw(probs_BV: jax.Array, uniform_B: jax.Array, block: int = 256) -> jax.Arr
   B, V = probs_BV.shape
   n_blocks = -(-V // block)
   padded_BV = jnp.pad(probs_BV, ((0, 0), (0, n_blocks * block - V)))
-  blocks_BNK = padded_BV.reshape(B, n_blocks, block)
-  block_cdf_BN = jnp.cumsum(jnp.sum(blocks_BNK, axis=-1), axis=-1)
-  target_B1 = uniform_B[:, None] * block_cdf_BN[:, -1:]
+  blocks = padded_BV.reshape(B, n_blocks, block)
+  block_cdf = jnp.cumsum(jnp.sum(blocks, axis=-1), axis=-1)   # [B, n_blocks]
+  target_B1 = uniform_B[:, None] * block_cdf[:, -1:]
   # The block holding the target: the count of whole blocks at or below it.
-  index_B = jnp.minimum(jnp.sum((block_cdf_BN <= target_B1).astype(jnp.float32), axis=-1),
+  index_B = jnp.minimum(jnp.sum((block_cdf <= target_B1).astype(jnp.float32), axis=-1),
                         n_blocks - 1).astype(jnp.int32)
-  previous_B1 = jnp.take_along_axis(block_cdf_BN, jnp.maximum(index_B - 1, 0)[:, None], axis=-1)
+  previous_B1 = jnp.take_along_axis(block_cdf, jnp.maximum(index_B - 1, 0)[:, None], axis=-1)
   before_B1 = jnp.where(index_B[:, None] > 0, previous_B1, 0.0)
-  inner_BK = jnp.take_along_axis(blocks_BNK, index_B[:, None, None], axis=1)[:, 0]
-  inner_cdf_BK = before_B1 + jnp.cumsum(inner_BK, axis=-1)
-  offset_B = jnp.sum((inner_cdf_BK <= target_B1).astype(jnp.float32), axis=-1).astype(jnp.int32)
+  inner = jnp.take_along_axis(blocks, index_B[:, None, None], axis=1)[:, 0]   # [B, block]
+  inner_cdf = before_B1 + jnp.cumsum(inner, axis=-1)
+  offset_B = jnp.sum((inner_cdf <= target_B1).astype(jnp.float32), axis=-1).astype(jnp.int32)
   token_B = index_B * block + offset_B
   # Rounding can leave the target on or past a zero-probability entry: take the last nonzero
   # token at or before it (or the first nonzero token if there is none before it).
