@@ -10,11 +10,11 @@ blocks, norms and head are the model's functions, so a step computes `model(toke
 
 Layout: each layer's six large matrices and the head are stored [out, in] (`TRANSPOSED`) and
 given to the model as `Transposed` weights, which its one `matmul` contracts on their second
-axis: XLA:CPU's one-row products read them 5-10% faster than [in, out] (0.1B shape, 2-core
-x86-64). Not as transposed views (x @ w_out_in.T): XLA:CPU fuses those into a loop that made
-whole decode steps slower (and is ~10x slower on the narrow LoRA matrices, which stay
-[in, out]; [out, in] was no faster for them). benchmarks/inference.py measures decoding
-against chains of these matrix-vector products.
+axis: XLA:CPU's one-row products read them faster than [in, out]. Not as transposed views
+(x @ w_out_in.T): XLA:CPU fuses those into a loop, slower for whole decode steps and far
+slower for the narrow LoRA matrices, which stay [in, out] ([out, in] was no faster for them).
+benchmarks/inference.py measures decoding against chains of these matrix-vector products;
+the figures are in the README's "Inference speed".
 """
 from __future__ import annotations
 

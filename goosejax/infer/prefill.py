@@ -1,14 +1,14 @@
 """Prefill: a batch of prompts through the sequence form, logits only where they are needed.
 
 `RWKV7.__call__` always projects every position through the [C, V] head; a prompt only needs
-the last position's logits (the head is ~60% of the work per token at 0.1B), so prefill
-applies the head to the last position only.
+the last position's logits (the head is a large share of each token's work, see the README's
+"Inference speed"), so prefill applies the head to the last position only.
 
 Two forms of the same function: `prefill_last(model, ...)` runs the model's own layer scan
 (`RWKV7.hidden_states`); `prefill_split(weights, ...)` (what `generate` uses) runs the same
 `Blocks` unrolled on the per-layer weights the decoder already holds
 (goosejax.infer.decode.last_logits), which spares the scan's copy of every layer's weights out
-of the stacked arrays (~8% of a 512-token prefill at 0.1B on CPU).
+of the stacked arrays (benchmarks/inference.py times this prefill; figures in the README).
 """
 from __future__ import annotations
 

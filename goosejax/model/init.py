@@ -57,7 +57,7 @@ def _orthogonal_draws(key: jax.Array, gain: jax.Array, count: int, shape: tuple[
   """[count, *shape] orthogonal matrices times `gain`, in fp32 (bf16 QR is inaccurate).
 
   Jitted so that a second model of the same sizes in one process (tests, notebooks, a
-  resumed run) reuses the compiled draw instead of compiling it again (~1 s each on CPU).
+  resumed run) reuses the compiled draw instead of compiling it again.
   lax.map, not vmap: a batched QR inside jit can deadlock the CPU thread pool (2 cores)."""
   draw = jax.nn.initializers.orthogonal()
   return gain * jax.lax.map(lambda k: draw(k, shape, jnp.float32), jax.random.split(key, count))

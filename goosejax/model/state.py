@@ -29,7 +29,7 @@ def zeros_state(n_layer: int, batch: int, n_embd: int, n_head: int, head_size: i
 # A state split per layer: ((att_shift_BC, wkv_BHNN, ffn_shift_BC), ...), what
 # `goosejax.model.rwkv7.run_layers` takes. The decoder carries this form from token to token:
 # stacking [L, B, H, N, N] every step and slicing it per layer would copy the whole WKV state
-# twice per token (151 MB at batch 64 for the 0.1B shape).
+# twice per token (its size at batch 64: README, "Inference speed").
 LayerStates = tuple[tuple[jax.Array, jax.Array, jax.Array], ...]
 
 
