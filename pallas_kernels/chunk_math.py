@@ -1,14 +1,14 @@
 """The WKV-7 chunk step: the one piece of chunk math every chunked form runs.
 
 The Pallas kernels (`kernel_body`, Mosaic TPU and Triton GPU) call it on one chunk at a time,
-arrays [C, lanes]; the XLA forms (`goosejax.wkv.chunked`) on many chunks at once, arrays
-[..., C, N] whose leading dims are batch dims of every product. It lives here, not in goosejax,
+arrays [Q, lanes]; the XLA forms (`goosejax.wkv.chunked`) on many chunks at once, arrays
+[..., Q, N] whose leading dims are batch dims of every product. It lives here, not in goosejax,
 because the kernels are the stricter client: only what Mosaic and Triton lower (2-D dots,
 elementwise ops, sums, selects; no cumsum or custom_vjp, and no slicing in Triton; constant masks
 arrive as kernel inputs), and `pallas_kernels` is the lower layer, imported by goosejax and never
 the reverse.
 
-Per head, a chunk of C tokens with state S0 [value, key], time along rows (docs/architecture.md#the-chunked-wkv-7-form):
+Per head, a chunk of Q tokens with state S0 [value, key], time along rows (docs/architecture.md#the-chunked-wkv-7-form):
 
     g = inclusive cumulative log decay (a triangular matmul), g_excl = g - log_w, g_end = sum log_w
     A_xy[t, s] = sum_j x_t[j] y_s[j] e^{(g_excl or g)_t[j] - g_s[j]}, s < t for rows from a,
@@ -24,11 +24,11 @@ independent of S0 (`ChunkTerms`), so the XLA forms build the terms of many chunk
 walk only the state through them.
 
 Centring: the products A_xy use (x e^{g_t - m}) (y e^{m - g_s}) with m = g_end / 2, so every
-C x C x N product is a plain matmul, no ratio is formed by dividing cumulative products, and each
-factor is at most e^{|LOG_DECAY_MIN| C / 2} for decays in the RWKV-7 range (wkv_policy).
+Q x Q x N product is a plain matmul, no ratio is formed by dividing cumulative products, and each
+factor is at most e^{|LOG_DECAY_MIN| Q / 2} for decays in the RWKV-7 range (wkv_policy).
 
-Packed heads (TPU): G heads side by side in the lanes, each head's contractions multiply by its
-lane mask and the state is block-diagonal [G*N, G*N]; with G = 1 the masks disappear.
+Packed heads (TPU): P heads side by side in the lanes, each head's contractions multiply by its
+lane mask and the state is block-diagonal [P*N, P*N]; with P = 1 the masks disappear.
 
 Resets (the state zeroed before token t) are masks on the same factorisation: pairs (t, s) with a
 reset in (s, t] do not interact, S0 reaches only rows before the first reset, and only tokens
@@ -60,10 +60,10 @@ LADDER_BLOCK = 16  # with sliced_inverse, the diagonal blocks the masked ladder 
 @dataclasses.dataclass(frozen=True)
 class ChunkLayout:
   """Static shape and precision facts of a chunk step."""
-  chunk_size: int      # C: wkv_policy.CHUNK_SIZES (the math takes any power of two >= 2)
-  heads_packed: int    # G heads side by side in the lanes (block-diagonal state when > 1)
+  chunk_size: int      # Q: wkv_policy.CHUNK_SIZES (the math takes any power of two >= 2)
+  heads_packed: int    # P heads side by side in the lanes (block-diagonal state when > 1)
   head_size: int       # N
-  value_lanes: int     # lanes of v, y and the state's rows (G*N, or a value tile when G == 1)
+  value_lanes: int     # lanes of v, y and the state's rows (P*N, or a value tile when P == 1)
   has_reset: bool
   bf16_mxu: bool = False     # bf16 operands for the "fast" products
   fp32_dot: str = "highest"  # the fp32 products: "highest" (6-pass MXU / IEEE) or "tf32x3" (GPU)
@@ -85,32 +85,32 @@ class ChunkLayout:
 
 class ChunkConsts(NamedTuple):
   """Constant masks (`chunk_constants`); inside a kernel, loaded from its inputs."""
-  tri_incl: jax.Array      # [C, C] 1 where s <= t
-  tri_strict: jax.Array    # [C, C] 1 where s < t
-  triu_strict: jax.Array   # [C, C] 1 where s > t (read with resets only)
-  ladder: jax.Array        # [levels, C, C] (or a list of [C, C]): lower-left half-blocks per level
-  head_lanes: jax.Array    # [G, 1, G*N] (or a list of [1, G*N]): lane mask of each packed head
-  block_diag: jax.Array    # [G*N, G*N] 1 inside a head's N x N block
+  tri_incl: jax.Array      # [Q, Q] 1 where s <= t
+  tri_strict: jax.Array    # [Q, Q] 1 where s < t
+  triu_strict: jax.Array   # [Q, Q] 1 where s > t (read with resets only)
+  ladder: jax.Array        # [levels, Q, Q] (or a list of [Q, Q]): lower-left half-blocks per level
+  head_lanes: jax.Array    # [P, 1, P*N] (or a list of [1, P*N]): lane mask of each packed head
+  block_diag: jax.Array    # [P*N, P*N] 1 inside a head's N x N block
 
 
 def chunk_constants(layout: ChunkLayout, dtype=np.float32) -> ChunkConsts:
   """The masks as NumPy arrays of `dtype` (the compute dtype: products with them stay in it)."""
-  C, G, N = layout.chunk_size, layout.heads_packed, layout.head_size
-  t = np.arange(C)[:, None]
-  s = np.arange(C)[None, :]
+  Q, P, N = layout.chunk_size, layout.heads_packed, layout.head_size
+  t = np.arange(Q)[:, None]
+  s = np.arange(Q)[None, :]
   levels = []
   half = 1
-  while half < C:
+  while half < Q:
     same_block = (t // (2 * half)) == (s // (2 * half))
     levels.append(same_block & ((t // half) % 2 == 1) & ((s // half) % 2 == 0))
     half *= 2
-  lane_head = np.arange(G * N) // N
+  lane_head = np.arange(P * N) // N
   return ChunkConsts(
       tri_incl=(s <= t).astype(dtype),
       tri_strict=(s < t).astype(dtype),
       triu_strict=(s > t).astype(dtype),
       ladder=np.stack(levels).astype(dtype),
-      head_lanes=(lane_head[None, None, :] == np.arange(G)[:, None, None]).astype(dtype),
+      head_lanes=(lane_head[None, None, :] == np.arange(P)[:, None, None]).astype(dtype),
       block_diag=(lane_head[:, None] == lane_head[None, :]).astype(dtype),
   )
 
@@ -141,22 +141,23 @@ def _round_bf16(x):
 
 
 class ResetMasks(NamedTuple):
-  same_segment: jax.Array  # [C, C] bool: no reset in (s, t]
-  sees_start: jax.Array    # [C, 1] 1 where no reset in [0, t] (row t reads S0)
-  reaches_end: jax.Array   # [C, 1] 1 where no reset in (t, C-1] (token t reaches the end state)
+  same_segment: jax.Array  # [Q, Q] bool: no reset in (s, t]
+  sees_start: jax.Array    # [Q, 1] 1 where no reset in [0, t] (row t reads S0)
+  reaches_end: jax.Array   # [Q, 1] 1 where no reset in (t, Q-1] (token t reaches the end state)
   keeps_start: jax.Array   # [1, 1] 1 where the chunk has no reset (S0 survives to the end)
 
 
 class ChunkTerms(NamedTuple):
-  """The state-independent terms of a chunk ([..., C, lanes]; K key lanes, V value lanes)."""
-  w: jax.Array             # [C, K]  U = W S0^T + U0
-  u0: jax.Array            # [C, V]
-  r_start: jax.Array       # [C, K]  r decayed from the chunk start
-  a_rb: tuple              # G x [C, C]  decayed <r_t, b_s>, s <= t, per packed head
-  y_values: jax.Array      # [C, V]  A_rk V, the outputs' part from this chunk's values
-  b_end: jax.Array         # [C, K]  b decayed to the chunk end
-  state_values: jax.Array  # [V, K]  V^T k_end, the end state's part from this chunk's values
-  decay_end: jax.Array     # [1, K]  the whole chunk's decay
+  """The state-independent terms of a chunk, [..., Q, lanes] (keys: the P*N key lanes, values:
+  the value lanes)."""
+  w: jax.Array             # [Q, keys]  U = W S0^T + U0
+  u0: jax.Array            # [Q, values]
+  r_start: jax.Array       # [Q, keys]  r decayed from the chunk start
+  a_rb: tuple              # P x [Q, Q]  decayed <r_t, b_s>, s <= t, per packed head
+  y_values: jax.Array      # [Q, values]  A_rk V, the outputs' part from this chunk's values
+  b_end: jax.Array         # [Q, keys]  b decayed to the chunk end
+  state_values: jax.Array  # [values, keys]  V^T k_end: the end state's part from this chunk's values
+  decay_end: jax.Array     # [1, keys]  the whole chunk's decay
 
 
 class ChunkMath:
@@ -188,7 +189,7 @@ class ChunkMath:
     return _dot(_round_bf16(x), _round_bf16(y), form, lax.Precision.DEFAULT)
 
   def _lanes(self) -> list:
-    """Each packed head's lane mask [1, G*N]; [None] for one head (no masking)."""
+    """Each packed head's lane mask [1, P*N]; [None] for one head (no masking)."""
     if self.layout.heads_packed == 1:
       return [None]
     return [self.consts.head_lanes[h] for h in range(self.layout.heads_packed)]
@@ -197,56 +198,56 @@ class ChunkMath:
     return x if self.layout.heads_packed == 1 else x * self.consts.block_diag
 
   def compact_state(self, state):
-    """A block-diagonal packed state [G*N, G*N] as its N x N blocks side by side, [N, G*N]."""
-    G, N = self.layout.heads_packed, self.layout.head_size
-    if G == 1:
+    """A block-diagonal packed state [P*N, P*N] as its N x N blocks side by side, [N, P*N]."""
+    P, N = self.layout.heads_packed, self.layout.head_size
+    if P == 1:
       return state
-    return sum((state[g * N:(g + 1) * N] for g in range(1, G)), state[:N])
+    return sum((state[p * N:(p + 1) * N] for p in range(1, P)), state[:N])
 
   def expand_state(self, compact):
-    """[N, G*N] blocks side by side back to the block-diagonal [G*N, G*N] state."""
+    """[N, P*N] blocks side by side back to the block-diagonal [P*N, P*N] state."""
     if self.layout.heads_packed == 1:
       return compact
     return jnp.concatenate([compact * lanes for lanes in self._lanes()], axis=0)
 
   # ------------------------------------------------------------------ masks and the inverse
 
-  def reset_masks(self, reset_C1) -> ResetMasks:
-    """Masks from the chunk's reset column [C, 1] (1 = zero the state before that token). Sums
-    of at most C small integers: exact in any of the fp32 precisions."""
+  def reset_masks(self, reset_Q1) -> ResetMasks:
+    """Masks from the chunk's reset column [Q, 1] (1 = zero the state before that token). Sums
+    of at most Q small integers: exact in any of the fp32 precisions."""
     c = self.consts
-    ones_CC = c.tri_incl + c.triu_strict
-    resets_between = self.exact(c.tri_incl, reset_C1 * c.tri_strict, "nn")  # resets in (s, t]
-    resets_upto = self.exact(c.tri_incl, reset_C1 * ones_CC, "nn")  # in [0, t], every column
-    resets_after = self.exact(c.triu_strict, reset_C1 * ones_CC, "nn")  # in (t, C-1]
-    dtype = reset_C1.dtype
+    ones_QQ = c.tri_incl + c.triu_strict
+    resets_between = self.exact(c.tri_incl, reset_Q1 * c.tri_strict, "nn")  # resets in (s, t]
+    resets_upto = self.exact(c.tri_incl, reset_Q1 * ones_QQ, "nn")  # in [0, t], every column
+    resets_after = self.exact(c.triu_strict, reset_Q1 * ones_QQ, "nn")  # in (t, Q-1]
+    dtype = reset_Q1.dtype
     return ResetMasks(
         same_segment=resets_between < 0.5,
         sees_start=(jnp.max(resets_upto, axis=-1, keepdims=True) < 0.5).astype(dtype),
         reaches_end=(jnp.max(resets_after, axis=-1, keepdims=True) < 0.5).astype(dtype),
-        keeps_start=(jnp.sum(reset_C1, axis=-2, keepdims=True) < 0.5).astype(dtype))
+        keeps_start=(jnp.sum(reset_Q1, axis=-2, keepdims=True) < 0.5).astype(dtype))
 
-  def unit_lower_inverse(self, a_CC):
-    """(I - A)^{-1} for strictly lower A [..., C, C] by the Schur ladder: from the block-diagonal
+  def unit_lower_inverse(self, a_QQ):
+    """(I - A)^{-1} for strictly lower A [..., Q, Q] by the Schur ladder: from the block-diagonal
     inverse X of block size h, the one of size 2h is X + X (A E_h) X, E_h keeping the lower-left
     half-blocks (exact algebra, fp32 products, no powers of A: the doubling product
     (I + A)(I + A^2)... loses all precision over a 64 chunk, docs/architecture.md#the-chunked-wkv-7-form).
 
-    Kernels run every level as full C x C products with the level's mask, 2 log2(C) - 2 of
+    Kernels run every level as full Q x Q products with the level's mask, 2 log2(Q) - 2 of
     them. With `sliced_inverse` (the XLA forms) the levels past LADDER_BLOCK compute only the
     new lower-left blocks, X2 A21 X1, on slices: the same arithmetic without the products of
-    zero blocks (at C = 64, 0.18M multiply-adds instead of 2.6M)."""
+    zero blocks (at Q = 64, 0.18M multiply-adds instead of 2.6M)."""
     size = self.layout.chunk_size
     if not self.layout.sliced_inverse or size <= LADDER_BLOCK:
-      return self._masked_ladder(a_CC, self.layout.ladder_levels)
+      return self._masked_ladder(a_QQ, self.layout.ladder_levels)
     block = LADDER_BLOCK
     count = size // block
-    diagonal = jnp.stack([a_CC[..., i * block:(i + 1) * block, i * block:(i + 1) * block]
+    diagonal = jnp.stack([a_QQ[..., i * block:(i + 1) * block, i * block:(i + 1) * block]
                           for i in range(count)], axis=-3)
-    inverse = self._masked_ladder(diagonal, int(np.log2(block)))  # [..., C/b, b, b]
+    inverse = self._masked_ladder(diagonal, int(np.log2(block)))  # [..., Q/b, b, b]
     while block < size:
       pairs = size // (2 * block)
-      coupling = jnp.stack([a_CC[..., (2 * i + 1) * block:(2 * i + 2) * block,
+      coupling = jnp.stack([a_QQ[..., (2 * i + 1) * block:(2 * i + 2) * block,
                                  2 * i * block:(2 * i + 1) * block] for i in range(pairs)], axis=-3)
       upper, lower = inverse[..., 0::2, :, :], inverse[..., 1::2, :, :]
       corner = self.exact(self.exact(lower, coupling, "nn"), upper, "nn")
@@ -321,7 +322,7 @@ class ChunkMath:
     return ChunkTerms(w, u0, r_start, tuple(a_rb_heads), y_values, b_end, state_values, decay_end)
 
   def terms(self, r, log_w, k, v, a, b, resets: ResetMasks | None = None) -> ChunkTerms:
-    """The chunk's `ChunkTerms` from its inputs [..., C, lanes] (one float dtype)."""
+    """The chunk's `ChunkTerms` from its inputs [..., Q, lanes] (one float dtype)."""
     a_ab_heads, rest = self._before_inverse(r, log_w, k, v, a, b, resets)
     return self._after_inverse(rest, [self.unit_lower_inverse(x) for x in a_ab_heads])
 
@@ -360,7 +361,8 @@ class ChunkMath:
             + terms.state_values)
 
   def forward(self, state, terms: ChunkTerms):
-    """(Y [..., C, V], S' [..., V, K]) of the chunk entered with `state` [..., V, K]."""
+    """(Y [..., Q, values], S' [..., values, keys]) of the chunk entered with `state`
+    [..., values, keys]."""
     u = self.removals(state, terms)
     return self.outputs(state, u, terms), self.end_state(state, u, terms)
 
@@ -409,7 +411,7 @@ class ChunkMath:
   # ------------------------------------------------ the chunk as an affine map (XLA forms)
 
   def summary(self, terms: ChunkTerms):
-    """S' = S0 M + B: returns (M [..., K, K], B [..., V, K])."""
+    """S' = S0 M + B: returns (M [..., keys, keys], B [..., values, keys])."""
     identity = jnp.eye(self.layout.key_lanes, dtype=terms.w.dtype)
     m = jnp.swapaxes(terms.decay_end, -1, -2) * identity
     m = m + self._block_diag(self.exact(terms.w, terms.b_end, "tn"))

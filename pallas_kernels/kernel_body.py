@@ -1,6 +1,6 @@
 """The chunk loops shared by the TPU and Triton kernels: refs in, refs out, the state carried in fp32.
 
-Every sequence ref is blocked as [chunks, C, lanes] so a chunk is selected on the leading, untiled axis
+Every sequence ref is blocked as [chunks, Q, lanes] so a chunk is selected on the leading, untiled axis
 (`ref[i]`): no dynamic sublane or lane offsets reach Mosaic, and Triton sees plain strided loads.
 """
 from __future__ import annotations
@@ -16,14 +16,14 @@ CONST_NAMES = ChunkConsts._fields
 
 def chunk_math(refs: dict, layout: ChunkLayout) -> ChunkMath:
   """The chunk step with its constant masks loaded from their refs (only what `layout` reads)."""
-  G = layout.heads_packed
+  P = layout.heads_packed
   consts = ChunkConsts(
       tri_incl=refs["tri_incl"][...],
       tri_strict=refs["tri_strict"][...],
       triu_strict=refs["triu_strict"][...] if layout.has_reset else None,
       ladder=[refs["ladder"][level] for level in range(layout.ladder_levels)],
-      head_lanes=[refs["head_lanes"][h] for h in range(G)] if G > 1 else None,
-      block_diag=refs["block_diag"][...] if G > 1 else None,
+      head_lanes=[refs["head_lanes"][h] for h in range(P)] if P > 1 else None,
+      block_diag=refs["block_diag"][...] if P > 1 else None,
   )
   return ChunkMath(layout, consts)
 
@@ -36,7 +36,7 @@ def _load_chunk(refs: dict, i, layout: ChunkLayout):
 
 
 def forward_chunks(refs: dict, state, num_chunks: int, layout: ChunkLayout):
-  """Runs `num_chunks` chunks in order from `state` [V, K]; writes y and, when there is a
+  """Runs `num_chunks` chunks in order from `state` [values, keys]; writes y and, when there is a
   "checkpoint" ref, each chunk's start state (fp32, for the backward). Returns the end state."""
   checkpoints = refs.get("checkpoint")
 

@@ -1,7 +1,7 @@
 """WKV-7 forward and backward as Pallas Mosaic TPU kernels.
 
-Grid (batch, head group, time block). A head group is G heads packed side by side in the lanes, so
-the chunk step runs on G*N lanes (128 for N = 64) with a block-diagonal [G*N, G*N] fp32 state. The time
+Grid (batch, head group, time block). A head group is P heads packed side by side in the lanes, so
+the chunk step runs on P*N lanes (128 for N = 64) with a block-diagonal [P*N, P*N] fp32 state. The time
 axis is "arbitrary" (sequential on a core): the state lives in a VMEM scratch across time blocks, and
 each grid step loops over several chunks to keep the number of grid steps (fixed overhead each) small.
 The checkpointing forward writes an fp32 state per chunk; the lean forward (no gradient needed) writes
@@ -9,11 +9,11 @@ none; the backward walks the time blocks in reverse and recomputes every chunk f
 
 Sequences arrive as [B, H, N, T]: for N < 128 that is how a TPU lays out a [B, T, H, N] array in HBM
 (time along the 128 lanes, major_to_minor (0, 2, 3, 1)), so the caller's transpose is a bitcast and
-no input is copied. Each grid step transposes its [G, N, tokens] blocks in VMEM into chunks
-[chunks, C, G*N] (time along sublanes, the chunk math's orientation) and its outputs back.
+no input is copied. Each grid step transposes its [P, N, tokens] blocks in VMEM into chunks
+[chunks, Q, P*N] (time along sublanes, the chunk math's orientation) and its outputs back.
 
-Array layouts (prepared by `pallas_kernels.wkv7`): sequences [B, H, N, T]; reset [B, chunks, C, 1];
-states [B, H/G, N, G*N] and checkpoints [B, H/G, chunks, N, G*N] (a group's N x N blocks side by side,
+Array layouts (prepared by `pallas_kernels.wkv7`): sequences [B, H, N, T]; reset [B, chunks, Q, 1];
+states [B, H/P, N, P*N] and checkpoints [B, H/P, chunks, N, P*N] (a group's N x N blocks side by side,
 `ChunkMath.compact_state`: no zero blocks stored).
 """
 from __future__ import annotations
@@ -43,16 +43,16 @@ def _zeros_index(ndim, *_):
 
 
 def _stage_in(block_ref, chunks_ref, layout: ChunkLayout):
-  """A [G, N, tokens] block (time on lanes) into fp32 chunks [chunks, C, G*N] (time on sublanes)."""
+  """A [P, N, tokens] block (time on lanes) into fp32 chunks [chunks, Q, P*N] (time on sublanes)."""
   x = jnp.concatenate([block_ref[g].astype(jnp.float32) for g in range(layout.heads_packed)], axis=0)
   x = x.T
-  C = layout.chunk_size
+  Q = layout.chunk_size
   for i in range(chunks_ref.shape[0]):
-    chunks_ref[i] = x[i * C:(i + 1) * C]
+    chunks_ref[i] = x[i * Q:(i + 1) * Q]
 
 
 def _stage_out(chunks_ref, block_ref, layout: ChunkLayout):
-  """fp32 chunks [chunks, C, G*N] back into a [G, N, tokens] block of the output's dtype."""
+  """fp32 chunks [chunks, Q, P*N] back into a [P, N, tokens] block of the output's dtype."""
   x = jnp.concatenate([chunks_ref[i] for i in range(chunks_ref.shape[0])], axis=0).T
   N = layout.head_size
   for g in range(layout.heads_packed):
@@ -107,15 +107,15 @@ def _backward_kernel(*refs, names, layout: ChunkLayout):
 
 
 def _specs(layout: ChunkLayout, chunks_per_block: int, num_time_blocks: int, reverse: bool):
-  C, G, N = layout.chunk_size, layout.heads_packed, layout.head_size
+  Q, P, N = layout.chunk_size, layout.heads_packed, layout.head_size
 
   def time(t):
     return num_time_blocks - 1 - t if reverse else t
 
-  seq = pl.BlockSpec((None, G, N, chunks_per_block * C), lambda b, h, t: (b, h, 0, time(t)))
-  reset = pl.BlockSpec((None, chunks_per_block, C, 1), lambda b, h, t: (b, time(t), 0, 0))
-  state = pl.BlockSpec((None, None, N, G * N), lambda b, h, t: (b, h, 0, 0))
-  checkpoint = pl.BlockSpec((None, None, chunks_per_block, N, G * N),
+  seq = pl.BlockSpec((None, P, N, chunks_per_block * Q), lambda b, h, t: (b, h, 0, time(t)))
+  reset = pl.BlockSpec((None, chunks_per_block, Q, 1), lambda b, h, t: (b, time(t), 0, 0))
+  state = pl.BlockSpec((None, None, N, P * N), lambda b, h, t: (b, h, 0, 0))
+  checkpoint = pl.BlockSpec((None, None, chunks_per_block, N, P * N),
                             lambda b, h, t: (b, h, time(t), 0, 0))
   return seq, reset, state, checkpoint
 
@@ -136,11 +136,11 @@ def _chunk_scratch(layout: ChunkLayout, chunks_per_block: int, count: int):
 
 def forward(r, log_w, k, v, a, b, state, reset, *, layout: ChunkLayout, chunks_per_block: int,
             interpret: bool, checkpoints: bool = True):
-  """Returns (y like r, end state [B, H/G, N, G*N] fp32, and with `checkpoints` the start state of
-  every chunk [B, H/G, chunks, N, G*N] fp32)."""
+  """Returns (y like r, end state [B, H/P, N, P*N] fp32, and with `checkpoints` the start state of
+  every chunk [B, H/P, chunks, N, P*N] fp32)."""
   grid = _grid(r, layout, chunks_per_block)
   B, num_groups, num_time_blocks = grid
-  N, L = layout.head_size, layout.key_lanes
+  N, lanes = layout.head_size, layout.key_lanes
   seq, reset_spec, state_spec, checkpoint_spec = _specs(layout, chunks_per_block, num_time_blocks, False)
   const_specs, const_values = _const_specs_and_values(layout)
   names = [*CONST_NAMES, *INPUT_NAMES, "state_in"]
@@ -152,19 +152,19 @@ def forward(r, log_w, k, v, a, b, state, reset, *, layout: ChunkLayout, chunks_p
     args.append(reset)
   names += ["y", "state_out"]
   out_shape = [jax.ShapeDtypeStruct(r.shape, r.dtype),
-               jax.ShapeDtypeStruct((B, num_groups, N, L), jnp.float32)]
+               jax.ShapeDtypeStruct((B, num_groups, N, lanes), jnp.float32)]
   out_specs = [seq, state_spec]
   if checkpoints:
     names.append("checkpoint")
     num_chunks = num_time_blocks * chunks_per_block
-    out_shape.append(jax.ShapeDtypeStruct((B, num_groups, num_chunks, N, L), jnp.float32))
+    out_shape.append(jax.ShapeDtypeStruct((B, num_groups, num_chunks, N, lanes), jnp.float32))
     out_specs.append(checkpoint_spec)
   staged = [*INPUT_NAMES, "y"]
   names += ["state_scratch", *(name + "_chunks" for name in staged)]
   kernel = functools.partial(_forward_kernel, names=names, layout=layout)
   return pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
-      scratch_shapes=[pltpu.VMEM((L, L), jnp.float32),
+      scratch_shapes=[pltpu.VMEM((lanes, lanes), jnp.float32),
                       *_chunk_scratch(layout, chunks_per_block, len(staged))],
       compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS),
       interpret=interpret, name="wkv7_forward_tpu" if checkpoints else "wkv7_forward_lean_tpu")(*args)
@@ -172,10 +172,10 @@ def forward(r, log_w, k, v, a, b, state, reset, *, layout: ChunkLayout, chunks_p
 
 def backward(r, log_w, k, v, a, b, reset, checkpoint, dy, dstate_end, *, layout: ChunkLayout,
              chunks_per_block: int, interpret: bool):
-  """Returns (dr, dlog_w, dk, dv, da, db in their inputs' dtypes, dstate_start [B, H/G, N, G*N] fp32)."""
+  """Returns (dr, dlog_w, dk, dv, da, db in their inputs' dtypes, dstate_start [B, H/P, N, P*N] fp32)."""
   grid = _grid(r, layout, chunks_per_block)
   B, num_groups, num_time_blocks = grid
-  N, L = layout.head_size, layout.key_lanes
+  N, lanes = layout.head_size, layout.key_lanes
   seq, reset_spec, state_spec, checkpoint_spec = _specs(layout, chunks_per_block, num_time_blocks, True)
   const_specs, const_values = _const_specs_and_values(layout)
   inputs = (r, log_w, k, v, a, b)
@@ -190,12 +190,12 @@ def backward(r, log_w, k, v, a, b, reset, checkpoint, dy, dstate_end, *, layout:
   staged = [*INPUT_NAMES, "dy", *grads]
   names += [*grads, "dstate_start", "dstate_scratch", *(name + "_chunks" for name in staged)]
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs]
-  out_shape.append(jax.ShapeDtypeStruct((B, num_groups, N, L), jnp.float32))
+  out_shape.append(jax.ShapeDtypeStruct((B, num_groups, N, lanes), jnp.float32))
   kernel = functools.partial(_backward_kernel, names=names, layout=layout)
   *grads, dstate_start = pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
       out_specs=[*[seq] * 6, state_spec],
-      scratch_shapes=[pltpu.VMEM((L, L), jnp.float32),
+      scratch_shapes=[pltpu.VMEM((lanes, lanes), jnp.float32),
                       *_chunk_scratch(layout, chunks_per_block, len(staged))],
       compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS),
       interpret=interpret, name="wkv7_backward_tpu")(*args)

@@ -8,9 +8,9 @@ sequence.
 Compiled offline from this lowering's Triton IR with Triton 3.9 for sm_90a (H100/H200; jaxlib bundles
 its own Triton revision, so treat these as estimates), at N = 64, bf16 inputs, TF32x3 fp32 dots, with the
 chunk math as it was before `chunk_math` became shared with the XLA forms (it now forms W = T a_start
-and U0 = T A_ak V before the state enters: one more C x C x N product per chunk; not yet re-measured,
+and U0 = T A_ak V before the state enters: one more Q x Q x N product per chunk; not yet re-measured,
 benchmarks/triton_offline_compile.py does it; the CUDA plugin's full compile for H100 in
-tests/test_plan_targets.py passes at C = 16, and at C = 32 when run by hand):
+tests/test_plan_targets.py passes at Q = 16, and at Q = 32 when run by hand):
   chunk 16: forward 40 KB shared memory, backward 71 KB; 255 registers per thread, spill stacks
             0.4 KB (forward) and 1.7 KB (backward) at 8 warps, the least of 4, 8 and 16 warps.
   chunk 32: forward 48 KB, backward 120 KB; spill stacks 1.7 KB and 3.3 KB at 8 warps.
@@ -18,10 +18,10 @@ tests/test_plan_targets.py passes at C = 16, and at C = 32 when run by hand):
             (wkv_policy.TRITON).
 Value tiles are independent in the forward (u, y and the state rows all split by value
 channel); in the backward the key-side gradients (r, log_w, k, a, b) are partial sums per tile, written
-in fp32 and summed by the caller. Triton needs power-of-two arrays: C, N and the tile are powers of two
+in fp32 and summed by the caller. Triton needs power-of-two arrays: Q, N and the tile are powers of two
 (the caller pads N).
 
-Array layouts (prepared by `pallas_kernels.wkv7`): sequences [B, chunks, C, H*N]; reset [B, chunks, C, 1];
+Array layouts (prepared by `pallas_kernels.wkv7`): sequences [B, chunks, Q, H*N]; reset [B, chunks, Q, 1];
 states [B, H*N, N] (value rows of all heads stacked); checkpoints [B, chunks, H*N, N].
 """
 from __future__ import annotations
@@ -65,28 +65,28 @@ def _backward_kernel(*refs, names, layout: ChunkLayout, num_chunks: int):
 
 
 def _specs(layout: ChunkLayout, num_chunks: int, value_tiles: int):
-  C, N, BV = layout.chunk_size, layout.head_size, layout.value_lanes
+  Q, N, tile_lanes = layout.chunk_size, layout.head_size, layout.value_lanes
 
   def value_block(h, vt):
     return h * value_tiles + vt
 
-  key_seq = pl.BlockSpec((None, num_chunks, C, N), lambda b, h, vt: (b, 0, 0, h))
-  value_seq = pl.BlockSpec((None, num_chunks, C, BV), lambda b, h, vt: (b, 0, 0, value_block(h, vt)))
-  reset = pl.BlockSpec((None, num_chunks, C, 1), lambda b, h, vt: (b, 0, 0, 0))
-  state = pl.BlockSpec((None, BV, N), lambda b, h, vt: (b, value_block(h, vt), 0))
-  checkpoint = pl.BlockSpec((None, num_chunks, BV, N), lambda b, h, vt: (b, 0, value_block(h, vt), 0))
+  key_seq = pl.BlockSpec((None, num_chunks, Q, N), lambda b, h, vt: (b, 0, 0, h))
+  value_seq = pl.BlockSpec((None, num_chunks, Q, tile_lanes), lambda b, h, vt: (b, 0, 0, value_block(h, vt)))
+  reset = pl.BlockSpec((None, num_chunks, Q, 1), lambda b, h, vt: (b, 0, 0, 0))
+  state = pl.BlockSpec((None, tile_lanes, N), lambda b, h, vt: (b, value_block(h, vt), 0))
+  checkpoint = pl.BlockSpec((None, num_chunks, tile_lanes, N), lambda b, h, vt: (b, 0, value_block(h, vt), 0))
   return key_seq, value_seq, reset, state, checkpoint
 
 
 def _check(r, layout: ChunkLayout):
-  B, num_chunks, C, HN = r.shape
-  N, BV = layout.head_size, layout.value_lanes
-  for what, size in (("chunk size", C), ("head size", N), ("value tile", BV)):
+  B, num_chunks, Q, HN = r.shape
+  N, tile_lanes = layout.head_size, layout.value_lanes
+  for what, size in (("chunk size", Q), ("head size", N), ("value tile", tile_lanes)):
     if size < 16 or size & (size - 1):
       raise ValueError(f"triton_gpu: the {what} must be a power of two >= 16 (Triton dots), got {size}")
-  if layout.heads_packed != 1 or N % BV or HN % N:
+  if layout.heads_packed != 1 or N % tile_lanes or HN % N:
     raise ValueError(f"triton_gpu: unsupported layout {layout} for {HN} lanes")
-  return B, HN // N, N // BV, num_chunks
+  return B, HN // N, N // tile_lanes, num_chunks
 
 
 def forward(r, log_w, k, v, a, b, state, reset, *, layout: ChunkLayout, interpret: bool,
@@ -139,8 +139,8 @@ def backward(r, log_w, k, v, a, b, reset, checkpoint, dy, dstate_end, *, layout:
     key_grad_spec = key_seq
   else:
     key_grad_shape = lambda x: jax.ShapeDtypeStruct((value_tiles, *x.shape), jnp.float32)
-    C, N = layout.chunk_size, layout.head_size
-    key_grad_spec = pl.BlockSpec((None, None, num_chunks, C, N), lambda b, h, vt: (vt, b, 0, 0, h))
+    Q, N = layout.chunk_size, layout.head_size
+    key_grad_spec = pl.BlockSpec((None, None, num_chunks, Q, N), lambda b, h, vt: (vt, b, 0, 0, h))
   out_shape, out_specs = [], []
   for name in INPUT_NAMES:
     names.append("d" + name)

@@ -79,8 +79,8 @@ def _next_power_of_two(n: int) -> int:
 
 
 def _tpu_heads_per_group(H: int, N: int) -> tuple[int, int]:
-  """(G, padded H): G heads fill lanes to a multiple of 128; else one whole-width group when small;
-  else H is padded with empty heads to a multiple of the minimal G."""
+  """(P, padded H): P heads fill lanes to a multiple of 128; else one whole-width group when small;
+  else H is padded with empty heads to a multiple of the minimal P."""
   minimal = 128 // np.gcd(N, 128)
   if H % minimal == 0:
     return minimal, H
@@ -118,10 +118,10 @@ def plan_kernels(shape, dtype, *, chunk_size: int, backend: str | None, interpre
   if backend == "tpu":
     if value_block is not None:
       raise PallasWKVError("wkv7_pallas: value_block applies to backend='triton' only")
-    G, heads = _tpu_heads_per_group(H, N)
+    P, heads = _tpu_heads_per_group(H, N)
     chunks_per_block = min(chunks, max(1, _TPU_BLOCK_TOKENS // chunk_size))
     chunks = -(-chunks // chunks_per_block) * chunks_per_block
-    layout = ChunkLayout(chunk_size, G, N, G * N, has_reset, bf16_mxu, fp32_dot)
+    layout = ChunkLayout(chunk_size, P, N, P * N, has_reset, bf16_mxu, fp32_dot)
     return KernelPlan(backend, interpret, layout, heads, N, chunks, chunks_per_block)
   head_size = max(16, _next_power_of_two(N))
   value_lanes = head_size if value_block is None else value_block
@@ -155,15 +155,15 @@ def _check_inputs(r, log_w, k, v, a, b, state, reset):
 def _to_kernel(x_BTHN, plan: KernelPlan):
   """[B, T, H, N] -> the kernel's sequence layout, padded with identity steps and empty heads
   (a copy only when T, H or N needs padding): TPU [B, H, N, T] (the transpose is a bitcast of
-  TPU's own layout for N < 128, see mosaic_tpu), Triton [B, chunks, C, H*N] (a reshape)."""
+  TPU's own layout for N < 128, see mosaic_tpu), Triton [B, chunks, Q, H*N] (a reshape)."""
   B, T, H, N = x_BTHN.shape
-  C = plan.layout.chunk_size
-  padding = ((0, 0), (0, plan.chunks * C - T), (0, plan.heads - H), (0, plan.head_size - N))
+  Q = plan.layout.chunk_size
+  padding = ((0, 0), (0, plan.chunks * Q - T), (0, plan.heads - H), (0, plan.head_size - N))
   if any(after for _, after in padding):
     x_BTHN = jnp.pad(x_BTHN, padding)
   if plan.backend == "tpu":
     return jnp.transpose(x_BTHN, (0, 2, 3, 1))
-  return x_BTHN.reshape(B, plan.chunks, C, plan.heads * plan.head_size)
+  return x_BTHN.reshape(B, plan.chunks, Q, plan.heads * plan.head_size)
 
 
 def _from_kernel(x, plan: KernelPlan, shape):
@@ -176,15 +176,15 @@ def _from_kernel(x, plan: KernelPlan, shape):
 
 
 def _pack_state(state_BHNN, plan: KernelPlan):
-  """[B, H, N, N] -> Triton [B, H*N, N]; TPU [B, H/G, N, G*N] (each group's heads side by side)."""
+  """[B, H, N, N] -> Triton [B, H*N, N]; TPU [B, H/P, N, P*N] (each group's heads side by side)."""
   B, H, N, _ = state_BHNN.shape
   Np = plan.head_size
   state = jnp.pad(state_BHNN, ((0, 0), (0, plan.heads - H), (0, Np - N), (0, Np - N)))
   if plan.backend == "triton":
     return state.reshape(B, plan.heads * Np, Np)
-  G = plan.layout.heads_packed
-  grouped = state.reshape(B, plan.heads // G, G, Np, Np)
-  return jnp.swapaxes(grouped, 2, 3).reshape(B, plan.heads // G, Np, G * Np)
+  P = plan.layout.heads_packed
+  grouped = state.reshape(B, plan.heads // P, P, Np, Np)
+  return jnp.swapaxes(grouped, 2, 3).reshape(B, plan.heads // P, Np, P * Np)
 
 
 def _unpack_state(packed, plan: KernelPlan, H: int, N: int):
@@ -193,8 +193,8 @@ def _unpack_state(packed, plan: KernelPlan, H: int, N: int):
   if plan.backend == "triton":
     state = packed.reshape(B, plan.heads, Np, Np)
   else:
-    G = plan.layout.heads_packed
-    grouped = packed.reshape(B, plan.heads // G, Np, G, Np)
+    P = plan.layout.heads_packed
+    grouped = packed.reshape(B, plan.heads // P, Np, P, Np)
     state = jnp.swapaxes(grouped, 2, 3).reshape(B, plan.heads, Np, Np)
   return state[:, :H, :N, :N]
 
@@ -261,9 +261,9 @@ def wkv7_pallas(r, log_w, k, v, a, b, state=None, reset=None, *, chunk_size: int
   packed_state = _pack_state(state.astype(jnp.float32), plan)
   reset_chunks = None
   if reset is not None:
-    C = plan.layout.chunk_size
-    reset_f = jnp.pad(reset.astype(jnp.float32), ((0, 0), (0, plan.chunks * C - T)))
-    reset_chunks = reset_f.reshape(B, plan.chunks, C, 1)
+    Q = plan.layout.chunk_size
+    reset_f = jnp.pad(reset.astype(jnp.float32), ((0, 0), (0, plan.chunks * Q - T)))
+    reset_chunks = reset_f.reshape(B, plan.chunks, Q, 1)
   y, state_end = _wkv7_kernels(plan, *inputs, packed_state, reset_chunks)
   return _from_kernel(y, plan, shape), _unpack_state(state_end, plan, H, N)
 

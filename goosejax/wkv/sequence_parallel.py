@@ -1,20 +1,21 @@
 """WKV-7 with one sequence split over the `sequence` mesh axis (goosejax.sharding).
 
 Shape letters: B batch, T tokens, S tokens of one span (T / spans), H heads, N head size,
-L chunks of one span, C tokens per chunk, P spans.
+J chunks of one span, Q tokens per chunk; an axis of spans is named in words
+(`ends_by_span`).
 
 A span's chunks map its incoming state affinely, S -> S M + B (`ChunkMath.summary`), so the
 span does not need its incoming state to summarise itself. Per span and WKV call:
 
   forward   chunked.py's associative form on the span: chunk terms and the associative scan
             of the chunk maps; the scan of the span maps across devices (`scan_spans`:
-            log2(P) ppermutes of the two [B, H, N, N] matrices M, B) applied to the initial
+            log2(spans) ppermutes of the two [B, H, N, N] matrices M, B) applied to the initial
             state gives the span's incoming state; then all chunk starts and outputs at once.
   backward  the same reversed: the reverse scan of the chunks' cotangent maps
             dS0 = G + dS_end M^T, the reverse scan of the span maps across devices gives the
             cotangent of the span's end state, then every chunk's cotangents at once.
 
-Both directions are log-depth in P and every device holds only its own span (plus one
+Both directions are log-depth in the number of spans and every device holds only its own span (plus one
 N x N state per chunk kept for the backward). Resets anywhere, including at a span's first
 token, are masks inside the chunk maps. A span whose length is not a multiple of the chunk
 size is padded at its end with identity steps.
@@ -57,7 +58,7 @@ class _Layout(NamedTuple):
   chunk_size: int
   x_spec: P           # [B, T, H, N]: rows, spans, heads
   state_spec: P       # [B, H, N, N]
-  per_span_spec: P    # [P * k, B, H, N, N]: k per-span states stacked along the spans
+  per_span_spec: P    # [spans * k, B, H, N, N]: k per-span states stacked along the spans
 
 
 def _layout(mesh, shape, chunk_size: int) -> _Layout:
@@ -105,7 +106,7 @@ def _pad_span(xs_BSHN, reset_BS, size: int):
 
 
 def _span_forward(size: int, inputs, reset_BS, initial_BHNN):
-  """One device: (y [B,S,H,N], end state [1,B,H,N,N], incoming state of each chunk [L,B,H,N,N])."""
+  """One device: (y [B,S,H,N], end state [1,B,H,N,N], incoming state of each chunk [J,B,H,N,N])."""
   length = inputs[0].shape[1]
   inputs, reset_BS = _pad_span(inputs, reset_BS, size)
 
@@ -114,23 +115,24 @@ def _span_forward(size: int, inputs, reset_BS, initial_BHNN):
     end_BHNN = math.apply_affine(initial_BHNN, scan_spans(math.combine_affine, span_map))
     return from_neighbour(end_BHNN, initial_BHNN)
 
-  y_BSHN, end_BHNN, starts_LBHNN = associative_forward(size, inputs, reset_BS, enter)
-  return y_BSHN[:, :length], end_BHNN[None], starts_LBHNN
+  y_BSHN, end_BHNN, starts_JBHNN = associative_forward(size, inputs, reset_BS, enter)
+  return y_BSHN[:, :length], end_BHNN[None], starts_JBHNN
 
 
-def _span_backward(size: int, inputs, reset_BS, starts_LBHNN, d_y_BSHN, d_final_BHNN):
+def _span_backward(size: int, inputs, reset_BS, starts_JBHNN, d_y_BSHN, d_final_BHNN):
   """One device: (input cotangents [B,S,H,N] x 6, cotangent of its incoming state [1,B,H,N,N])."""
   length = inputs[0].shape[1]
   (*inputs, d_y_BSHN), reset_BS = _pad_span((*inputs, d_y_BSHN), reset_BS, size)
 
   def leave(math, span_map):
-    # the cotangent maps of spans P-1 down to i applied to the final state's cotangent give
-    # the cotangent of span i's incoming state; the next span's is that of this span's end
+    # the cotangent maps of the last span down to span i applied to the final state's
+    # cotangent give the cotangent of span i's incoming state; the next span's is that of
+    # this span's end
     d_start_BHNN = math.apply_affine(d_final_BHNN,
                                      scan_spans(math.combine_affine, span_map, reverse=True))
     return from_neighbour(d_start_BHNN, d_final_BHNN, reverse=True)
 
-  d_inputs, d_start_BHNN = associative_backward(size, inputs, reset_BS, starts_LBHNN, d_y_BSHN,
+  d_inputs, d_start_BHNN = associative_backward(size, inputs, reset_BS, starts_JBHNN, d_y_BSHN,
                                                 leave)
   return tuple(d[:, :length] for d in d_inputs), d_start_BHNN[None]
 
@@ -139,7 +141,7 @@ def _span_backward(size: int, inputs, reset_BS, starts_LBHNN, d_y_BSHN, d_final_
 
 
 def _forward(layout: _Layout, inputs, reset_BT, state_BHNN):
-  """(y, the end state of every span [P,B,H,N,N], chunk starts [P*L,B,H,N,N]) over the mesh."""
+  """(y, the end state of every span [spans,B,H,N,N], chunk starts [spans*J,B,H,N,N]) over the mesh."""
   reset_spec = None if reset_BT is None else P(layout.x_spec[0], SEQUENCE_AXIS)
   run = jax.shard_map(functools.partial(_span_forward, layout.chunk_size), mesh=layout.mesh,
                       in_specs=((layout.x_spec,) * 6, reset_spec, layout.state_spec),
@@ -149,13 +151,13 @@ def _forward(layout: _Layout, inputs, reset_BT, state_BHNN):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _wkv7_spans(layout: _Layout, inputs, reset_BT, state_BHNN):
-  y_BTHN, ends_PBHNN, _ = _forward(layout, inputs, reset_BT, state_BHNN)
-  return y_BTHN, ends_PBHNN[-1]
+  y_BTHN, ends_by_span, _ = _forward(layout, inputs, reset_BT, state_BHNN)
+  return y_BTHN, ends_by_span[-1]
 
 
 def _wkv7_spans_fwd(layout: _Layout, inputs, reset_BT, state_BHNN):
-  y_BTHN, ends_PBHNN, starts = _forward(layout, inputs, reset_BT, state_BHNN)
-  return (y_BTHN, ends_PBHNN[-1]), (inputs, reset_BT, starts)
+  y_BTHN, ends_by_span, starts = _forward(layout, inputs, reset_BT, state_BHNN)
+  return (y_BTHN, ends_by_span[-1]), (inputs, reset_BT, starts)
 
 
 def _wkv7_spans_bwd(layout: _Layout, residuals, cotangents):
@@ -166,8 +168,8 @@ def _wkv7_spans_bwd(layout: _Layout, residuals, cotangents):
                       in_specs=((layout.x_spec,) * 6, reset_spec, layout.per_span_spec,
                                 layout.x_spec, layout.state_spec),
                       out_specs=((layout.x_spec,) * 6, layout.per_span_spec))
-  d_inputs, d_starts_PBHNN = run(inputs, reset_BT, starts, d_y_BTHN, d_final_BHNN)
-  return d_inputs, None, d_starts_PBHNN[0]
+  d_inputs, d_starts_by_span = run(inputs, reset_BT, starts, d_y_BTHN, d_final_BHNN)
+  return d_inputs, None, d_starts_by_span[0]
 
 
 _wkv7_spans.defvjp(_wkv7_spans_fwd, _wkv7_spans_bwd)
@@ -207,6 +209,6 @@ def wkv7_sequence_parallel_kernel(kernel, r, log_w, k, v, a, b, state, reset=Non
   run = jax.shard_map(functools.partial(_span_by_kernel, kernel), mesh=mesh,
                       in_specs=((layout.x_spec,) * 6 + (reset_spec, layout.state_spec)),
                       out_specs=(layout.x_spec, layout.per_span_spec), check_vma=False)
-  y_BTHN, ends_PBHNN = run(r, log_w, k, v, a, b, None if reset is None else reset.astype(bool),
+  y_BTHN, ends_by_span = run(r, log_w, k, v, a, b, None if reset is None else reset.astype(bool),
                            state.astype(jnp.float32))
-  return y_BTHN, ends_PBHNN[-1]
+  return y_BTHN, ends_by_span[-1]
