@@ -5,17 +5,9 @@ Grid (batch, head, value tile). Each program owns the rows of one head's state t
 tile, keeps them in registers as a fori_loop carry ([value tile, N] fp32), and walks all chunks of the
 sequence.
 
-Compiled offline from this lowering's Triton IR with Triton 3.9 for sm_90a (H100/H200; jaxlib bundles
-its own Triton revision, so treat these as estimates), at N = 64, bf16 inputs, TF32x3 fp32 dots, with the
-chunk math as it was before `chunk_math` became shared with the XLA forms (it now forms W = T a_start
-and U0 = T A_ak V before the state enters: one more Q x Q x N product per chunk; not yet re-measured,
-benchmarks/triton_offline_compile.py does it; the CUDA plugin's full compile for H100 in
-tests/test_plan_targets.py passes at Q = 16, and at Q = 32 when run by hand):
-  chunk 16: forward 40 KB shared memory, backward 71 KB; 255 registers per thread, spill stacks
-            0.4 KB (forward) and 1.7 KB (backward) at 8 warps, the least of 4, 8 and 16 warps.
-  chunk 32: forward 48 KB, backward 120 KB; spill stacks 1.7 KB and 3.3 KB at 8 warps.
-  chunk 64: backward 352 KB, over the 227 KB a Hopper block can have, so chunks above 32 are refused
-            (wkv_policy.TRITON).
+Chunks above 32 are refused (wkv_policy.TRITON): the backward at Q = 64 needs more shared memory
+than a Hopper block has; NUM_WARPS = 8 spilled least. Both from the offline sm_90a compile
+(benchmarks/triton_offline_compile.py; figures in the README's Pallas WKV-7 kernels section).
 Value tiles are independent in the forward (u, y and the state rows all split by value
 channel); in the backward the key-side gradients (r, log_w, k, a, b) are partial sums per tile, written
 in fp32 and summed by the caller. Triton needs power-of-two arrays: Q, N and the tile are powers of two

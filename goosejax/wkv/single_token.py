@@ -11,8 +11,8 @@ S a, one to write S', one to read S' again for S' r). Expanding y,
 
 so both products with the old state come from one pass over it ([a, w * r] as two columns),
 and S' is then written in one more pass. A token's cost is the state's traffic (at batch 64
-the 0.1B model's WKV state is 151 MB, as much as its weights), so this form reads the state
-once where the plain step reads it twice. Plain jnp: differentiable, and any dtype.
+the 0.1B model's WKV state is as large as its weights; figures in the README's Inference speed
+section), so this form reads the state once where the plain step reads it twice. Plain jnp: differentiable, and any dtype.
 """
 from __future__ import annotations
 
