@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-LOG_W_MIN = -0.6065306597
+from pallas_kernels.wkv_policy import LOG_DECAY_MIN
+
 ROWS: list[dict] = []
 TARGET_FWD_BWD_MS = 8.0  # wind_rwkv's chunked CUDA kernel on H100 at (8, 4096, 64, 64)
 
@@ -132,7 +133,7 @@ def make_inputs(seed: int, B: int, T: int, H: int, N: int, dtype, *, with_extras
   kk = normal(keys[0])
   kk = kk / jnp.linalg.norm(kk, axis=-1, keepdims=True)
   iclr = jax.nn.sigmoid(normal(keys[1]))
-  log_w = LOG_W_MIN * jax.nn.sigmoid(2.0 * normal(keys[2]))
+  log_w = LOG_DECAY_MIN * jax.nn.sigmoid(2.0 * normal(keys[2]))
   r, k, v = normal(keys[3]), normal(keys[4], 0.5), normal(keys[5])
   seq = [x.astype(dtype) for x in (r, log_w, k, v, -kk, kk * iclr)]
   state = reset = None
