@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import SingleDeviceSharding
 
-from goosejax.plan import cost, targets
+from goosejax.plan import targets
+from goosejax.plan.cost import program_cost
 from goosejax.wkv import wkv7
 from targets import require
 
@@ -49,7 +50,7 @@ def _args(layers: int, sharding=None):
 @pytest.mark.parametrize("fn, layers, matmuls", [
     (_layers, 5, 5), (_layers, 9, 9), (_unrolled, 7, 7), (_nested, 4, 12)])
 def test_loop_bodies_count_once_per_trip_on_cpu(fn, layers, matmuls):
-  cost = cost.program_cost(_compile(fn, *_args(layers)))
+  cost = program_cost(_compile(fn, *_args(layers)))
   assert cost.flops_counted_once < 0.5 * cost.flops     # what XLA reports: each body once
   assert matmuls * MATMUL <= cost.flops < matmuls * MATMUL * 1.05   # + the tanh's
   assert cost.kernel_runs == {}
@@ -62,7 +63,7 @@ def test_trip_counts_of_accelerator_programs(target, platform):
   require(platform)
   device = SingleDeviceSharding(targets.target_devices(target)[0])
   for fn, layers, matmuls in ((_nested, 4, 12), (_unrolled, 7, 7)):
-    cost = cost.program_cost(_compile(fn, *_args(layers, device)))
+    cost = program_cost(_compile(fn, *_args(layers, device)))
     assert matmuls * MATMUL <= cost.flops < matmuls * MATMUL * 1.05
 
 
@@ -79,5 +80,5 @@ def test_pallas_kernel_runs_are_counted_per_trip():
       return total + jnp.sum(y.astype(jnp.float32)) + jnp.sum(state), None
     return jax.lax.scan(step, 0.0, xs)[0]
 
-  runs = cost.program_cost(_compile(jax.grad(loss), *[shape] * 6)).kernel_runs
+  runs = program_cost(_compile(jax.grad(loss), *[shape] * 6)).kernel_runs
   assert sorted(runs.values()) == [3, 3] and any("forward" in name for name in runs)
