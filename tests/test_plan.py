@@ -171,3 +171,12 @@ def test_tiny_plan_on_a_4_gpu_h100_node(capsys):
   assert "wkv7_backward_triton x2, wkv7_forward_triton x2" in out and "chunk 16" in out
   assert "4 sequences per device;" in out
   assert _figure(out, "compiled XLA ops") > _figure(out, "6 x N x tokens") * 0.9
+
+
+def test_a_chunk_size_the_kernel_does_not_take_is_noted_not_swapped_silently():
+  from goosejax.config import ModelConfig
+  model = ModelConfig(wkv_chunk_size=64)
+  note = plan_cli._chunk_substitution(model, "cuda")
+  assert "wkv_chunk_size=64" in note and f"runs it at {plan_cli.kernel_chunk_size(model, 'cuda')}" in note
+  assert plan_cli._chunk_substitution(model, "tpu") == ""          # Mosaic takes 64
+  assert plan_cli._chunk_substitution(ModelConfig(wkv_chunk_size=32), "cuda") == ""

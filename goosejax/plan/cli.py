@@ -98,8 +98,17 @@ def kernel_chunk_size(model_cfg, platform: str) -> int:
   """The chunk size the Pallas kernel runs with on `platform` ("tpu", "cuda") for this model:
   the policy table's (`wkv_policy.choose`; a configured size the kernel does not take is
   replaced, see `wkv_policy.substitution`)."""
-  impl = "pallas" if model_cfg.wkv_impl == "pallas" else "auto"
-  return wkv_policy.choose(platform, impl, model_cfg.wkv_chunk_size).chunk_size
+  return wkv_policy.choose(platform, _kernel_impl(model_cfg), model_cfg.wkv_chunk_size).chunk_size
+
+
+def _chunk_substitution(model_cfg, platform: str) -> str:
+  """'' or the line saying the kernel runs another chunk size than model.wkv_chunk_size."""
+  return wkv_policy.substitution(platform, _kernel_impl(model_cfg), model_cfg.wkv_chunk_size)
+
+
+def _kernel_impl(model_cfg) -> str:
+  """The impl whose kernel runs on an accelerator: "pallas" as asked, else auto's."""
+  return "pallas" if model_cfg.wkv_impl == "pallas" else "auto"
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -322,6 +331,8 @@ def format_plan(plan: Plan, cfg, mfu: float) -> str:
     executed = (flops.compiled + flops.kernels) / (step * plan.peak_flops * plan.devices)
     line += f"; the compiled program then runs at {executed:.0%} of peak"
   lines.append(line)
+  if plan.platform in ("tpu", "cuda") and (substituted := _chunk_substitution(cfg.model, plan.platform)):
+    lines.append(f"note: {substituted}")
   if plan.platform == "cuda":
     lines.append("note: JAX takes 75% of GPU memory unless XLA_PYTHON_CLIENT_MEM_FRACTION is raised")
   lines.append(f"compiled here in {plan.compile_seconds:.0f} s")
