@@ -11,6 +11,9 @@ layers and the layers run under `lax.scan`, as in RWKV7, and the weight matrices
 names of their RWKV-7 counterparts ("receptance" is RWKV's name for the query; the MLP's two
 matrices are ffn.key and ffn.value) so goosejax.train.recipe.make_optimizer gives both models
 the same parameter groups: weight decay on emb, head and the six block matrices only.
+
+Shape letters as in the README's glossary (B, T, C, H, N, L, V, F), plus K for key positions
+and D for rotary frequency pairs (N / 2).
 """
 from __future__ import annotations
 
@@ -35,14 +38,14 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> nnx.Pa
 def rotary_angles(seq_len: int, head_size: int) -> tuple[jax.Array, jax.Array]:
   """(cos, sin) [T, N/2] of RoPE's rotation per position and frequency pair."""
   inv_freq = ROPE_BASE ** (-jnp.arange(0, head_size, 2, dtype=jnp.float32) / head_size)
-  angles_TF = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-  return jnp.cos(angles_TF), jnp.sin(angles_TF)
+  angles_TD = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+  return jnp.cos(angles_TD), jnp.sin(angles_TD)
 
 
-def apply_rotary(x_BTHN: jax.Array, cos_TF: jax.Array, sin_TF: jax.Array) -> jax.Array:
+def apply_rotary(x_BTHN: jax.Array, cos_TD: jax.Array, sin_TD: jax.Array) -> jax.Array:
   """Rotate each (first half, second half) channel pair by its position's angle."""
   x1, x2 = jnp.split(x_BTHN.astype(jnp.float32), 2, axis=-1)
-  cos, sin = cos_TF[None, :, None], sin_TF[None, :, None]
+  cos, sin = cos_TD[None, :, None], sin_TD[None, :, None]
   return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x_BTHN.dtype)
 
 
@@ -58,18 +61,18 @@ class CausalSelfAttention(nnx.Module):
     # GPT-2's residual scaling: each of the 2L residual branches starts small.
     self.output = _normal(rngs, (L, C, C), INIT_STD / math.sqrt(2 * L), pdt)
 
-  def __call__(self, x_BTC: jax.Array, cos_TF: jax.Array, sin_TF: jax.Array) -> jax.Array:
+  def __call__(self, x_BTC: jax.Array, cos_TD: jax.Array, sin_TD: jax.Array) -> jax.Array:
     T, N = x_BTC.shape[1], self.head_size
     heads = lambda w: split_heads(matmul(x_BTC, w[...]), N)
-    q_BTHN = apply_rotary(heads(self.receptance), cos_TF, sin_TF)
-    k_BTHN = apply_rotary(heads(self.key), cos_TF, sin_TF)
+    q_BTHN = apply_rotary(heads(self.receptance), cos_TD, sin_TD)
+    k_BTHN = apply_rotary(heads(self.key), cos_TD, sin_TD)
     v_BTHN = heads(self.value)
-    scores_BHTS = jnp.einsum("bthn,bshn->bhts", q_BTHN, k_BTHN,
+    scores_BHTK = jnp.einsum("bthn,bkhn->bhtk", q_BTHN, k_BTHN,
                              preferred_element_type=jnp.float32) / math.sqrt(N)
-    causal_TS = jnp.tril(jnp.ones((T, T), bool))
-    scores_BHTS = jnp.where(causal_TS, scores_BHTS, -jnp.inf)
-    probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(x_BTC.dtype)
-    y_BTHN = jnp.einsum("bhts,bshn->bthn", probs_BHTS, v_BTHN)
+    causal_TK = jnp.tril(jnp.ones((T, T), bool))
+    scores_BHTK = jnp.where(causal_TK, scores_BHTK, -jnp.inf)
+    probs_BHTK = jax.nn.softmax(scores_BHTK, axis=-1).astype(x_BTC.dtype)
+    y_BTHN = jnp.einsum("bhtk,bkhn->bthn", probs_BHTK, v_BTHN)
     return matmul(merge_heads(y_BTHN), self.output[...])
 
 
@@ -96,8 +99,8 @@ class TransformerBlocks(nnx.Module):
     self.ln2 = LayerNorm(C, stack=(L,), param_dtype=pdt)
     self.ffn = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BTC: jax.Array, cos_TF: jax.Array, sin_TF: jax.Array) -> jax.Array:
-    x_BTC = x_BTC + self.att(self.ln1(x_BTC), cos_TF, sin_TF)
+  def __call__(self, x_BTC: jax.Array, cos_TD: jax.Array, sin_TD: jax.Array) -> jax.Array:
+    x_BTC = x_BTC + self.att(self.ln1(x_BTC), cos_TD, sin_TD)
     return x_BTC + self.ffn(self.ln2(x_BTC))
 
 
@@ -121,11 +124,11 @@ class CausalTransformer(nnx.Module):
       raise ValueError(f"CausalTransformer: tokens must be [batch, time], got shape {tokens_BT.shape}")
     dtype = jnp.dtype(self.config.dtype)
     x_BTC = jnp.take(self.emb[...], tokens_BT, axis=0).astype(dtype)
-    cos_TF, sin_TF = rotary_angles(tokens_BT.shape[1], self.config.head_size)
+    cos_TD, sin_TD = rotary_angles(tokens_BT.shape[1], self.config.head_size)
     graphdef, params = nnx.split(self.blocks)
 
     def layer(x_BTC, layer_params):
-      return nnx.merge(graphdef, layer_params)(x_BTC, cos_TF, sin_TF), None
+      return nnx.merge(graphdef, layer_params)(x_BTC, cos_TD, sin_TD), None
 
     x_BTC, _ = jax.lax.scan(layer, x_BTC, params)
     x_BTC = self.ln_out(x_BTC)
