@@ -3,6 +3,7 @@ live, a small top level, kernels that stand alone, and functions short enough to
 import ast
 import collections
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,13 @@ def test_no_function_is_longer_than_the_limit():
         if length > MAX_FUNCTION_LINES:
           long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
   assert long == []
+
+
+def test_the_readme_code_map_lists_every_module():
+  readme = (ROOT / "README.md").read_text()
+  code_map = readme[readme.index("## Code map"):]
+  listed = set(re.findall(r"`([\w/]+\.py)`", code_map))
+  modules = {str(p.relative_to(ROOT)) for p in _modules()
+             if p.name != "__init__.py" or p.parent.name == "goosejax"}
+  assert sorted(modules - listed) == [] and sorted(p for p in listed - modules
+                                                   if p.startswith(("goosejax/", "pallas_kernels/"))) == []
