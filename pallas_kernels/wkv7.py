@@ -3,7 +3,7 @@
 Same semantics as `goosejax.wkv.wkv7_reference`: state in the [value, key] layout, y_t = S_t r_t with
 S_t = S_{t-1} diag(e^{log_w_t}) + (S_{t-1} a_t) b_t^T + v_t k_t^T, reset[b, t] zeroing the state before
 token t. The kernels run the chunked form (see `chunk_math`), so they are exact for decays in the RWKV-7
-range: log_w in [-0.6065, 0] (any log_w >= -150 / chunk_size stays finite in fp32).
+range: log_w in [wkv_policy.LOG_DECAY_MIN, 0] (any log_w >= -150 / chunk_size stays finite in fp32).
 
 This module only lays out, pads and dispatches: T is padded to whole chunks with identity steps (every
 input 0, so the state passes unchanged), heads are grouped for the TPU lanes, and N is padded to a power

@@ -62,7 +62,7 @@ def wkv7(r, log_w, k, v, a, b, state=None, *, reset=None, impl="auto", chunk_siz
   """WKV-7 over a sequence: returns (y [B,T,H,N] in r's dtype, final state [B,H,N,N] in fp32).
 
   r, k, v, a, b: [B,T,H,N] (a = -kappa_hat, b = kappa_hat * iclr, k the replacement key);
-  log_w: [B,T,H,N] log decay in [-0.606531, 0); state: [B,H,N,N] value x key, None = zeros;
+  log_w: [B,T,H,N] log decay in [LOG_DECAY_MIN, 0) (pallas_kernels.wkv_policy); state: [B,H,N,N] value x key, None = zeros;
   reset: [B,T] bool, True where the state is zeroed before that token.
   impl: "reference" (token scan), "chunked" (chunks in a sequential scan), "associative"
   (chunks combined by associative scan), "pallas" (the Pallas kernels; interpret mode on CPU),
