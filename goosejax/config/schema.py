@@ -233,6 +233,11 @@ class RunConfig:
   remat: Literal["none", "block", "full"] = setting(
       "block", "rematerialisation per block: none (keep activations), block (keep only "
                "matmul outputs) or full (recompute everything in the backward pass)")
+  loss_vocab_tile: int = setting(
+      0, "0: the head's fp32 logits [batch, tokens, vocab] are materialised, then the loss; "
+         "N > 0: the head, cross-entropy and L2Wrap fused over tiles of N vocabulary columns "
+         "(of each device's vocabulary shard), only [batch, tokens, N] fp32 at a time; the "
+         "same loss and gradients (goosejax.train.loss_head)")
   async_checkpointing: bool = setting(True, "write checkpoints in the background while "
                                             "training goes on")
   peak_tflops: float | None = setting(None, "peak TFLOP/s per device for MFU; null: the "
@@ -243,6 +248,7 @@ class RunConfig:
     _finite(self, "run")
     _positive(self, "run", "steps", "checkpoint_every", "keep_checkpoints", "log_every",
               "eval_every", "eval_batches", "peak_tflops")
+    _non_negative(self, "run", "loss_vocab_tile")
 
 
 @dataclasses.dataclass(frozen=True)

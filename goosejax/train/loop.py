@@ -232,7 +232,8 @@ class _Run:
     cfg, mesh = self.cfg, self.options.mesh
     signature = tuple((k, v.shape, v.dtype.name) for k, v in sorted(batch.items()))
     compiled = self.options.compiled_steps.get_or_build(
-        ("train", cfg.model, cfg.optimizer, cfg.run.steps, cfg.run.remat, mesh, signature),
+        ("train", cfg.model, cfg.optimizer, cfg.run.steps, cfg.run.remat, cfg.run.loss_vocab_tile,
+         mesh, signature),
         lambda: recipe.jit_train_step(recipe.make_train_step(self.graphdef, self.tx, cfg, mesh),
                                       self.shardings, mesh).lower(self.state, batch).compile())
     self.say(memory_summary(compiled))
@@ -299,9 +300,10 @@ def _open_run(cfg: Config, run_dir: Path, options: RunOptions,
       run_dir_module.write_config_files(run_dir, cfg, options.config_sources, say)
     _say_model(cfg, options.mesh, shapes, say)
     eval_step = options.compiled_steps.get_or_build(
-        ("eval", cfg.model, cfg.run.remat, options.mesh),
-        lambda: recipe.jit_eval_step(recipe.make_eval_step(graphdef, options.mesh), shardings,
-                                     options.mesh))
+        ("eval", cfg.model, cfg.run.remat, cfg.run.loss_vocab_tile, options.mesh),
+        lambda: recipe.jit_eval_step(recipe.make_eval_step(graphdef, options.mesh,
+                                                           cfg.run.loss_vocab_tile),
+                                     shardings, options.mesh))
     logger = _open_logger(cfg, run_dir, options, latest or 0, say)
   except BaseException:
     checkpointer.close()

@@ -7,7 +7,8 @@
 * Learning rate: warmup from 1% over `warmup_steps`, cosine from lr_init to lr_final over
   the whole run (RWKV-LM's token-based formula; tokens per step are constant here).
 * Loss: mean cross-entropy in fp32; L2Wrap adds 1e-4/(B*T) * max_logit to the argmax
-  logit's gradient at every position (loss value unchanged).
+  logit's gradient at every position (loss value unchanged). `run.loss_vocab_tile` > 0
+  computes both fused with the head over vocabulary tiles (goosejax.train.loss_head).
 * Mixed precision: parameters and optimizer state are fp32 master copies; the model casts
   them to `model.dtype` (bf16 for real runs) at use, so gradients arrive in fp32.
 * Gradient accumulation: `grad_accum` micro-batches scanned inside one jitted step.
@@ -33,6 +34,7 @@ from goosejax import sharding
 from goosejax.config import Config, ConfigError, OptimizerConfig
 from goosejax.model import RWKV7
 from goosejax.param_table import BY_NAME, Group
+from goosejax.train.loss_head import fused_head_loss
 
 L2WRAP_SCALE = 1e-4
 
@@ -120,8 +122,8 @@ l2wrap.defvjp(_l2wrap_fwd, _l2wrap_bwd)
 
 
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
-  """Mean token cross-entropy in fp32."""
-  logits_BTV = logits_BTV.astype(jnp.float32)
+  """Mean token cross-entropy in fp32 (fp64 for fp64 logits: the float64 tests)."""
+  logits_BTV = logits_BTV.astype(jnp.promote_types(logits_BTV.dtype, jnp.float32))
   target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None].astype(jnp.int32), -1)[..., 0]
   return jnp.mean(jax.nn.logsumexp(logits_BTV, axis=-1) - target_logit_BT)
 
@@ -247,16 +249,22 @@ def _micro_batches(batch: Batch, accum: int) -> dict[str, jax.Array]:
   return {key: split(value) for key, value in batch.items()}
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, mesh: Mesh | None,
-                 use_l2wrap: bool) -> Callable[[Params, Batch], jax.Array]:
+def make_loss_fn(graphdef: nnx.GraphDef, mesh: Mesh | None, use_l2wrap: bool,
+                 vocab_tile: int = 0) -> Callable[[Params, Batch], jax.Array]:
+  """(params, batch) -> mean cross-entropy (+ L2Wrap's gradient). `vocab_tile` > 0 (run.
+  loss_vocab_tile): the head fused with the loss over tiles of that many vocabulary columns
+  (goosejax.train.loss_head), no [B, T, V] fp32 logits; 0: the model's logits, then the loss."""
   def loss_fn(params: Params, batch: Batch) -> jax.Array:
     model = merge_params(graphdef, params)
     inputs_BT = sharding.constrain(batch["inputs"], sharding.BATCH_AXES, mesh)
     reset_BT = batch.get("reset")
     # The ambient mesh lets model code pin activations by logical name (sharding.constrain).
     with contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      logits_BTV, _ = model(inputs_BT, reset_BT=reset_BT)
-    logits_BTV = sharding.constrain(logits_BTV, sharding.LOGITS_AXES, mesh)
+      x_BTC, _ = model.hidden_states(inputs_BT, reset_BT=reset_BT)
+    if vocab_tile:
+      return fused_head_loss(x_BTC, model.head[...], batch["targets"], tile=vocab_tile,
+                             l2wrap_scale=L2WRAP_SCALE if use_l2wrap else 0.0, mesh=mesh)
+    logits_BTV = sharding.constrain(model.logits(x_BTC), sharding.LOGITS_AXES, mesh)
     loss = cross_entropy(logits_BTV, batch["targets"])
     return l2wrap(loss, logits_BTV) if use_l2wrap else loss
   return loss_fn
@@ -265,7 +273,8 @@ def make_loss_fn(graphdef: nnx.GraphDef, mesh: Mesh | None,
 def make_grad_fn(graphdef: nnx.GraphDef, cfg: Config,
                  mesh: Mesh | None) -> Callable[[Params, Batch], tuple[jax.Array, Params]]:
   """(params, batch) -> (mean loss, mean gradients) over `grad_accum` micro-batches."""
-  grad_fn = jax.value_and_grad(make_loss_fn(graphdef, mesh, cfg.optimizer.l2wrap))
+  grad_fn = jax.value_and_grad(make_loss_fn(graphdef, mesh, cfg.optimizer.l2wrap,
+                                            cfg.run.loss_vocab_tile))
   accum = cfg.optimizer.grad_accum
   if accum == 1:
     return grad_fn
@@ -304,9 +313,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh | None) -> Callable[[Params, Batch], jax.Array]:
+def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh | None,
+                   vocab_tile: int = 0) -> Callable[[Params, Batch], jax.Array]:
   """(params, batch) -> mean cross-entropy (no L2Wrap)."""
-  return make_loss_fn(graphdef, mesh, use_l2wrap=False)
+  return make_loss_fn(graphdef, mesh, use_l2wrap=False, vocab_tile=vocab_tile)
 
 
 def jit_train_step(step_fn, shardings: TrainState, mesh: Mesh):
