@@ -4,15 +4,19 @@ compiler, on a machine without one.
   goosejax plan --config rwkv7-1.5b --topology v5p:2x2x4
   goosejax plan --config rwkv7-1.5b --topology v6e --devices 64      (the usual 64-chip slice)
   goosejax plan --config rwkv7-1.5b --topology h100:4x8 mesh.data=4 mesh.fsdp=8   (4 hosts x 8)
+  goosejax plan --config tiny --topology v5p:2x2x1 --memory     (where the temporaries go)
 
 The train job's sharded step is compiled for compile-only devices of the target (goosejax.plan.targets:
 needs the `tpu` or `cuda` extra), on the mesh of the config's `mesh` section, for its batch
 (data.batch_size sequences of data.ctx_len tokens). Printed: the parameter count; per-device
 memory (parameters, optimizer state and batch from their sharded sizes, temporaries from the
-compiled program) against the device's memory; FLOPs per step from the compiled program with
-the Pallas WKV kernels added by formula, next to 6 * N * tokens; and the step time and tokens/s
-at --mfu of the datasheet peak. Compiling takes minutes for real configs; progress goes to
-stderr, the plan to stdout. JAX runs on the CPU here (JAX_PLATFORMS=cpu unless set).
+compiled program) against the device's memory; with --memory, the temporaries live at the
+program's peak in groups (goosejax.plan.memory); FLOPs per step: hardware FLOPs (the compiled
+program's, recomputation included, plus the Pallas WKV kernels by formula on the shapes they
+run on) next to model FLOPs (6 * N * tokens + WKV); and the step time and tokens/s at --hfu
+(default 0.5) of the datasheet peak for the hardware FLOPs, or at --mfu for the model FLOPs.
+Compiling takes minutes for real configs; progress goes to stderr, the plan to stdout. JAX runs
+on the CPU here (JAX_PLATFORMS=cpu unless set).
 
 Exit status: 0 the plan fits; 2 it does not fit in device memory (the figures are printed
 first), a mesh axis does not divide the slice, the batch or the model, or other bad input.
@@ -26,14 +30,17 @@ import math
 import os
 import re
 import sys
+import tempfile
 import threading
 import time
 
 from goosejax.config import args as config_args
 from goosejax.errors import GoosejaxError
+from goosejax.plan import memory as memory_groups
 from pallas_kernels import wkv_policy
 
 GIB = 2**30
+DEFAULT_HFU = 0.5   # the hardware FLOPs utilisation `goosejax plan` assumes unless told
 
 
 class PlanError(GoosejaxError):
@@ -133,12 +140,30 @@ class Memory:
 @dataclasses.dataclass(frozen=True)
 class Flops:
   """FLOPs per step, summed over devices. `compiled` and `kernels` are what the program
-  executes (recomputation under remat included); `model` is what MFU counts."""
+  executes (recomputation under remat included): their sum is what HFU counts; `model` is what
+  MFU counts."""
   compiled: float | None     # XLA ops, loop bodies counted per trip; None: nothing compiled
-  kernels: float             # the Pallas WKV kernels, by formula per run
+  kernels: float             # the Pallas WKV kernels, by formula per run, on the rows and
+                             # padded lengths each run has in the program
   six_n_tokens: float        # 6 * (parameters without the embedding lookup) * tokens
   model: float               # six_n_tokens + one WKV forward and backward per layer (by
                              # formula, whichever implementation runs)
+
+  @property
+  def hardware(self) -> float | None:
+    """What the devices execute: compiled XLA ops plus the kernels; None: nothing compiled."""
+    return None if self.compiled is None else self.compiled + self.kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class StepEstimate:
+  """The step time at an assumed utilisation of the datasheet peak."""
+  seconds: float
+  basis: str                 # "HFU" (from hardware FLOPs) or "MFU" (from model FLOPs)
+  assumed: float             # the utilisation assumed, of `basis`
+  hfu: float | None          # hardware FLOPs utilisation at that step time (None: no program)
+  mfu: float                 # model FLOPs utilisation at that step time
+  tokens_per_second: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,14 +184,38 @@ class Plan:
   kernel_runs: dict[str, int]
   compile_seconds: float
   compiler_message: str | None = None   # why the compiler refused the program
+  memory_breakdown: memory_groups.MemoryBreakdown | None = None   # asked for (--memory)
 
   def step_seconds(self, mfu: float) -> float:
     return self.flops.model / (mfu * self.peak_flops * self.devices)
 
 
-def make_plan(cfg, target: str, config_name: str, progress=None) -> Plan:
-  """Compile `cfg`'s train step for `target` and gather the plan's figures. Raises PlanError
-  for a mesh that does not divide the slice or the model (a plan that does not fit is returned;
+def estimate_step(plan: Plan, *, hfu: float | None = None, mfu: float | None = None) -> StepEstimate:
+  """The step time at `hfu` of peak for the hardware FLOPs (recomputation included: a heavier
+  remat policy costs time), or at `mfu` for the model FLOPs; one of them. Without a compiled
+  program (the compiler refused it) there are no hardware FLOPs and `hfu` is applied to the
+  model FLOPs (basis "MFU")."""
+  if (hfu is None) == (mfu is None):
+    raise ValueError("estimate_step: give hfu or mfu")
+  capacity = plan.peak_flops * plan.devices
+  hardware = plan.flops.hardware
+  if hfu is not None and hardware is not None:
+    seconds, basis, assumed = hardware / (hfu * capacity), "HFU", hfu
+  else:
+    assumed = mfu if mfu is not None else hfu
+    seconds, basis = plan.flops.model / (assumed * capacity), "MFU"
+  return StepEstimate(
+      seconds=seconds, basis=basis, assumed=assumed,
+      hfu=None if hardware is None else hardware / (seconds * capacity),
+      mfu=plan.flops.model / (seconds * capacity), tokens_per_second=plan.tokens / seconds)
+
+
+def make_plan(cfg, target: str, config_name: str, progress=None, *,
+              memory_breakdown: bool = False) -> Plan:
+  """Compile `cfg`'s train step for `target` and gather the plan's figures; with
+  `memory_breakdown`, also where the temporaries go at their peak (goosejax.plan.memory: the
+  compiler writes its buffer assignment to a temporary directory). Raises PlanError for a mesh
+  that does not divide the slice or the model (a plan that does not fit is returned;
   `Plan.memory.fits` says so)."""
   from goosejax import sharding
   from goosejax.plan import cost, targets
@@ -193,7 +242,7 @@ def make_plan(cfg, target: str, config_name: str, progress=None) -> Plan:
 
   start = time.monotonic()
   with progress(f"compiling the train step for {facts.devices} devices, mesh {_mesh_text(sizes)}"):
-    compiled, compiler_message = _compile(cfg, target)
+    compiled, compiler_message, groups = _compile(cfg, target, memory_breakdown)
   compile_seconds = time.monotonic() - start
   program = None
   if compiled is not None:
@@ -208,20 +257,29 @@ def make_plan(cfg, target: str, config_name: str, progress=None) -> Plan:
       flops=_flops(cfg, platform, parameters - embedding, program, facts.devices),
       peak_flops=facts.peak_bf16_flops, chunk_size=kernel_chunk_size(cfg.model, platform),
       kernel_runs=program.kernel_runs if program else {}, compile_seconds=compile_seconds,
-      compiler_message=compiler_message)
+      compiler_message=compiler_message, memory_breakdown=groups)
 
 
-def _compile(cfg, target: str):
-  """(the compiled train step, None), or (None, the compiler's message) when the TPU compiler
-  refuses a program larger than HBM."""
+def _compile(cfg, target: str, memory_breakdown: bool):
+  """(the compiled train step, None, its memory breakdown or None), or (None, the compiler's
+  message, the breakdown of what it laid out or None) when the TPU compiler refuses a program
+  larger than HBM."""
   import jax
   from goosejax.plan import targets
-  try:
-    return targets.compile_train_step(cfg, target, with_reset=cfg.data.pack_documents), None
-  except jax.errors.JaxRuntimeError as e:
-    if "RESOURCE_EXHAUSTED" not in str(e):
-      raise
-    return None, str(e).splitlines()[0].rstrip(".")
+  with tempfile.TemporaryDirectory(prefix="goosejax-plan-") as dump:
+    options = memory_groups.compiler_options(dump) if memory_breakdown else None
+    try:
+      compiled = targets.compile_train_step(cfg, target, with_reset=cfg.data.pack_documents,
+                                            compiler_options=options)
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      message = str(e).splitlines()[0].rstrip(".")
+      refused_total = _compiler_temporaries(message)
+      groups = memory_groups.breakdown(dump, refused_total, refused=True) if options else None
+      return None, message, groups
+    temporaries = compiled.memory_analysis().temp_size_in_bytes
+    return compiled, None, memory_groups.breakdown(dump, temporaries) if options else None
 
 
 def _memory(compiled, compiler_message: str | None, state, batch, capacity: int) -> Memory:
@@ -248,12 +306,11 @@ def _flops(cfg, platform: str, matmul_parameters: int, cost, devices: int) -> Fl
   wkv_model = tokens * model.n_head * model.n_layer * (forward + backward)
   if cost is None:
     return Flops(None, 0.0, six_n_tokens, six_n_tokens + wkv_model)
-  # Each kernel run covers one micro-batch: every device its rows and heads, T padded to chunks.
-  chunk = kernel_chunk_size(model, platform)
-  padded_tokens = data.batch_size * math.ceil(data.ctx_len / chunk) * chunk
-  run_token_heads = padded_tokens // cfg.optimizer.grad_accum * model.n_head
-  runs = lambda kind: sum(n for name, n in cost.kernel_runs.items() if kind in name)
-  kernels = run_token_heads * (runs("forward") * forward + runs("backward") * backward)
+  # What each kernel run covers is read off its output in the program: one device's rows (twice
+  # them on a span of mesh.sequence), heads and length padded to whole chunks.
+  token_heads = lambda kind: sum(n for name, n in cost.kernel_elements.items() if kind in name) \
+      // model.head_size * devices
+  kernels = token_heads("forward") * forward + token_heads("backward") * backward
   return Flops(cost.flops * devices, kernels, six_n_tokens, six_n_tokens + wkv_model)
 
 
@@ -281,8 +338,12 @@ def _mesh_text(sizes: dict[str, int]) -> str:
 # ----------------------------------------------------------------------------- report
 
 
-def format_plan(plan: Plan, cfg, mfu: float) -> str:
-  model, memory, flops = cfg.model, plan.memory, plan.flops
+def format_plan(plan: Plan, cfg, mfu: float | None = None, hfu: float | None = None) -> str:
+  """The plan as printed; the step time at `mfu` of peak for the model FLOPs, or at `hfu` (by
+  default DEFAULT_HFU) for the hardware FLOPs."""
+  if mfu is None and hfu is None:
+    hfu = DEFAULT_HFU
+  model, memory = cfg.model, plan.memory
   accum = cfg.optimizer.grad_accum
   rows = cfg.data.batch_size // accum // (plan.mesh["data"] * plan.mesh["fsdp"])
   per_device = (f"{rows} sequence{'s' if rows != 1 else ''} per device"
@@ -310,33 +371,50 @@ def format_plan(plan: Plan, cfg, mfu: float) -> str:
   ]
   if plan.compiler_message:
     lines.append(f"  compiler: {plan.compiler_message}")
-  lines.append("FLOPs per step, all devices")
-  if flops.compiled is not None:
-    lines.append(f"  compiled XLA ops    {flops.compiled:9.3e}   loop bodies counted per trip")
-  else:
-    lines.append("  compiled XLA ops          n/a   no program: the compiler refused it")
-  if plan.kernel_runs:
-    runs = ", ".join(f"{name} x{n}" for name, n in sorted(plan.kernel_runs.items()))
-    lines.append(f"  WKV kernels         {flops.kernels:9.3e}   by formula, chunk {plan.chunk_size}: "
-                 f"{runs}")
-  lines += [
-      f"  6 x N x tokens      {flops.six_n_tokens:9.3e}   N = parameters without the embedding",
-      f"  model FLOPs         {flops.model:9.3e}   6NT + one WKV forward and backward per layer",
-  ]
-  step = plan.step_seconds(mfu)
-  line = (f"at {mfu:.0%} MFU of {plan.peak_flops / 1e12:.0f} TFLOP/s bf16 per device: "
-          f"step {step:.3g} s, {plan.tokens / step:,.0f} tokens/s "
-          f"({plan.tokens / step / plan.devices:,.0f} per device)")
-  if flops.compiled is not None:
-    executed = (flops.compiled + flops.kernels) / (step * plan.peak_flops * plan.devices)
-    line += f"; the compiled program then runs at {executed:.0%} of peak"
-  lines.append(line)
+  if plan.memory_breakdown is not None:
+    lines.append(memory_groups.format_breakdown(plan.memory_breakdown))
+  lines += _flops_lines(plan)
+  lines.append(_step_line(plan, estimate_step(plan, hfu=hfu, mfu=mfu)))
   if plan.platform in ("tpu", "cuda") and (substituted := _chunk_substitution(cfg.model, plan.platform)):
     lines.append(f"note: {substituted}")
   if plan.platform == "cuda":
     lines.append("note: JAX takes 75% of GPU memory unless XLA_PYTHON_CLIENT_MEM_FRACTION is raised")
   lines.append(f"compiled here in {plan.compile_seconds:.0f} s")
   return "\n".join(lines)
+
+
+def _flops_lines(plan: Plan) -> list[str]:
+  flops = plan.flops
+  lines = ["FLOPs per step, all devices"]
+  if flops.compiled is not None:
+    lines.append(f"  compiled XLA ops    {flops.compiled:9.3e}   loop bodies counted per trip, "
+                 f"recomputation under remat included")
+  else:
+    lines.append("  compiled XLA ops          n/a   no program: the compiler refused it")
+  if plan.kernel_runs:
+    runs = ", ".join(f"{name} x{n}" for name, n in sorted(plan.kernel_runs.items()))
+    lines.append(f"  WKV kernels         {flops.kernels:9.3e}   by formula on each run's rows and "
+                 f"padded length as compiled, chunk {plan.chunk_size}: {runs}")
+  if flops.hardware is not None:
+    lines.append(f"  hardware FLOPs      {flops.hardware:9.3e}   compiled XLA ops + WKV kernels "
+                 f"(what HFU counts): {flops.hardware / flops.model:.2f} x model FLOPs")
+  lines += [
+      f"  6 x N x tokens      {flops.six_n_tokens:9.3e}   N = parameters without the embedding",
+      f"  model FLOPs         {flops.model:9.3e}   6NT + one WKV forward and backward per layer "
+      f"(what MFU counts)",
+  ]
+  return lines
+
+
+def _step_line(plan: Plan, step: StepEstimate) -> str:
+  line = (f"at {step.assumed:.0%} {step.basis} of {plan.peak_flops / 1e12:.0f} TFLOP/s bf16 per "
+          f"device: step {step.seconds:.3g} s, {step.tokens_per_second:,.0f} tokens/s "
+          f"({step.tokens_per_second / plan.devices:,.0f} per device)")
+  if step.basis == "HFU":
+    return line + f"; MFU then {step.mfu:.0%}"
+  if step.hfu is not None:
+    return line + f"; HFU then {step.hfu:.0%} (the hardware FLOPs at this step time)"
+  return line + "; no program, so no hardware FLOPs: the step time is from the model FLOPs"
 
 
 # ----------------------------------------------------------------------------- command line
@@ -393,8 +471,21 @@ def _parser() -> argparse.ArgumentParser:
                       "host), or a bare chip (v5p, h100) with --devices")
   p.add_argument("--devices", type=int,
                  help="chips or GPUs: picks the usual slice shape for a bare chip, checks a named one")
-  p.add_argument("--mfu", type=_fraction, default=0.4,
-                 help="model FLOPs utilisation for the step time (default 0.4)")
+  utilisation = p.add_mutually_exclusive_group()
+  utilisation.add_argument(
+      "--hfu", type=_fraction,
+      help=f"hardware FLOPs utilisation for the step time: the step takes hardware FLOPs (the "
+           f"compiled program's, recomputation included, plus the WKV kernels) / (HFU x peak) "
+           f"(default {DEFAULT_HFU})")
+  utilisation.add_argument(
+      "--mfu", type=_fraction,
+      help="model FLOPs utilisation for the step time instead: model FLOPs (6NT + WKV) / (MFU x "
+           "peak), as before --hfu; a remat policy then changes nothing")
+  p.add_argument("--memory", action="store_true",
+                 help="where the temporaries go: the buffers live at the compiled program's peak, "
+                      "grouped (saved residuals, kernel checkpoints, gathered weights, loss head, "
+                      "optimizer update, backward pass, other) with GiB, share, count and the "
+                      "largest; also for a program the compiler refuses")
   return p
 
 
@@ -424,8 +515,8 @@ def main(argv: list[str]) -> int:
   def run() -> None:
     cfg = config_args.resolve(args).config
     target = resolve_target(args.topology, args.devices)
-    plan = make_plan(cfg, target, args.config, stderr_progress)
-    print(format_plan(plan, cfg, args.mfu), flush=True)
+    plan = make_plan(cfg, target, args.config, stderr_progress, memory_breakdown=args.memory)
+    print(format_plan(plan, cfg, mfu=args.mfu, hfu=args.hfu), flush=True)
     if not plan.memory.fits:
       m = plan.memory
       why = (f"the compiler refused it: {plan.compiler_message}" if m.refused

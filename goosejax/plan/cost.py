@@ -11,16 +11,21 @@ body, and the bodies are multiplied by their trip counts, which XLA:GPU records 
 a constant).
 
 Pallas kernels are custom calls that the cost analysis sees as free; `kernel_runs` counts their
-executions (by the kernel's name in each call's metadata) so callers can add their work.
+executions (by the kernel's name in each call's metadata) and `kernel_elements` the elements of
+each run's first output (the WKV kernels': y or its first gradient, [B, T, H, N] as the kernel
+runs it: rows, padded length and heads of that device), so callers can add their work.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 import functools
+import math
 import re
 
 import jax
+
+from goosejax.plan import hlo
 
 _COMPUTATION = re.compile(r"^(ENTRY )?%([\w.\-]+) ")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = ")
@@ -45,6 +50,9 @@ class ProgramCost:
   flops: float                          # per device, every loop body counted per trip
   flops_counted_once: float             # what Compiled.cost_analysis() says (on TPU)
   kernel_runs: dict[str, int]           # Pallas kernel name -> executions per step
+  kernel_elements: dict[str, int] = dataclasses.field(default_factory=dict)
+                                        # Pallas kernel name -> elements of the first output,
+                                        # summed over its executions per step
 
 
 @dataclasses.dataclass
@@ -58,7 +66,8 @@ def program_cost(compiled: jax.stages.Compiled) -> ProgramCost:
   """FLOPs and Pallas kernel executions of one run of `compiled` (per device for SPMD)."""
   program = _Program(compiled.as_text())
   once = program.flops_counted_once(program.entry)
-  return ProgramCost(once + program.loop_correction(program.entry), once, program.kernel_runs())
+  runs, elements = program.kernel_work()
+  return ProgramCost(once + program.loop_correction(program.entry), once, runs, elements)
 
 
 class _Program:
@@ -120,13 +129,16 @@ class _Program:
         runs[callee] += runs[name] * times
     return runs
 
-  def kernel_runs(self) -> dict[str, int]:
-    counts = collections.Counter()
+  def kernel_work(self) -> tuple[dict[str, int], dict[str, int]]:
+    """(executions, first-output elements summed over executions) per Pallas kernel name."""
+    counts, elements = collections.Counter(), collections.Counter()
     for name, times in self.runs().items():
       for line in self.computations[name].lines:
         if kernel := _KERNEL.search(line):
           counts[kernel[1]] += times
-    return dict(counts)
+          first_output = hlo.array_shapes(hlo.parse_instruction(line, name).shape)[0][1]
+          elements[kernel[1]] += times * math.prod(first_output)
+    return dict(counts), dict(elements)
 
   def loop_correction(self, name: str) -> float:
     """FLOPs the once-through count misses in `name`: every loop under it runs its body `trips`

@@ -260,12 +260,15 @@ def train_step_inputs(cfg, mesh: jax.sharding.Mesh, *, with_reset: bool = True):
   return _train_state(cfg, mesh)[2], abstract_batch(cfg, mesh, with_reset)
 
 
-def compile_train_step(cfg, target: str, *, with_reset: bool = True):
+def compile_train_step(cfg, target: str, *, with_reset: bool = True,
+                       compiler_options: dict | None = None):
   """The train job's sharded step for `cfg`, compiled for `target` (a mesh over its devices
-  shaped by cfg.mesh): returns jax's Compiled (memory_analysis, cost_analysis, as_text)."""
+  shaped by cfg.mesh): returns jax's Compiled (memory_analysis, cost_analysis, as_text).
+  `compiler_options`: XLA debug options for this compile (e.g. goosejax.plan.memory's dump)."""
   from goosejax import sharding
   from goosejax.train import recipe
   mesh = sharding.make_mesh(cfg.mesh, target_devices(target))
   graphdef, tx, abstract_state, shardings = _train_state(cfg, mesh)
   step = recipe.jit_train_step(recipe.make_train_step(graphdef, tx, cfg, mesh), shardings, mesh)
-  return step.trace(abstract_state, abstract_batch(cfg, mesh, with_reset)).lower().compile()
+  lowered = step.trace(abstract_state, abstract_batch(cfg, mesh, with_reset)).lower()
+  return lowered.compile(compiler_options)
