@@ -114,18 +114,25 @@ def test_tiny_plan_on_a_4_chip_tpu_slice():
   assert result.flops.model == six_nt + 8 * 128 * 2 * 2 * (forward + backward)
   step = float(re.search(r"step ([\d.e+-]+) s", text)[1])
   assert step == pytest.approx(result.flops.model / (0.5 * 459e12 * 4), rel=1e-2)
+  assert "at 50% MFU of 459 TFLOP/s" in text and "HFU then" in text
+  assert result.flops.hardware == result.flops.compiled + result.flops.kernels
 
 
 @pytest.mark.slow
 def test_a_plan_that_does_not_fit_exits_2_with_the_numbers(capsys):
   """16 sequences of 8192 tokens per v5e chip: fp32 logits alone are 32 GiB. The TPU compiler
-  refuses the program; the plan still prints what it knows and the compiler's figure."""
+  refuses the program; the plan still prints what it knows and the compiler's figure, and
+  (--memory) where the temporaries it laid out went: the loss head's logits first."""
   require("tpu")
-  status, out, err = _run(capsys, "--topology", "v5e:2x2", "data.ctx_len=8192", "data.batch_size=64")
+  status, out, err = _run(capsys, "--topology", "v5e:2x2", "data.ctx_len=8192", "data.batch_size=64",
+                          "--memory")
   assert status == 2
   assert "does NOT fit" in out and "RESOURCE_EXHAUSTED" in out
   assert _figure(out, "temporaries") > 16
   assert _figure(out, "6 x N x tokens") > 0
+  assert "as laid out before the compiler refused it" in out
+  assert _figure(out, "loss head") > 30 and _figure(out, "compiler temporaries") == pytest.approx(39.01, abs=0.01)
+  assert "no program, so no hardware FLOPs" in out
   message = err.strip().splitlines()[-1]
   assert message.startswith("goosejax plan: error: does not fit:")
   assert "the compiler refused it: RESOURCE_EXHAUSTED" in message
@@ -171,6 +178,74 @@ def test_tiny_plan_on_a_4_gpu_h100_node(capsys):
   assert "wkv7_backward_triton x2, wkv7_forward_triton x2" in out and "chunk 16" in out
   assert "4 sequences per device;" in out
   assert _figure(out, "compiled XLA ops") > _figure(out, "6 x N x tokens") * 0.9
+  forward, backward = plan_cli.wkv_flops_per_token_head(16, 64)   # read off Triton's [B, J, Q, H*N]
+  assert _figure(out, "WKV kernels") == pytest.approx(8 * 128 * 2 * 2 * (forward + backward), rel=1e-3)
+  assert "at 50% HFU" in out
+
+
+# ----------------------------------------------------------------------------- hardware FLOPs
+
+
+def _plan_with(flops: plan_cli.Flops, devices: int = 4, peak: float = 100e12) -> plan_cli.Plan:
+  memory = plan_cli.Memory(0, 0, 0, 0, 0, 1)
+  return plan_cli.Plan("tiny", "v5p:2x2x1", "tpu", "TPU v5", devices, {"data": devices}, 10, 1,
+                       1000, memory, flops, peak, 64, {}, 1.0)
+
+
+def test_the_step_time_comes_from_hardware_flops_at_hfu_or_model_flops_at_mfu():
+  flops = plan_cli.Flops(compiled=9e12, kernels=1e12, six_n_tokens=6e12, model=8e12)
+  plan = _plan_with(flops)
+  assert flops.hardware == 10e12
+  at_hfu = plan_cli.estimate_step(plan, hfu=0.5)
+  assert at_hfu.seconds == pytest.approx(10e12 / (0.5 * 100e12 * 4))
+  assert (at_hfu.basis, at_hfu.hfu, at_hfu.mfu) == ("HFU", pytest.approx(0.5), pytest.approx(0.4))
+  assert at_hfu.tokens_per_second == pytest.approx(1000 / at_hfu.seconds)
+  at_mfu = plan_cli.estimate_step(plan, mfu=0.4)
+  assert at_mfu.seconds == pytest.approx(at_hfu.seconds) and at_mfu.basis == "MFU"
+  assert at_mfu.seconds == pytest.approx(plan.step_seconds(0.4))
+  refused = plan_cli.estimate_step(_plan_with(plan_cli.Flops(None, 0.0, 6e12, 8e12)), hfu=0.5)
+  assert (refused.basis, refused.hfu) == ("MFU", None)
+  assert refused.seconds == pytest.approx(8e12 / (0.5 * 100e12 * 4))
+  with pytest.raises(ValueError):
+    plan_cli.estimate_step(plan, hfu=0.5, mfu=0.4)
+
+
+def test_hfu_and_mfu_are_one_or_the_other(capsys):
+  with pytest.raises(SystemExit) as exited:
+    plan_cli.main(["--config", "tiny", "--topology", "v5e:2x2", "--hfu", "0.5", "--mfu", "0.4"])
+  assert exited.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_hardware_flops_count_the_recomputation_of_full_remat():
+  """run.remat=full recomputes each layer's forward in the backward: more hardware FLOPs than
+  remat=none for the same model FLOPs, and at least the model FLOPs; the step at a given HFU
+  takes longer."""
+  require("tpu")
+  plans = {remat: plan_cli.make_plan(load_config("tiny", [*TINY, f"run.remat={remat}"]), "v5p:2x2x1", "tiny")
+           for remat in ("none", "full")}
+  none, full = plans["none"].flops, plans["full"].flops
+  assert none.model == full.model
+  assert full.hardware >= full.model and full.hardware > 1.1 * none.hardware
+  assert plans["full"].kernel_runs["wkv7_forward_tpu"] > plans["none"].kernel_runs["wkv7_forward_tpu"]
+  step = lambda remat: plan_cli.estimate_step(plans[remat], hfu=0.5).seconds
+  assert step("full") > step("none")
+
+
+@pytest.mark.slow
+def test_sequence_parallel_kernel_flops_count_doubled_rows_and_chunk_padding():
+  """mesh.sequence=4 splits each 128-token sequence into spans of 32 tokens; the TPU kernel runs
+  every span over twice the rows (from state 0 and from I) and pads it to a 64-token chunk:
+  2 x 4 x 64 / 128 = 4 times the unsplit kernels' work, on as many kernel runs."""
+  require("tpu")
+  plans = [plan_cli.make_plan(load_config("tiny", [*TINY, *extra]), "v5e:2x2", "tiny")
+           for extra in ([], ["mesh.data=1", "mesh.sequence=4"])]
+  unsplit, split = plans
+  assert split.mesh["sequence"] == 4 and split.kernel_runs == unsplit.kernel_runs
+  spans, span, chunk = 4, 128 // 4, 64
+  padded = spans * math.ceil(span / chunk) * chunk
+  assert split.flops.kernels == pytest.approx(unsplit.flops.kernels * 2 * padded / 128)
+  assert split.flops.model == unsplit.flops.model and split.flops.hardware > unsplit.flops.hardware
 
 
 def test_a_chunk_size_the_kernel_does_not_take_is_noted_not_swapped_silently():
