@@ -69,7 +69,7 @@ def test_trip_counts_of_accelerator_programs(target, platform):
 
 def test_pallas_kernel_runs_are_counted_per_trip():
   """The WKV kernel (interpret mode on CPU is not a custom call, so compile for a TPU) inside a
-  scan of 3 steps runs 3 times; its forward+backward 3 times each."""
+  scan of 3 steps runs 3 times; its forward+backward 3 times each, on the elements of one step."""
   require("tpu")
   device = SingleDeviceSharding(targets.target_devices("v5e:2x2")[0])
   shape = jax.ShapeDtypeStruct((3, 1, 128, 2, 64), jnp.bfloat16, sharding=device)
@@ -80,5 +80,8 @@ def test_pallas_kernel_runs_are_counted_per_trip():
       return total + jnp.sum(y.astype(jnp.float32)) + jnp.sum(state), None
     return jax.lax.scan(step, 0.0, xs)[0]
 
-  runs = program_cost(_compile(jax.grad(loss), *[shape] * 6)).kernel_runs
+  cost = program_cost(_compile(jax.grad(loss), *[shape] * 6))
+  runs = cost.kernel_runs
   assert sorted(runs.values()) == [3, 3] and any("forward" in name for name in runs)
+  # each run's first output (y, or its first gradient) holds the T x H x N = 128 x 2 x 64 it ran on
+  assert cost.kernel_elements == {name: 3 * 128 * 2 * 64 for name in runs}
