@@ -19,9 +19,11 @@ their meaning).
 * A vocabulary that is not a multiple of the tile: the last tile is moved back to end at V,
   and its columns the tile before already covered are masked out (no padded copy of the head).
 * Under a mesh the work is a `shard_map`: rows and tokens split as the residual stream
-  (batch, length), the head's columns as its "vocab" axis (whole over fsdp); every device
-  tiles its own columns and the per-token statistics are combined over the vocab axes (max,
-  first argmax, rescaled sum, target logit), dx summed over them and dW over the token axes.
+  (batch, length), the head as its parameter is (channels over "embed", columns over
+  "vocab"). Every device tiles its own columns, gathering each tile's channels over the
+  embed axes (the whole head is never gathered), and the per-token statistics are combined
+  over the vocab axes (max, first argmax, rescaled sum, target logit); dx is summed over the
+  vocab axes, each tile's dW over the token axes and scattered back over the embed axes.
 """
 from __future__ import annotations
 
@@ -40,12 +42,13 @@ from goosejax import sharding
 
 class _Layout(NamedTuple):
   """How the work is split (static): the mesh (None: one device) and the specs, the mesh axes
-  that split tokens and vocabulary columns, the tile and the loss's constants."""
+  that split tokens, the head's channels and its columns, the tile and the loss's constants."""
   mesh: Mesh | None
   x_spec: P
   tokens_spec: P
   head_spec: P
   token_axes: tuple[str, ...]
+  embed_axes: tuple[str, ...]
   vocab_axes: tuple[str, ...]
   tile: int
   mean_scale: float      # 1 / (B T): cross-entropy is a mean over every token
@@ -62,14 +65,14 @@ def _layout(mesh: Mesh | None, x_shape, head_shape, tile: int, l2wrap_scale: flo
     x_spec, head_spec = P(), P()
   else:
     x_spec = sharding.logical_spec(sharding.RESIDUAL_AXES, x_shape, mesh)
-    head_spec = sharding.logical_spec((None, "vocab"), head_shape, mesh)
-  vocab_axes = _axes(head_spec[1]) if len(head_spec) > 1 else ()
+    head_spec = sharding.logical_spec(("embed", "vocab"), head_shape, mesh)
+  embed_axes, vocab_axes = (_axes(head_spec[0]), _axes(head_spec[1])) if head_spec else ((), ())
   shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in vocab_axes)
   local_tile = min(tile, head_shape[1] // shards)
   tokens_spec = P(*x_spec[:2])
   token_axes = tuple(a for entry in tokens_spec for a in _axes(entry))
-  return _Layout(mesh, x_spec, tokens_spec, head_spec, token_axes, vocab_axes, local_tile,
-                 1.0 / (B * T), l2wrap_scale / (B * T))
+  return _Layout(mesh, x_spec, tokens_spec, head_spec, token_axes, embed_axes, vocab_axes,
+                 local_tile, 1.0 / (B * T), l2wrap_scale / (B * T))
 
 
 def _psum(x, axes):
@@ -87,13 +90,35 @@ def _product(x_BTC, w_CU, dtype) -> jax.Array:
                          precision=lax.Precision.HIGHEST, preferred_element_type=dtype)
 
 
-def _tile(x_BTC, head_CV, tile: int, k, dtype):
-  """Tile k: (start column, logits [B,T,U], local column indices [U], which columns are its own
-  [U]). The last tile ends at V; columns of it before k*tile belong to tile k-1."""
+def _tile_indices(columns: int, tile: int) -> jax.Array:
+  return jnp.arange(-(-columns // tile), dtype=jnp.int32)
+
+
+def _tile(layout: _Layout, x_BTC, head_CV, k, dtype):
+  """Tile k: (start column, its head columns [C, U] (all channels), logits [B,T,U], local
+  column indices [U], which columns are its own [U]). The last tile ends at the last column;
+  its columns before k*tile belong to tile k-1."""
+  tile = layout.tile
   start = jnp.minimum(k * tile, head_CV.shape[1] - tile)
   w_CU = lax.dynamic_slice_in_dim(head_CV, start, tile, axis=1)
+  if layout.embed_axes:
+    w_CU = lax.all_gather(w_CU, layout.embed_axes, axis=0, tiled=True)
   column_U = start + lax.iota(jnp.int32, tile)
-  return start, _product(x_BTC, w_CU, dtype), column_U, column_U >= k * tile
+  return start, w_CU, _product(x_BTC, w_CU, dtype), column_U, column_U >= k * tile
+
+
+def _head_grad(layout: _Layout, dw_CU):
+  """This device's share of a tile's dW: summed over the token axes, its embed rows kept
+  (scattered where the rows' axes also split tokens, else sliced)."""
+  embed = layout.embed_axes
+  if not embed or not set(embed) <= set(layout.token_axes):
+    dw_CU = _psum(dw_CU, layout.token_axes)
+    if not embed:
+      return dw_CU
+    rows = dw_CU.shape[0] // lax.axis_size(embed)
+    return lax.dynamic_slice_in_dim(dw_CU, lax.axis_index(embed) * rows, rows, axis=0)
+  dw_CU = _psum(dw_CU, tuple(a for a in layout.token_axes if a not in embed))
+  return lax.psum_scatter(dw_CU, embed, scatter_dimension=0, tiled=True)
 
 
 def _local_forward(layout: _Layout, x_BTC, head_CV, targets_BT):
@@ -105,7 +130,7 @@ def _local_forward(layout: _Layout, x_BTC, head_CV, targets_BT):
 
   def step(carry, k):
     max_BT, top_BT, sum_BT, hit_BT = carry
-    start, logits_BTU, column_U, own_U = _tile(x_BTC, head_CV, tile, k, dtype)
+    start, _, logits_BTU, column_U, own_U = _tile(layout, x_BTC, head_CV, k, dtype)
     logits_BTU = jnp.where(own_U, logits_BTU, -jnp.inf)
     tile_max_BT = jnp.max(logits_BTU, axis=-1)
     new_max_BT = jnp.maximum(max_BT, tile_max_BT)
@@ -115,15 +140,16 @@ def _local_forward(layout: _Layout, x_BTC, head_CV, targets_BT):
     sum_BT = (sum_BT * jnp.exp(max_BT - new_max_BT)
               + jnp.sum(jnp.exp(logits_BTU - new_max_BT[..., None]), axis=-1))
     mine_BT = (local_targets_BT >= k * tile) & (local_targets_BT < start + tile)
-    picked_BT = jnp.take_along_axis(logits_BTU, jnp.clip(local_targets_BT - start, 0, tile - 1)[..., None],
-                                    axis=-1)[..., 0]
+    index_BT1 = jnp.clip(local_targets_BT - start, 0, tile - 1)[..., None]
+    picked_BT = jnp.take_along_axis(logits_BTU, index_BT1, axis=-1)[..., 0]
     return (new_max_BT, top_BT, sum_BT, hit_BT + jnp.where(mine_BT, picked_BT, 0)), None
 
   shape = targets_BT.shape
   init = (jnp.full(shape, -jnp.inf, dtype), jnp.zeros(shape, jnp.int32), jnp.zeros(shape, dtype),
           jnp.zeros(shape, dtype))
-  (max_BT, top_BT, sum_BT, hit_BT), _ = lax.scan(step, init, jnp.arange(-(-columns // tile), dtype=jnp.int32))
-  max_BT, top_BT, sum_BT, hit_BT = _combine_columns(layout, max_BT, top_BT + offset, sum_BT, hit_BT)
+  (max_BT, top_BT, sum_BT, hit_BT), _ = lax.scan(step, init, _tile_indices(columns, tile))
+  max_BT, top_BT, sum_BT, hit_BT = _combine_columns(layout, max_BT, top_BT + offset, sum_BT,
+                                                    hit_BT)
   lse_BT = max_BT + jnp.log(sum_BT)
   loss = _psum(jnp.sum(lse_BT - hit_BT), layout.token_axes) * layout.mean_scale
   return loss, lse_BT, top_BT, max_BT
@@ -137,7 +163,8 @@ def _combine_columns(layout: _Layout, max_BT, top_BT, sum_BT, hit_BT):
     return max_BT, top_BT, sum_BT, hit_BT
   all_max_BT = lax.pmax(max_BT, axes)
   top_BT = lax.pmin(jnp.where(max_BT == all_max_BT, top_BT, jnp.iinfo(jnp.int32).max), axes)
-  return all_max_BT, top_BT, lax.psum(sum_BT * jnp.exp(max_BT - all_max_BT), axes), lax.psum(hit_BT, axes)
+  sum_BT = lax.psum(sum_BT * jnp.exp(max_BT - all_max_BT), axes)
+  return all_max_BT, top_BT, sum_BT, lax.psum(hit_BT, axes)
 
 
 def _local_backward(layout: _Layout, x_BTC, head_CV, targets_BT, lse_BT, top_BT, max_BT, g):
@@ -153,25 +180,24 @@ def _local_backward(layout: _Layout, x_BTC, head_CV, targets_BT, lse_BT, top_BT,
 
   def step(carry, k):
     dx_BTC, dw_CV = carry
-    start, logits_BTU, column_U, own_U = _tile(x_BTC, head_CV, tile, k, dtype)
+    start, w_CU, logits_BTU, column_U, own_U = _tile(layout, x_BTC, head_CV, k, dtype)
     softmax_BTU = jnp.exp(logits_BTU - lse_BT[..., None])
     d_BTU = (softmax_BTU - (column_U == local_targets_BT1).astype(dtype)) * mean_g
     if layout.l2wrap_factor:
       d_BTU = d_BTU + jnp.where(column_U == local_top_BT1, push_BT1, 0)
     d_BTU = jnp.where(own_U, d_BTU, 0)
-    w_CU = lax.dynamic_slice_in_dim(head_CV, start, tile, axis=1)
     dx_BTC = dx_BTC + lax.dot_general(d_BTU, w_CU, (((2,), (1,)), ((), ())),
                                       precision=lax.Precision.HIGHEST, preferred_element_type=dtype)
     dw_CU = lax.dot_general(x_BTC, d_BTU, (((0, 1), (0, 1)), ((), ())),
                             precision=lax.Precision.HIGHEST, preferred_element_type=dtype)
-    dw_CU = _psum(dw_CU, layout.token_axes).astype(dw_CV.dtype)
+    dw_CU = _head_grad(layout, dw_CU).astype(dw_CV.dtype)
     # columns not its own are zeros here: add, so tile k-1's values there stay
     dw_CV = lax.dynamic_update_slice_in_dim(
         dw_CV, lax.dynamic_slice_in_dim(dw_CV, start, tile, axis=1) + dw_CU, start, axis=1)
     return (dx_BTC, dw_CV), None
 
   init = (jnp.zeros(x_BTC.shape, dtype), jnp.zeros(head_CV.shape, head_CV.dtype))
-  (dx_BTC, dw_CV), _ = lax.scan(step, init, jnp.arange(-(-columns // tile), dtype=jnp.int32))
+  (dx_BTC, dw_CV), _ = lax.scan(step, init, _tile_indices(columns, tile))
   return _psum(dx_BTC, layout.vocab_axes).astype(x_BTC.dtype), dw_CV
 
 
