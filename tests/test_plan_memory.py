@@ -75,6 +75,7 @@ ENTRY %main (a: f32[4,8]) -> f32[4,8] {
   loop = module.instructions["w"]
   assert (loop.opcode, loop.operands, loop.attribute("body"), loop.frame_id) == ("while", ("init",), "body", 3)
   assert module.root_of("body").operands == ("i", "x") and module.callers["body"] == "w"
+  assert module.entry == "main" and module.instructions["p"].computation == "body"
   assert module.instructions["i"].attribute("index") == "0"
   assert module.instructions["a"].op_name == "x['k']"
   assert hlo.array_shapes(loop.shape) == [("s32", ()), ("f32", (4, 8))]

@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import re
 
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{$")
+_COMPUTATION = re.compile(r"^(ENTRY )?%?([\w.\-]+) \(.*\{$")
 _DEFINITION = re.compile(r"^\s*(ROOT )?%?([\w.\-]+) = ")
 _REFERENCE = re.compile(r"%([\w.\-]+)")
 _TABLE_ROW = re.compile(r"^(\d+) (.*)$")
@@ -58,6 +58,7 @@ class Module:
     self.instructions: dict[str, Instruction] = {}
     self.roots: dict[str, str] = {}          # computation -> its ROOT instruction
     self.callers: dict[str, str] = {}        # called computation -> the instruction calling it
+    self.entry = ""                          # the entry computation
     tables: dict[str, dict[int, str]] = {}
     table, computation = None, None
     for line in text.splitlines():
@@ -67,7 +68,8 @@ class Module:
         elif instruction := parse_instruction(line, computation):
           self._add(instruction)
       elif match := _COMPUTATION.match(line):
-        computation = match[1]
+        computation = match[2]
+        self.entry = computation if match[1] else self.entry
       elif line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
         table = tables.setdefault(line, {})
       elif table is not None and (row := _TABLE_ROW.match(line)):

@@ -15,7 +15,8 @@ optimized HLO the compiler wrote with them:
                               outputs [L, ...] are these
   kernel checkpoints          outputs of the forward WKV kernels (Pallas custom calls): y and the
                               chunk-start states the backward kernel reads
-  gathered weights            all-gathers (FSDP: a weight gathered whole on every device)
+  gathered weights            all-gathers (FSDP: a weight gathered whole on every device), and
+                              copies of the parameters (their compute-dtype casts)
   loss head                   the head's logits, the cross-entropy and L2Wrap (and the fused head
                               of goosejax.train.loss_head)
   optimizer update            optax's transformations (their frames in the op's Python stack)
@@ -342,7 +343,7 @@ class _Classifier:
     frames = self.module.frames(producer.frame_id)
     if producer.opcode == "custom-call" and _is_kernel(producer):
       return KERNEL if "forward" in op_name else GRADIENTS
-    if producer.opcode.startswith("all-gather"):
+    if producer.opcode.startswith("all-gather") or self._is_a_parameter(producer):
       return GATHERED
     if any("/optax/" in frame.file for frame in frames):
       return OPTIMIZER
@@ -355,6 +356,11 @@ class _Classifier:
     if "jvp(" in op_name or "jvp(" in loop_name:
       return SAVED
     return OTHER
+
+  def _is_a_parameter(self, instruction: hlo.Instruction) -> bool:
+    """One of the train state's parameters, as the program receives it."""
+    return (instruction.opcode == "parameter" and instruction.computation == self.module.entry
+            and instruction.op_name.startswith("state.params"))
 
   def origin(self, producer: hlo.Instruction | None) -> str:
     """The producing op's innermost frame in goosejax or pallas_kernels, else its op_name."""
