@@ -135,8 +135,8 @@ def test_memory_groups_add_up_to_the_compilers_temporaries(target, ctx):
   buffers are within 10% of the heap on GPU (which is the compiler's figure there); a tiny
   program on TPU leaves ~15% of its heap as gaps at the peak (16 KiB granules, fragmentation:
   no two values overlap in both bytes and steps), so 20% there, and the TPU compiler's figure
-  exceeds the heap it dumps (`outside the heap`). TPU's peak holds the gathered weights of a
-  layer (GPU's, in the backward pass, none)."""
+  exceeds the heap it dumps (`outside the heap`). TPU's peak comes at the end of the forward
+  pass (a layer's gathered weights live), GPU's in the backward (the loss head's gradient)."""
   platform = targets.parse_target(target).platform
   require(platform)
   cfg = load_config("tiny", [*PLAN, f"data.ctx_len={ctx}"])
@@ -148,7 +148,8 @@ def test_memory_groups_add_up_to_the_compilers_temporaries(target, ctx):
     assert result.heap_bytes == result.compiler_bytes
   assert result.live_bytes >= (0.9 if platform == "cuda" else 0.8) * result.heap_bytes
   assert 0 <= result.outside_heap < 0.3 * result.compiler_bytes
-  for name in (memory.SAVED, memory.KERNEL, memory.LOSS_HEAD) + ((memory.GATHERED,) if platform == "tpu" else ()):
+  at_peak = (memory.GATHERED,) if platform == "tpu" else (memory.LOSS_HEAD, memory.GRADIENTS)
+  for name in (memory.SAVED, memory.KERNEL, *at_peak):
     assert result.group(name) is not None and result.group(name).bytes > 0, name
   other = result.group(memory.OTHER)
   assert other is None or other.bytes < 0.05 * result.live_bytes
@@ -157,3 +158,9 @@ def test_memory_groups_add_up_to_the_compilers_temporaries(target, ctx):
   rows = _lines_of(plan_cli.format_plan(plan, cfg))
   total = rows.pop("compiler temporaries")
   assert sum(rows.values()) == pytest.approx(total, abs=0.002 * len(rows))
+
+
+def test_without_a_dump_the_plan_says_why(tmp_path):
+  with pytest.raises(memory.DumpError, match="buffer-assignment"):
+    memory.breakdown(str(tmp_path), 1)
+  assert plan_cli._breakdown(str(tmp_path), 1, refused=False).startswith("no memory breakdown: no ")

@@ -185,6 +185,7 @@ class Plan:
   compile_seconds: float
   compiler_message: str | None = None   # why the compiler refused the program
   memory_breakdown: memory_groups.MemoryBreakdown | None = None   # asked for (--memory)
+  memory_breakdown_error: str | None = None   # why there is none though it was asked for
 
   def step_seconds(self, mfu: float) -> float:
     return self.flops.model / (mfu * self.peak_flops * self.devices)
@@ -257,13 +258,15 @@ def make_plan(cfg, target: str, config_name: str, progress=None, *,
       flops=_flops(cfg, platform, parameters - embedding, program, facts.devices),
       peak_flops=facts.peak_bf16_flops, chunk_size=kernel_chunk_size(cfg.model, platform),
       kernel_runs=program.kernel_runs if program else {}, compile_seconds=compile_seconds,
-      compiler_message=compiler_message, memory_breakdown=groups)
+      compiler_message=compiler_message,
+      memory_breakdown=groups if isinstance(groups, memory_groups.MemoryBreakdown) else None,
+      memory_breakdown_error=groups if isinstance(groups, str) else None)
 
 
 def _compile(cfg, target: str, memory_breakdown: bool):
-  """(the compiled train step, None, its memory breakdown or None), or (None, the compiler's
-  message, the breakdown of what it laid out or None) when the TPU compiler refuses a program
-  larger than HBM."""
+  """(the compiled train step, None, its memory breakdown), or (None, the compiler's message,
+  the breakdown of what it laid out) when the TPU compiler refuses a program larger than HBM;
+  the breakdown is None when not asked for, a line saying why where it could not be made."""
   import jax
   from goosejax.plan import targets
   with tempfile.TemporaryDirectory(prefix="goosejax-plan-") as dump:
@@ -276,10 +279,17 @@ def _compile(cfg, target: str, memory_breakdown: bool):
         raise
       message = str(e).splitlines()[0].rstrip(".")
       refused_total = _compiler_temporaries(message)
-      groups = memory_groups.breakdown(dump, refused_total, refused=True) if options else None
-      return None, message, groups
+      return None, message, _breakdown(dump, refused_total, True) if options else None
     temporaries = compiled.memory_analysis().temp_size_in_bytes
-    return compiled, None, memory_groups.breakdown(dump, temporaries) if options else None
+    return compiled, None, _breakdown(dump, temporaries, False) if options else None
+
+
+def _breakdown(dump: str, temporaries: int, refused: bool):
+  """The memory breakdown of the program dumped in `dump`, or why there is none."""
+  try:
+    return memory_groups.breakdown(dump, temporaries, refused=refused)
+  except memory_groups.DumpError as e:
+    return f"no memory breakdown: {e}"
 
 
 def _memory(compiled, compiler_message: str | None, state, batch, capacity: int) -> Memory:
@@ -371,6 +381,8 @@ def format_plan(plan: Plan, cfg, mfu: float | None = None, hfu: float | None = N
   ]
   if plan.compiler_message:
     lines.append(f"  compiler: {plan.compiler_message}")
+  if plan.memory_breakdown_error:
+    lines.append(f"  {plan.memory_breakdown_error}")
   if plan.memory_breakdown is not None:
     lines.append(memory_groups.format_breakdown(plan.memory_breakdown))
   lines += _flops_lines(plan)
