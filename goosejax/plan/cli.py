@@ -5,6 +5,7 @@ compiler, on a machine without one.
   goosejax plan --config rwkv7-1.5b --topology v6e --devices 64      (the usual 64-chip slice)
   goosejax plan --config rwkv7-1.5b --topology h100:4x8 mesh.data=4 mesh.fsdp=8   (4 hosts x 8)
   goosejax plan --config tiny --topology v5p:2x2x1 --memory     (where the temporaries go)
+  goosejax plan --config tiny --topology v5e:2x2 --fit        (the fastest remat x micro-batches that fits)
 
 The train job's sharded step is compiled for compile-only devices of the target (goosejax.plan.targets:
 needs the `tpu` or `cuda` extra), on the mesh of the config's `mesh` section, for its batch
@@ -498,6 +499,10 @@ def _parser() -> argparse.ArgumentParser:
                       "grouped (saved residuals, kernel checkpoints, gathered weights, loss head, "
                       "optimizer update, backward pass, other) with GiB, share, count and the "
                       "largest; also for a program the compiler refuses")
+  p.add_argument("--fit", action="store_true",
+                 help="keep the batch, search run.remat x optimizer.grad_accum (x the fused loss "
+                      "head) for the fastest layout that fits (goosejax.plan.fit); one line per "
+                      "candidate compiled, the chosen overrides as the last line")
   return p
 
 
@@ -527,6 +532,8 @@ def main(argv: list[str]) -> int:
   def run() -> None:
     cfg = config_args.resolve(args).config
     target = resolve_target(args.topology, args.devices)
+    if args.fit:
+      return _fit(cfg, target, args)
     plan = make_plan(cfg, target, args.config, stderr_progress, memory_breakdown=args.memory)
     print(format_plan(plan, cfg, mfu=args.mfu, hfu=args.hfu), flush=True)
     if not plan.memory.fits:
@@ -539,3 +546,10 @@ def main(argv: list[str]) -> int:
           f"{m.temporaries / GIB:.2f}), {why}; shard more (mesh.fsdp, mesh.tensor), use more "
           f"devices, or lower data.batch_size / raise optimizer.grad_accum")
   return exit_status("plan", run)
+
+
+def _fit(cfg, target: str, args) -> None:
+  from goosejax.plan import fit
+  if args.memory:
+    raise PlanError("--fit compiles many layouts: plan the chosen one with --memory afterwards")
+  fit.run_fit(cfg, target, args.config, stderr_progress, hfu=args.hfu, mfu=args.mfu)
