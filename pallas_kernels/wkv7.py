@@ -17,11 +17,12 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 
 from pallas_kernels import mosaic_tpu, triton_gpu
 from pallas_kernels.chunk_math import FP32_DOTS, ChunkLayout
-from pallas_kernels.wkv_policy import KERNEL_INPUT_DTYPES, KERNELS, POLICY
+from pallas_kernels.wkv_policy import CHECKPOINT_NAME, KERNEL_INPUT_DTYPES, KERNELS, POLICY
 
 BACKENDS = tuple(KERNELS)
 _TPU_BLOCK_TOKENS = 256     # tokens per TPU grid step: few grid steps, blocks well inside VMEM
@@ -212,6 +213,7 @@ def _wkv7_kernels(plan: KernelPlan, r, log_w, k, v, a, b, state, reset):
 def _wkv7_kernels_fwd(plan: KernelPlan, r, log_w, k, v, a, b, state, reset):
   y, state_end, checkpoint = plan.kernel.forward(r, log_w, k, v, a, b, state, reset,
                                                  **plan.options, checkpoints=True)
+  checkpoint = checkpoint_name(checkpoint, CHECKPOINT_NAME)
   return (y, state_end), (r, log_w, k, v, a, b, reset, checkpoint)
 
 

@@ -28,6 +28,10 @@ from typing import NamedTuple
 DECAY_SCALE = 0.606531
 LOG_DECAY_MIN = -DECAY_SCALE  # RWKV-7's log decay lies in [LOG_DECAY_MIN, 0)
 
+# The `checkpoint_name` every WKV custom VJP gives its chunk-start states (the residual its
+# backward reads), so a remat policy can keep them (goosejax.model.remat).
+CHECKPOINT_NAME = "wkv_states"
+
 CHUNK_SIZES = (16, 32, 64)  # every chunked form takes these; a kernel may take fewer
 # What the kernels read (their state and math are fp32): float64 never goes to a kernel.
 KERNEL_INPUT_DTYPES = ("float32", "bfloat16", "float16")

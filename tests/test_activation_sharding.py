@@ -61,6 +61,8 @@ def temporaries(remat):
 
 def test_remat_policies_trade_memory_as_documented():
   """none keeps every layer's activations for the backward; block keeps only the matmul
-  outputs (recomputing the elementwise work and the WKV); full keeps only each layer's input."""
-  none, block, full = temporaries("none"), temporaries("block"), temporaries("full")
-  assert full < block < none, (none, block, full)
+  outputs (recomputing the elementwise work and the WKV); save_wkv each layer's input, WKV
+  output and WKV chunk states; full and minimal only each layer's input (the same program)."""
+  none, block, save_wkv, minimal, full = map(
+      temporaries, ("none", "block", "save_wkv", "minimal", "full"))
+  assert minimal == full < save_wkv < block < none, (none, block, save_wkv, minimal, full)

@@ -219,6 +219,10 @@ class MeshConfig:
     return sizes
 
 
+# `run.remat`: what each policy keeps is goosejax.model.remat's docstring.
+Remat = Literal["none", "full", "minimal", "save_wkv", "block", "offload"]
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   """The training run: length, checkpoints, logging, evaluation."""
@@ -230,9 +234,13 @@ class RunConfig:
   eval_every: int = setting(200, "steps between validation-loss evaluations")
   eval_batches: int = setting(4, "validation batches per evaluation")
   seed: int = setting(0, "seed of the parameter initialisation")
-  remat: Literal["none", "block", "full"] = setting(
-      "block", "rematerialisation per block: none (keep activations), block (keep only "
-               "matmul outputs) or full (recompute everything in the backward pass)")
+  remat: Remat = setting(
+      "full", "what each layer keeps for the backward pass (goosejax.model.remat): none (every "
+              "activation); full (only its input, recomputing the rest); minimal (the block "
+              "input by name: the same program as full); save_wkv (the block input, the WKV "
+              "output and the WKV's chunk-start states: the WKV forward is not rerun); block "
+              "(every matmul output: the most memory); offload (the block input, in pinned "
+              "host memory between the passes)")
   loss_vocab_tile: int = setting(
       0, "0: the head's fp32 logits [batch, tokens, vocab] are materialised, then the loss; "
          "N > 0: the head, cross-entropy and L2Wrap fused over tiles of N vocabulary columns "

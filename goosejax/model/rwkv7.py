@@ -1,4 +1,5 @@
-"""The RWKV-7 (x070) language model: embedding, L stacked blocks run by `lax.scan`, head.
+"""The RWKV-7 (x070) language model: embedding, L stacked blocks run by `lax.scan` (each
+layer under a `run.remat` policy, goosejax.model.remat), head.
 
 The pieces are also callable one by one, for code that holds the weights another way (the
 decoder keeps one `Blocks` per layer, see goosejax.infer.decode): `embed`, `Blocks` on one
@@ -7,7 +8,7 @@ is no other copy of the model's math.
 """
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,8 @@ from flax import nnx
 
 from goosejax import sharding
 from goosejax.config import ModelConfig
-from goosejax.model import init
+from goosejax.config.schema import Remat
+from goosejax.model import init, remat
 from goosejax.model.channel_mix import ChannelMix
 from goosejax.model.layers import matmul
 from goosejax.model.norms import LayerNorm, layer_norm
@@ -64,9 +66,8 @@ class Blocks(nnx.Module):
                reset_BT):
     # The residual stream stays split by batch (and length) only: each matmul's output then
     # has one known layout under any mesh (no-ops without one).
-    x_BTC = sharding.constrain(x_BTC, sharding.RESIDUAL_AXES)
-    xa_BTC = self.ln1(x_BTC)
-    prev_BTC = shift_tokens(xa_BTC, att_shift_BC[:, None], reset_BT)
+    x_BTC = remat.tag(sharding.constrain(x_BTC, sharding.RESIDUAL_AXES), remat.BLOCK_IN)
+    xa_BTC, prev_BTC = self.time_mix_inputs(x_BTC, att_shift_BC, reset_BT)
     dx_BTC, wkv_BHNN, v_first_BTC = self.att(xa_BTC, prev_BTC, wkv_BHNN, v_first_BTC,
                                              is_first_layer, reset_BT)
     x_BTC = sharding.constrain(x_BTC + dx_BTC, sharding.RESIDUAL_AXES)
@@ -74,6 +75,17 @@ class Blocks(nnx.Module):
     x_BTC = x_BTC + self.ffn(xf_BTC, shift_tokens(xf_BTC, ffn_shift_BC[:, None], reset_BT))
     x_BTC = sharding.constrain(x_BTC, sharding.RESIDUAL_AXES)
     return x_BTC, v_first_BTC, (xa_BTC[:, -1], wkv_BHNN, xf_BTC[:, -1])
+
+  def time_mix_inputs(self, x_BTC, att_shift_BC, reset_BT):
+    """(ln1 output, the previous token's ln1 output) of the block input x_BTC."""
+    xa_BTC = self.ln1(x_BTC)
+    return xa_BTC, shift_tokens(xa_BTC, att_shift_BC[:, None], reset_BT)
+
+  def first_value(self, x_BTC, att_shift_BC, reset_BT):
+    """`v_first`, on layer 0's weights: that layer's value projection of its input x_BTC, by
+    the code the layer runs, in the compute dtype."""
+    x_BTC = sharding.constrain(x_BTC, sharding.RESIDUAL_AXES)
+    return self.att.value_of(*self.time_mix_inputs(x_BTC, att_shift_BC, reset_BT))
 
 
 def run_layers(layers: Sequence[Blocks], x_BTC: jax.Array, states: LayerStates,
@@ -96,6 +108,36 @@ def run_layers(layers: Sequence[Blocks], x_BTC: jax.Array, states: LayerStates,
   return x_BTC, tuple(new_states)
 
 
+def run_stacked(graphdef: nnx.GraphDef, policy: Remat, x_BTC: jax.Array, stacked_xs,
+                reset_BT: jax.Array | None) -> tuple[jax.Array, tuple]:
+  """The L blocks on weights and states stacked [L, ...], one `lax.scan`: `stacked_xs` is
+  (the `Blocks` state split off `graphdef`, att_shift_LBC, wkv_LBHNN, ffn_shift_LBC); returns
+  (x_BTC, the three new states stacked), each layer under the remat `policy`
+  (goosejax.model.remat).
+
+  `v_first` is computed before the scan (layer 0's ln1, token shift and value projection, once
+  more than layer 0 itself runs them) and read by every layer as a constant: carried through
+  the scan instead, the backward would keep a copy per layer. Layer 0 uses its own value.
+  """
+  first_block = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], stacked_xs[0]))
+  # Not under jax.checkpoint: its few [B, T, C] intermediates are kept once, and a remat
+  # outside the scan let XLA:TPU defer the head's weight gradient past the layers' backward,
+  # holding the fp32 logits through it (1.5B, v6e:2x2, L8: 10.3 GiB of temporaries, not 6.7).
+  v_first_BTC = first_block.first_value(x_BTC, stacked_xs[1][0], reset_BT)
+
+  def layer(x_BTC, v_first_BTC, layer_xs):
+    layer_params, att_shift_BC, wkv_BHNN, ffn_shift_BC, layer_index = layer_xs
+    block = nnx.merge(graphdef, layer_params)
+    x_BTC, _, new_states = block(x_BTC, v_first_BTC, att_shift_BC, wkv_BHNN, ffn_shift_BC,
+                                 layer_index == 0, reset_BT)
+    return x_BTC, new_states
+
+  layer = remat.checkpointed(layer, policy)
+  n_layer = stacked_xs[1].shape[0]
+  return jax.lax.scan(lambda x_BTC, layer_xs: layer(x_BTC, v_first_BTC, layer_xs), x_BTC,
+                      (*stacked_xs, jnp.arange(n_layer)))
+
+
 class RWKV7(nnx.Module):
   """RWKV-7 "Goose": `model(tokens_BT, state=None, *, reset_BT=None) -> (logits_BTV, state)`.
 
@@ -104,8 +146,7 @@ class RWKV7(nnx.Module):
   shifts see zeros, exactly as at the start of a fresh sequence. Logits are fp32.
   """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs,
-               remat: Literal["none", "block", "full"] = "none"):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat: Remat = "none"):
     cfg.validate()
     self.config = cfg
     self.remat = remat
@@ -142,7 +183,6 @@ class RWKV7(nnx.Module):
 
     Prefill uses this to apply the head to the last position only.
     """
-    cfg = self.config
     if tokens_BT.ndim != 2:
       raise ValueError(f"RWKV7: tokens must be [batch, time], got shape {tokens_BT.shape}")
     B, T = tokens_BT.shape
@@ -156,21 +196,7 @@ class RWKV7(nnx.Module):
     x_BTC = embed(tokens_BT, self.emb[...], self.ln0.weight[...], self.ln0.bias[...], dtype)
 
     graphdef, params = nnx.split(self.blocks)
-
-    def layer(carry, xs):
-      x_BTC, v_first_BTC = carry
-      layer_params, att_shift_BC, wkv_BHNN, ffn_shift_BC, layer_index = xs
-      block = nnx.merge(graphdef, layer_params)
-      x_BTC, v_first_BTC, new_state = block(x_BTC, v_first_BTC, att_shift_BC, wkv_BHNN,
-                                            ffn_shift_BC, layer_index == 0, reset_BT)
-      return (x_BTC, v_first_BTC), new_state
-
-    if self.remat != "none":
-      policy = None if self.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-      layer = jax.checkpoint(layer, policy=policy)
-    v_first_BTC = jnp.zeros_like(x_BTC)
-    (x_BTC, _), (att_shift, wkv, ffn_shift) = jax.lax.scan(
-        layer, (x_BTC, v_first_BTC),
-        (params, state.att_shift_LBC.astype(dtype), state.wkv_LBHNN.astype(jnp.float32),
-         state.ffn_shift_LBC.astype(dtype), jnp.arange(cfg.n_layer)))
-    return self.ln_out(x_BTC), RWKV7State(att_shift, wkv, ffn_shift)
+    x_BTC, states = run_stacked(graphdef, self.remat, x_BTC, (
+        params, state.att_shift_LBC.astype(dtype), state.wkv_LBHNN.astype(jnp.float32),
+        state.ffn_shift_LBC.astype(dtype)), reset_BT)
+    return self.ln_out(x_BTC), RWKV7State(*states)

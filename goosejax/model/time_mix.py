@@ -7,7 +7,7 @@ from flax import nnx
 
 from goosejax import sharding
 from goosejax.config import ModelConfig
-from goosejax.model import init
+from goosejax.model import init, remat
 from goosejax.model.layers import matmul, merge_heads, split_heads
 from goosejax.model.norms import group_norm_heads
 from goosejax.wkv import wkv7
@@ -26,6 +26,12 @@ def lora(x: jax.Array, down, up, activation=None) -> jax.Array:
   """up(activation(down(x))): a low-rank path, in x's dtype."""
   hidden = matmul(x, down)
   return matmul(hidden if activation is None else activation(hidden), up)
+
+
+def shift_mix(x_BTC: jax.Array, delta_BTC: jax.Array, mu_C) -> jax.Array:
+  """The lerp by `mu_C` from each token toward the previous one (delta_BTC = previous - this),
+  in the compute dtype."""
+  return x_BTC + delta_BTC * mu_C[...].astype(x_BTC.dtype)
 
 
 class TimeMix(nnx.Module):
@@ -82,11 +88,11 @@ class TimeMix(nnx.Module):
     # Token shift: six lerps from this token toward the previous one, in the compute dtype.
     delta_BTC = prev_BTC - x_BTC
     xr_BTC, xw_BTC, xk_BTC, xv_BTC, xa_BTC, xg_BTC = (
-        x_BTC + delta_BTC * to_compute(mu_C[...])
+        shift_mix(x_BTC, delta_BTC, mu_C)
         for mu_C in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
     r_BTC = matmul(xr_BTC, self.receptance[...])
     k_BTC = matmul(xk_BTC, self.key[...])
-    v_BTC = matmul(xv_BTC, self.value[...])
+    v_BTC = matmul(xv_BTC, self.value[...])    # as `value_of`
     gate_BTC = lora(xg_BTC, self.g1[...], self.g2[...], jax.nn.sigmoid)
     # Decay (w = exp(w_log)), in-context learning rate and value residual gate: fp32 LoRAs.
     w_log_BTC = -DECAY_SCALE * jax.nn.sigmoid(
@@ -111,6 +117,7 @@ class TimeMix(nnx.Module):
     y_BTHN, wkv_BHNN = wkv7(to_compute(r_BTHN), w_log_BTHN, to_compute(k_BTHN), to_compute(v_BTHN),
                             to_compute(a_BTHN), to_compute(b_BTHN), wkv_BHNN, reset=reset_BT,
                             impl=self.wkv_impl, chunk_size=self.wkv_chunk_size)
+    y_BTHN = remat.tag(y_BTHN, remat.WKV_OUT)
     # ln_x per head, plus the bonus: each head's value weighted by its (r * k * r_k) sum.
     y_BTC = group_norm_heads(y_BTHN, self.ln_x_weight[...], self.ln_x_bias[...])
     # (r goes to fp32 before its split: fp32(r_BTHN) would round r's bf16 gradient differently.)
@@ -119,6 +126,12 @@ class TimeMix(nnx.Module):
     y_BTC = y_BTC + merge_heads(bonus_BTH1 * v_BTHN)
     out_BTC = matmul(to_compute(y_BTC * fp32(gate_BTC)), self.output[...])
     return out_BTC, wkv_BHNN, v_first_BTC
+
+  def value_of(self, x_BTC: jax.Array, prev_BTC: jax.Array) -> jax.Array:
+    """The value projection before the value residual, as `__call__` computes it, in the
+    compute dtype: layer 0's is `v_first`, which the model computes on its own before the
+    layer scan."""
+    return matmul(shift_mix(x_BTC, prev_BTC - x_BTC, self.x_v), self.value[...])
 
   def heads(self, x_BTC: jax.Array) -> jax.Array:
     """[B,T,C] -> [B,T,H,N], split by heads over `tensor` (each device runs the WKV of its

@@ -24,10 +24,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from goosejax.wkv.reference import wkv7_step
 from pallas_kernels.chunk_math import ChunkMath
-from pallas_kernels.wkv_policy import CHUNK_SIZES
+from pallas_kernels.wkv_policy import CHECKPOINT_NAME, CHUNK_SIZES
 
 MODES = ("sequential", "associative")
 INTRA = ("matmul", "recurrent")
@@ -233,6 +234,7 @@ def wkv7_chunks(config, inputs, reset_BT, state_BHNN):
 
 def _wkv7_chunks_fwd(config, inputs, reset_BT, state_BHNN):
   y_BTHN, final_BHNN, starts_JBHNN = _forward(config, inputs, reset_BT, state_BHNN)
+  starts_JBHNN = checkpoint_name(starts_JBHNN, CHECKPOINT_NAME)
   return (y_BTHN, final_BHNN), (inputs, reset_BT, starts_JBHNN)
 
 

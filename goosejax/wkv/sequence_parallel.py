@@ -38,6 +38,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from goosejax import sharding
@@ -45,7 +46,7 @@ from goosejax.errors import GoosejaxError
 from goosejax.sharding import SEQUENCE_AXIS, from_neighbour, scan_spans
 from goosejax.wkv.chunked import associative_backward, associative_forward
 from pallas_kernels.chunk_math import ChunkMath
-from pallas_kernels.wkv_policy import CHUNK_SIZES
+from pallas_kernels.wkv_policy import CHECKPOINT_NAME, CHUNK_SIZES
 
 
 class SequenceSplitError(GoosejaxError):
@@ -157,6 +158,7 @@ def _wkv7_spans(layout: _Layout, inputs, reset_BT, state_BHNN):
 
 def _wkv7_spans_fwd(layout: _Layout, inputs, reset_BT, state_BHNN):
   y_BTHN, ends_by_span, starts = _forward(layout, inputs, reset_BT, state_BHNN)
+  starts = checkpoint_name(starts, CHECKPOINT_NAME)
   return (y_BTHN, ends_by_span[-1]), (inputs, reset_BT, starts)
 
 
