@@ -131,7 +131,9 @@ def test_a_plan_that_does_not_fit_exits_2_with_the_numbers(capsys):
   assert _figure(out, "temporaries") > 16
   assert _figure(out, "6 x N x tokens") > 0
   assert "as laid out before the compiler refused it" in out
-  assert _figure(out, "loss head") > 30 and _figure(out, "compiler temporaries") == pytest.approx(39.01, abs=0.01)
+  # the breakdown adds up to the figure the compiler's refusal names
+  assert _figure(out, "loss head") > 30
+  assert _figure(out, "compiler temporaries") == pytest.approx(_figure(out, "temporaries"), abs=0.01)
   assert "no program, so no hardware FLOPs" in out
   message = err.strip().splitlines()[-1]
   assert message.startswith("goosejax plan: error: does not fit:")
