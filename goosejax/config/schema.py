@@ -18,6 +18,11 @@ class ConfigError(GoosejaxError):
   """A configuration problem; the message names the offending key and source."""
 
 
+# Every integer setting fits a signed 32-bit integer: JAX computes with int32 (x64 is off),
+# so a larger run.steps or warmup_steps cannot reach the step counter or the schedule.
+MAX_INTEGER_SETTING = 2**31 - 1
+
+
 def suggested_lora_ranks(n_embd: int) -> tuple[int, int, int, int]:
   """LoRA ranks (decay, iclr, value, gate) for a model trained from scratch, as RWKV-LM
   train_temp sizes them today (src/model.py, RWKV_Tmix_x070.__init__, D_*_LORA "suggestion"):
@@ -131,9 +136,12 @@ class DataConfig:
   """The training corpus and how it is cut into batches."""
   source: str = setting("builtin", "builtin (Python's standard-library source, no files "
                                    "needed), binidx (.bin/.idx, see `goosejax prepare-data`), "
-                                   "arrayrecord, jsonl or text (tokenized when loaded)")
-  paths: tuple[str, ...] = setting((), "datasets: files, binidx prefixes or glob patterns, "
+                                   "arrayrecord, jsonl, parquet or text (tokenized when loaded)")
+  paths: tuple[str, ...] = setting((), "datasets: files, directories (their files of the "
+                                       "source's type), binidx prefixes or glob patterns, "
                                        "one stream each; empty for source=builtin")
+  text_field: str = setting("text", "source=jsonl: the JSON field, source=parquet: the "
+                                    "string column, holding each document's text")
   weights: tuple[float, ...] = setting((), "mixture weight per path, >= 0; empty: equal weights")
   tokenizer: str = setting("world", "world (the RWKV World vocabulary), a SentencePiece .model "
                                     "or a Hugging Face tokenizer.json")
@@ -147,18 +155,18 @@ class DataConfig:
                                         "document starts inside a sequence")
   validation_fraction: float = setting(0.01, "share of each dataset's windows held out for "
                                              "validation, 0 <= fraction < 1")
-  seed: int = setting(0, "seed of the shuffle order, 0 <= seed < 2**32")
+  seed: int = setting(0, "seed of the shuffle order, 0 <= seed < 2**31")
   magic_prime: int | None = setting(None, "order=magic_prime: the prime P (P % 3 == 2); null: "
                                           "RWKV-LM's prime for each dataset's size")
 
   def validate(self) -> None:
     _finite(self, "data")
     _positive(self, "data", "ctx_len", "batch_size", "magic_prime")
-    sources = ("builtin", "binidx", "arrayrecord", "jsonl", "text")
+    sources = ("builtin", "binidx", "arrayrecord", "jsonl", "parquet", "text")
     if self.source not in sources:
       raise ConfigError(f"data.source={self.source!r}: expected one of {list(sources)}")
-    if not 0 <= self.seed < 2**32:
-      raise ConfigError(f"data.seed={self.seed}: expected 0 <= seed < 2**32")
+    if not 0 <= self.seed < 2**31:
+      raise ConfigError(f"data.seed={self.seed}: expected 0 <= seed < 2**31")
     if self.weights and len(self.weights) != len(self.paths):
       raise ConfigError(f"data.weights has {len(self.weights)} entries but data.paths has "
                         f"{len(self.paths)}; give one weight per path or none")
@@ -270,6 +278,7 @@ class Config:
 
   def validate(self) -> "Config":
     for section in dataclasses.fields(self):
+      _int32(getattr(self, section.name), section.name)
       getattr(self, section.name).validate()
     return self
 
@@ -300,6 +309,19 @@ def _finite(cfg, section: str) -> None:
     if any(isinstance(item, float) and not math.isfinite(item) for item in items):
       shown = list(value) if isinstance(value, tuple) else value
       raise ConfigError(f"{section}.{field.name}={shown}: expected a finite number")
+
+
+def _int32(cfg, section: str) -> None:
+  """Refuse an integer setting (or list item) outside int32, before anything uses it."""
+  for field in dataclasses.fields(cfg):
+    value = getattr(cfg, field.name)
+    items = value if isinstance(value, tuple) else (value,)
+    for item in items:
+      if isinstance(item, int) and abs(item) > MAX_INTEGER_SETTING:
+        digits = str(item)
+        shown = digits if len(digits) <= 24 else f"{digits[:12]}... ({len(digits)} digits)"
+        raise ConfigError(f"{section}.{field.name}={shown}: expected an integer of magnitude "
+                          f"at most {MAX_INTEGER_SETTING} (2**31 - 1, JAX's int32)")
 
 
 def _positive(cfg, section: str, *keys: str) -> None:

@@ -13,7 +13,7 @@ binidx (`goosejax.data.binidx`, the RWKV-LM / Megatron MMIDIDX format)
   dtype_for_vocab(vocab_size)           uint16 when ids fit, else int32
 
 Documents (`goosejax.data.documents`)
-  read_documents(path, text_field="text")   .jsonl / .txt / ArrayRecord files -> document strings
+  read_documents(path, text_field="text")   .jsonl / .txt / ArrayRecord / Parquet files -> documents
   builtin_documents()                   the default corpus: Python's own stdlib source text
 
 Pipelines (`goosejax.data.pipeline`)

@@ -1,10 +1,11 @@
-"""`goosejax prepare-data`: tokenize .jsonl/.txt/ArrayRecord documents into a binidx dataset,
+"""`goosejax prepare-data`: tokenize .jsonl/.txt/ArrayRecord/Parquet documents into a binidx dataset,
 and/or train a SentencePiece model on them.
 
   goosejax prepare-data INPUT... --out PREFIX [--tokenizer world|PATH.model|PATH.json] [--force]
   goosejax prepare-data INPUT... --train-spm MODEL.model --vocab-size N [--out PREFIX] [--force]
 
-INPUTs are files or glob patterns. Every document becomes one binidx item: its tokens then
+INPUTs are files, directories or glob patterns (Parquet: the --text-field column, read a row
+group at a time). Every document becomes one binidx item: its tokens then
 the tokenizer's `eot_id` (0 for World, as RWKV-LM's make_data.py writes it). Ids are stored
 as uint16 when the vocabulary fits, else int32 (`--dtype` overrides). With `--train-spm` the
 model is trained first and, when `--out` is also given, used to tokenize. A progress line
@@ -31,14 +32,16 @@ from goosejax.data.tokenizer import load_tokenizer
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="goosejax prepare-data",
-      description="Tokenize .jsonl (a 'text' field per line), .txt (one document per file) and "
-                  "ArrayRecord files into RWKV-LM-compatible PREFIX.bin/PREFIX.idx, and/or "
-                  "train a SentencePiece model on them.")
-  parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files or glob patterns")
+      description="Tokenize .jsonl (a 'text' field per line), .txt (one document per file), "
+                  "ArrayRecord and Parquet (a 'text' column) files into RWKV-LM-compatible "
+                  "PREFIX.bin/PREFIX.idx, and/or train a SentencePiece model on them.")
+  parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                      help="files, directories or glob patterns")
   parser.add_argument("--out", metavar="PREFIX", help="write PREFIX.bin and PREFIX.idx")
   parser.add_argument("--tokenizer", default="world",
                       help="'world' (default), a SentencePiece .model or a tokenizer.json")
-  parser.add_argument("--text-field", default="text", help="JSON field holding the text (default: text)")
+  parser.add_argument("--text-field", default="text",
+                      help="JSON field or Parquet column holding the text (default: text)")
   parser.add_argument("--dtype", choices=("auto", "uint16", "int32"), default="auto",
                       help="token dtype in .bin (auto: uint16 when the vocabulary fits)")
   parser.add_argument("--ctx-len", type=int, default=4096,

@@ -1,10 +1,13 @@
-"""Raw-text documents: `.jsonl`, `.txt` and ArrayRecord files, and the built-in corpus.
+"""Raw-text documents: `.jsonl`, `.txt`, ArrayRecord and Parquet files, and the built-in corpus.
 
 - `.jsonl`: one JSON object per line; its `text` field (a string) is one document.
+- `.parquet`: each row's `text` column (a string column) is one document; the file is read
+  one row group at a time and only that column, so memory holds one row group's texts.
 - `.txt`: the whole file is one document.
 - `.array_record` / `.arrayrecord`: each record is one document as UTF-8 bytes.
 Text must be valid UTF-8; a bad byte, bad JSON or a missing field raises `DataError` naming
-the file, line and offset. Empty documents are skipped (and counted in `stats["empty"]`); a
+the file, line and offset (for Parquet: a missing or non-string column, or a file pyarrow
+cannot read, names the file and the column). Empty documents (and Parquet nulls) are skipped (and counted in `stats["empty"]`); a
 file without any non-empty document is an error.
 
 `builtin_documents()` is the corpus `data.source: builtin` trains on when no data is given:
@@ -25,15 +28,23 @@ from goosejax.errors import DataError
 JSONL_SUFFIXES = (".jsonl",)
 TEXT_SUFFIXES = (".txt",)
 ARRAY_RECORD_SUFFIXES = (".array_record", ".arrayrecord")
-SUFFIXES = JSONL_SUFFIXES + TEXT_SUFFIXES + ARRAY_RECORD_SUFFIXES
+PARQUET_SUFFIXES = (".parquet",)
+SUFFIXES = JSONL_SUFFIXES + TEXT_SUFFIXES + ARRAY_RECORD_SUFFIXES + PARQUET_SUFFIXES
 BUILTIN_MAX_BYTES = 4 << 20
 
 
-def expand_paths(pattern: str) -> list[Path]:
-  """A file, or a glob pattern matching files, in sorted order; raises if nothing matches."""
+def expand_paths(pattern: str, suffixes: tuple[str, ...] = SUFFIXES) -> list[Path]:
+  """A file, a directory (its files with one of `suffixes`, at any depth: published Parquet
+  corpora ship as folders of shards) or a glob pattern matching files, in sorted order;
+  raises if nothing matches."""
   path = Path(pattern).expanduser()
   if path.is_file():
     return [path]
+  if path.is_dir():
+    found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+    if not found:
+      raise DataError(f"{pattern}: a directory without {list(suffixes)} files")
+    return found
   matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
   if not matches:
     raise DataError(f"{pattern}: no such file (nor a glob pattern matching files)")
@@ -64,6 +75,8 @@ def read_documents(path: str | Path, text_field: str = "text",
     documents: Iterator[str] = iter([_decode(path.read_bytes(), str(path))])
   elif suffix in JSONL_SUFFIXES:
     documents = _jsonl_documents(path, text_field)
+  elif suffix in PARQUET_SUFFIXES:
+    documents = _parquet_documents(path, text_field)
   else:
     documents = _array_record_documents(path)
   for document in documents:
@@ -110,6 +123,41 @@ def _array_record_documents(path: Path) -> Iterator[str]:
       yield _decode(reader.read([index])[0], f"{path} record {index}")
   finally:
     reader.close()
+
+
+def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
+  """The `text_field` column, one row group at a time (a null is an empty document)."""
+  try:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+  except ImportError:
+    raise DataError(f"{path}: reading Parquet files needs pyarrow; pip install "
+                    "'goosejax[parquet]'") from None
+  try:
+    parquet = pq.ParquetFile(path)
+  except (pa.ArrowException, OSError) as e:
+    raise DataError(f"{path}: not a readable Parquet file ({_one_line(e)})") from None
+  with parquet:
+    schema = parquet.schema_arrow
+    if schema.get_field_index(text_field) < 0:
+      raise DataError(f"{path}: no column {text_field!r} (columns: {schema.names}); set "
+                      "data.text_field (--text-field) to the column holding the text")
+    kind = schema.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or pa.types.is_string_view(kind)):
+      raise DataError(f"{path}: column {text_field!r} is {kind}, expected a string column")
+    for group in range(parquet.num_row_groups):
+      try:
+        texts = parquet.read_row_group(group, columns=[text_field]).column(0).to_pylist()
+      except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: column {text_field!r}, row group {group} cannot be read "
+                        f"({_one_line(e)})") from None
+      for text in texts:
+        yield text or ""
+
+
+def _one_line(error: Exception) -> str:
+  return " ".join(str(error).split())
 
 
 def builtin_documents(max_bytes: int = BUILTIN_MAX_BYTES) -> list[tuple[str, str]]:

@@ -1,8 +1,8 @@
 """Grain training and validation pipelines over token streams.
 
 Each dataset in `data.paths` (or the built-in corpus) becomes one flat token stream: a
-binidx `.bin` as it is on disk (memory-mapped), or `.jsonl`/`.txt`/ArrayRecord documents
-tokenized once in memory, each followed by the tokenizer's `eot_id`. A stream of S tokens
+binidx `.bin` as it is on disk (memory-mapped), or `.jsonl`/`.txt`/ArrayRecord/Parquet
+documents tokenized once in memory (Parquet read a row group at a time), each followed by the tokenizer's `eot_id`. A stream of S tokens
 has N = (S - 1) // T window slots; slot i is tokens [i*T, i*T + T + 1), so inputs are its
 first T tokens and targets its last T (T = data.ctx_len). The last slots of every stream
 are the held-out validation windows (`ceil(validation_fraction * N)`, at least enough for
@@ -45,14 +45,16 @@ import numpy as np
 
 from goosejax.config import DataConfig
 from goosejax.data.binidx import BinIdxDataset, dtype_for_vocab
-from goosejax.data.documents import (ARRAY_RECORD_SUFFIXES, JSONL_SUFFIXES, TEXT_SUFFIXES,
-                                     builtin_documents, expand_paths, read_documents)
+from goosejax.data.documents import (ARRAY_RECORD_SUFFIXES, JSONL_SUFFIXES, PARQUET_SUFFIXES,
+                                     TEXT_SUFFIXES, builtin_documents, expand_paths,
+                                     read_documents)
 from goosejax.errors import DataError
 from goosejax.data.order import MagicPrimeOrder, is_prime, largest_magic_prime
 from goosejax.data.tokenizer import Tokenizer, load_tokenizer
 
 STATE_FORMAT = "goosejax.data.BatchIterator/1"
-_SOURCE_SUFFIXES = {"jsonl": JSONL_SUFFIXES, "text": TEXT_SUFFIXES, "arrayrecord": ARRAY_RECORD_SUFFIXES}
+_SOURCE_SUFFIXES = {"jsonl": JSONL_SUFFIXES, "text": TEXT_SUFFIXES,
+                    "arrayrecord": ARRAY_RECORD_SUFFIXES, "parquet": PARQUET_SUFFIXES}
 _READ_OPTIONS = dict(num_threads=2, prefetch_buffer_size=4)
 
 
@@ -106,22 +108,24 @@ def tokenize_documents(name: str, documents: Iterable[str], tokenizer: Tokenizer
   return TokenStream(name, np.concatenate(pieces), np.asarray(starts, dtype=np.int64))
 
 
-def _file_key(pattern: str) -> tuple:
-  return tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in expand_paths(pattern))
+def _file_key(source: str, pattern: str) -> tuple:
+  return tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size)
+               for p in expand_paths(pattern, _SOURCE_SUFFIXES[source]))
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_stream(source: str, pattern: str, tokenizer_spec: str, key: tuple) -> TokenStream:
+def _cached_stream(source: str, pattern: str, tokenizer_spec: str, text_field: str,
+                   key: tuple) -> TokenStream:
   """Tokenized text streams are built once per (files, tokenizer) and shared by iterators."""
   del key  # cache key only: changed files are read again
   tokenizer = load_tokenizer(tokenizer_spec)
   if source == "builtin":
     return tokenize_documents("builtin corpus", (text for _, text in builtin_documents()), tokenizer)
-  files = expand_paths(pattern)
+  files = expand_paths(pattern, _SOURCE_SUFFIXES[source])
   for path in files:
     if path.suffix.lower() not in _SOURCE_SUFFIXES[source]:
       raise DataError(f"{path}: data.source={source!r} expects {list(_SOURCE_SUFFIXES[source])} files")
-  documents = (doc for path in files for doc in read_documents(path))
+  documents = (doc for path in files for doc in read_documents(path, text_field))
   return tokenize_documents(pattern, documents, tokenizer)
 
 
@@ -130,8 +134,9 @@ def load_streams(config: DataConfig) -> list[TokenStream]:
   if config.source == "builtin":
     if config.paths:
       raise DataError(f"data.paths={list(config.paths)} given with data.source='builtin'; set "
-                      "data.source to binidx, arrayrecord, jsonl or text to train on them")
-    return [_cached_stream("builtin", "", config.tokenizer, ())]
+                      "data.source to binidx, arrayrecord, jsonl, parquet or text to train "
+                      "on them")
+    return [_cached_stream("builtin", "", config.tokenizer, "", ())]
   if not config.paths:
     raise DataError(f"data.source={config.source!r} needs data.paths (files, prefixes or globs)")
   if config.source == "binidx":
@@ -141,8 +146,10 @@ def load_streams(config: DataConfig) -> list[TokenStream]:
       streams.append(TokenStream(str(dataset.prefix), dataset.tokens, dataset.document_starts, dataset))
     return streams
   if config.source not in _SOURCE_SUFFIXES:
-    raise DataError(f"data.source={config.source!r}: expected builtin, binidx, arrayrecord, jsonl or text")
-  return [_cached_stream(config.source, p, config.tokenizer, _file_key(p)) for p in config.paths]
+    raise DataError(f"data.source={config.source!r}: expected builtin, binidx, arrayrecord, "
+                    "jsonl, parquet or text")
+  return [_cached_stream(config.source, p, config.tokenizer, config.text_field,
+                         _file_key(config.source, p)) for p in config.paths]
 
 
 # ----------------------------------------------------------------------------- windows
@@ -221,6 +228,8 @@ def _order_settings(config: DataConfig, layouts: Sequence[_Layout]) -> dict[str,
           "data.ctx_len": config.ctx_len, "data.order": config.order, "data.seed": config.seed,
           "data.weights": list(config.weights), "data.pack_documents": config.pack_documents,
           "data.validation_fraction": config.validation_fraction,
+          # text_field only when not the default: states saved before it existed still resume
+          **({"data.text_field": config.text_field} if config.text_field != "text" else {}),
           "files (name, tokens, training windows, prime)":
               [[Path(l.stream.name).name, len(l.stream), l.n_train, l.prime] for l in layouts]}
 
