@@ -241,6 +241,14 @@ class RunConfig:
   log_every: int = setting(10, "steps between log lines (loss, tokens/s, MFU, lr, ETA)")
   eval_every: int = setting(200, "steps between validation-loss evaluations")
   eval_batches: int = setting(4, "validation batches per evaluation")
+  eval_tasks: tuple[str, ...] = setting(
+      (), "evaluations run with the validation loss every eval_every steps (goosejax.train."
+          "eval_tasks), each 'ppl:FILE' (perplexity and bits per byte of a .txt, .jsonl, "
+          ".parquet or binidx file, as `goosejax eval ppl`) or 'lambada:FILE' (LAMBADA "
+          "last-word accuracy of a jsonl file, as `goosejax eval lambada`); logged to "
+          "metrics.jsonl, TensorBoard and W&B")
+  eval_max_documents: int | None = setting(None, "evaluate only the first N documents of "
+                                                 "each eval_tasks file; null: all")
   seed: int = setting(0, "seed of the parameter initialisation")
   remat: Remat = setting(
       "full", "what each layer keeps for the backward pass (goosejax.model.remat): none (every "
@@ -259,12 +267,40 @@ class RunConfig:
   peak_tflops: float | None = setting(None, "peak TFLOP/s per device for MFU; null: the "
                                             "datasheet of known chips, else measured")
   tensorboard: bool = setting(True, "write TensorBoard event files under RUN_DIR/tensorboard")
+  profile_steps: tuple[int, ...] = setting(
+      (), "[start, stop]: a JAX profiler trace of training steps start..stop (XProf "
+          ".xplane.pb and Perfetto) under RUN_DIR/profile (goosejax.train.profile); "
+          "empty: none")
+  profile_all_hosts: bool = setting(False, "profile_steps: trace on every process, not "
+                                           "only process 0")
+  wandb_project: str | None = setting(None, "log metrics.jsonl's scalars and the config to "
+                                            "this Weights & Biases project (the wandb "
+                                            "extra); null: no W&B")
+  wandb_entity: str | None = setting(None, "W&B team or user; null: your default entity")
+  wandb_name: str | None = setting(None, "W&B display name; null: the run directory's name")
+  wandb_tags: tuple[str, ...] = setting((), "W&B tags of the run")
+  wandb_mode: Literal["online", "offline"] | None = setting(
+      None, "online, or offline (files under RUN_DIR/wandb, upload later with `wandb "
+            "sync`); null: $WANDB_MODE, else online")
 
   def validate(self) -> None:
     _finite(self, "run")
     _positive(self, "run", "steps", "checkpoint_every", "keep_checkpoints", "log_every",
-              "eval_every", "eval_batches", "peak_tflops")
+              "eval_every", "eval_batches", "peak_tflops", "eval_max_documents")
     _non_negative(self, "run", "loss_vocab_tile")
+    for task in self.eval_tasks:
+      kind, _, path = task.partition(":")
+      if kind not in ("ppl", "lambada") or not path:
+        raise ConfigError(f"run.eval_tasks entry {task!r}: expected 'ppl:FILE' or 'lambada:FILE'")
+    if self.profile_steps and not (len(self.profile_steps) == 2
+                                   and 1 <= self.profile_steps[0] <= self.profile_steps[1]):
+      raise ConfigError(f"run.profile_steps={list(self.profile_steps)}: expected [start, stop] "
+                        "with 1 <= start <= stop")
+    if self.profile_steps and self.profile_steps[0] > self.steps:
+      raise ConfigError(f"run.profile_steps={list(self.profile_steps)} starts after the last "
+                        f"step (run.steps={self.steps})")
+    if self.wandb_project is not None and not self.wandb_project.strip():
+      raise ConfigError("run.wandb_project='': expected a project name, or null for no W&B")
 
 
 @dataclasses.dataclass(frozen=True)

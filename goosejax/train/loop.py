@@ -4,7 +4,8 @@
         --init-from weights, or the latest checkpoint (params, optimizer, data position)
         -> config.json -> logger
     run steps: compile (memory printed), then dispatch step k+1 before reading step k's
-        metrics (the host never stalls the device); log, evaluate, checkpoint
+        metrics (the host never stalls the device); log (metrics.jsonl, TensorBoard, W&B),
+        evaluate (validation loss, run.eval_tasks), checkpoint; profile run.profile_steps
     finish: the final checkpoint, on disk before the run says how it ended
 
 `train` gathers its arguments into one `RunOptions`; the open run (`_Run`) holds what the
@@ -39,11 +40,13 @@ import numpy as np
 from goosejax import sharding
 from goosejax.config import Config, ConfigError
 from goosejax.sharding import SEQUENCE_AXIS
-from goosejax.train import recipe, run_dir as run_dir_module
+from goosejax.train import recipe, run_dir as run_dir_module, wandb_log
 from goosejax.train.batches import ResumableBatches, open_batches
 from goosejax.train.compiled_steps import CompiledSteps
+from goosejax.train.eval_tasks import EvalTask, load_eval_tasks, run_eval_tasks, summary_line
 from goosejax.train.metrics import (MetricsLogger, flops_per_token, memory_summary,
                                     peak_flops_per_device)
+from goosejax.train.profile import StepProfiler
 from goosejax.train.run_checkpoints import CheckpointError, TrainCheckpointer
 from goosejax.wkv.dispatch import startup_line
 
@@ -212,8 +215,10 @@ class _Run:
   tx: Any
   shardings: Any
   eval_step: Callable[..., Any]
+  eval_tasks: list[EvalTask]
   checkpointer: TrainCheckpointer
   logger: MetricsLogger
+  profiler: StepProfiler
   stop: StopRequest
   restore_signals: Callable[[], None]
   state: recipe.TrainState
@@ -253,6 +258,14 @@ class _Run:
       self.logger.end_interval(step)
 
   def evaluate(self, step: int) -> None:
+    """The validation loss, then run.eval_tasks, each logged."""
+    self.validate(step)
+    if self.eval_tasks:
+      scalars = run_eval_tasks(self.eval_tasks, recipe.merge_params(self.graphdef, self.state.params))
+      self.logger.log_eval_tasks(step, scalars)
+      self.say(summary_line(step, scalars))
+
+  def validate(self, step: int) -> None:
     """val_loss: the mean over run.eval_batches validation batches, logged; None without
     validation data."""
     self.val_loss = None
@@ -276,6 +289,7 @@ class _Run:
 
   def close(self) -> None:
     self.restore_signals()
+    self.profiler.stop(None)   # still tracing: the run stopped inside run.profile_steps
     self.logger.close()
     self.checkpointer.close()
 
@@ -289,7 +303,9 @@ def _open_run(cfg: Config, run_dir: Path, options: RunOptions,
   if switched:
     say(f"{run_dir}: execution settings changed since the last run ({', '.join(switched)}); "
         "the model and its checkpoints are the same")
+  wandb_log.check_installed(cfg)
   batches, open_validation = _open_data(cfg, options)
+  eval_tasks = _open_eval_tasks(cfg)
   graphdef, shapes = recipe.abstract_model(cfg)
   tx = recipe.make_optimizer(cfg.optimizer, cfg.run.steps, list(shapes))
   checkpointer = TrainCheckpointer(run_dir, cfg.run.keep_checkpoints, cfg.run.async_checkpointing)
@@ -312,9 +328,10 @@ def _open_run(cfg: Config, run_dir: Path, options: RunOptions,
   return _Run(
       cfg=cfg, run_dir=run_dir, options=options, say=say, batches=batches,
       open_validation=open_validation, graphdef=graphdef, tx=tx, shardings=shardings,
-      eval_step=eval_step, checkpointer=checkpointer, logger=logger, stop=stop,
-      restore_signals=_install_signal_handlers(stop), state=state, start=latest or 0,
-      last_saved=latest)
+      eval_step=eval_step, eval_tasks=eval_tasks, checkpointer=checkpointer, logger=logger,
+      profiler=StepProfiler(run_dir, cfg.run.profile_steps, cfg.run.profile_all_hosts, say),
+      stop=stop, restore_signals=_install_signal_handlers(stop), state=state,
+      start=latest or 0, last_saved=latest)
 
 
 def _open_data(cfg: Config, options: RunOptions
@@ -331,6 +348,15 @@ def _open_data(cfg: Config, options: RunOptions
   return batches, open_validation
 
 
+def _open_eval_tasks(cfg: Config) -> list[EvalTask]:
+  """run.eval_tasks, read and tokenized (a bad file stops the run before it starts)."""
+  if cfg.run.eval_tasks and jax.process_count() > 1:
+    raise ConfigError("run.eval_tasks: evaluation during training runs in single-process runs "
+                      "only; evaluate the checkpoints with `goosejax eval` instead")
+  return load_eval_tasks(cfg.run.eval_tasks, cfg.data.tokenizer, cfg.model.vocab_size,
+                         cfg.run.eval_max_documents)
+
+
 def _say_model(cfg: Config, mesh: jax.sharding.Mesh, shapes: Mapping[str, Any],
                say: Callable[[str], None]) -> None:
   n_params = sum(math.prod(s.shape) for s in shapes.values())
@@ -344,12 +370,14 @@ def _open_logger(cfg: Config, run_dir: Path, options: RunOptions, start: int,
   """The metrics logger (process 0 writes), MFU measured against the devices' peak."""
   peak, peak_source = peak_flops_per_device(cfg.run.peak_tflops)
   n_devices = options.mesh.devices.size
+  writes = jax.process_index() == 0
   logger = MetricsLogger(
       run_dir, total_steps=cfg.run.steps, tokens_per_step=cfg.data.batch_size * cfg.data.ctx_len,
       train_flops_per_token=flops_per_token(cfg.model)["train"],
       peak_flops_total=peak * n_devices, n_devices=n_devices, resume_step=start,
-      tensorboard=cfg.run.tensorboard, out=options.out, enabled=jax.process_index() == 0,
-      progress_bar=options.progress_bar)
+      tensorboard=cfg.run.tensorboard, out=options.out, enabled=writes,
+      progress_bar=options.progress_bar,
+      wandb_run=wandb_log.open_wandb_run(cfg, run_dir, say) if writes else None)
   say(f"MFU against {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
   return logger
 
@@ -366,8 +394,11 @@ def _run_steps(run: _Run) -> tuple[int, Any]:
     compiled = run.compile_train_step(batch)
   run.logger.restart_clock()
   while step < total and run.stop.reason is None:
-    run.state, metrics = compiled(run.state, batch)
+    run.profiler.before_step(step + 1)
+    with run.profiler.annotate(step + 1):
+      run.state, metrics = compiled(run.state, batch)
     step += 1
+    run.profiler.after_step(step, metrics)
     run.checkpointer.raise_if_save_failed()  # a full disk stops the run now, not a save later
     # The data position a checkpoint of this step records, taken before the next batch is
     # read (which overlaps with the step running on the devices).
@@ -379,6 +410,7 @@ def _run_steps(run: _Run) -> tuple[int, Any]:
     _note_stop_requests(run, step)
     _evaluate_and_save_if_due(run, step, data_state)
   run.flush()
+  run.profiler.stop(step, run.state)   # the run ended inside run.profile_steps
   return step, data_state
 
 

@@ -1,5 +1,6 @@
 """Training observability: the FLOPs formula and MFU, progress lines, metrics.jsonl,
-TensorBoard event files, compiled-memory summaries.
+TensorBoard event files and W&B scalars (goosejax.train.wandb_log opens the run),
+compiled-memory summaries.
 
 FLOPs per token (multiply and add counted separately, i.e. 2 per multiply-accumulate):
   matmuls   2 * (L * (4*C*C + 2*C*F + 2*C*(d_w + d_a + d_v + d_g)) + C*V)
@@ -126,7 +127,8 @@ def progress_line(step: int, total: int, record: Mapping[str, float]) -> str:
 
 
 class MetricsLogger:
-  """Per-step records to RUN_DIR/metrics.jsonl and TensorBoard; interval progress lines.
+  """Per-step records to RUN_DIR/metrics.jsonl, TensorBoard and (given `wandb_run`) W&B, under
+  the same names in both: train/*, val/loss, eval/*, perf/*; interval progress lines.
 
   Only process 0 writes. On resume, records past the restored step are dropped from
   metrics.jsonl first, so the file always describes one consistent history. Each record
@@ -136,7 +138,7 @@ class MetricsLogger:
   def __init__(self, run_dir: str | Path, *, total_steps: int, tokens_per_step: int,
                train_flops_per_token: float, peak_flops_total: float, n_devices: int,
                resume_step: int, tensorboard: bool, out: TextIO | None = None,
-               enabled: bool = True, progress_bar: bool | None = None):
+               enabled: bool = True, progress_bar: bool | None = None, wandb_run: Any = None):
     self.enabled = enabled
     self.total_steps = total_steps
     self.tokens_per_step = tokens_per_step
@@ -151,6 +153,7 @@ class MetricsLogger:
     self.last_val_loss: float | None = None
     self.jsonl: Path | None = None
     self.tb = None
+    self.wandb = wandb_run
     self.bar = None
     if not enabled:
       return
@@ -181,15 +184,24 @@ class MetricsLogger:
       self.bar.update(step - self.bar.n)
       self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
     self._append(record)
-    if self.tb is not None:
-      for key, value in metrics.items():
-        self.tb.add_scalar(f"train/{key}", float(value), step)
+    self._scalars(step, {f"train/{key}": float(value) for key, value in metrics.items()})
 
   def log_eval(self, step: int, val_loss: float) -> None:
     self.last_val_loss = val_loss
     self._append({"step": step, "val_loss": val_loss})
+    self._scalars(step, {"val/loss": val_loss})
+
+  def log_eval_tasks(self, step: int, scalars: Mapping[str, float]) -> None:
+    """run.eval_tasks results ({'eval/<task>/<metric>': value}), under the same names."""
+    self._append({"step": step, **scalars})
+    self._scalars(step, scalars)
+
+  def _scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if self.tb is not None:
-      self.tb.add_scalar("val/loss", val_loss, step)
+      for key, value in scalars.items():
+        self.tb.add_scalar(key, value, step)
+    if self.wandb is not None:
+      self.wandb.log(dict(scalars), step=step)
 
   def _append(self, record: Mapping[str, Any]) -> None:
     if self.jsonl is not None:
@@ -219,9 +231,8 @@ class MetricsLogger:
     self.interval, self.interval_times = [], []
     if self.enabled:
       self.write(progress_line(step, self.total_steps, summary))
-      if self.tb is not None:
-        for key in ("tokens_per_s", "tokens_per_s_per_device", "mfu", "step_time"):
-          self.tb.add_scalar(f"perf/{key}", summary[key], step)
+      self._scalars(step, {f"perf/{key}": summary[key] for key in
+                           ("tokens_per_s", "tokens_per_s_per_device", "mfu", "step_time")})
     return summary
 
   def write(self, line: str) -> None:
@@ -239,6 +250,9 @@ class MetricsLogger:
     if self.tb is not None:
       self.tb.close()
       self.tb = None
+    if self.wandb is not None:
+      self.wandb.finish()
+      self.wandb = None
 
 
 def _truncate_jsonl(path: Path, keep_through_step: int) -> None:
