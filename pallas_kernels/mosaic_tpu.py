@@ -59,15 +59,21 @@ def _stage_out(chunks_ref, block_ref, layout: ChunkLayout):
     block_ref[g] = x[g * N:(g + 1) * N].astype(block_ref.dtype)
 
 
+def _carry_in(scratch_ref, incoming_ref, math):
+  """At the first time block of a (batch, head group): the state carried across time blocks in
+  VMEM scratch starts from the incoming one. Scratch is never zeroed by the hardware, and each
+  TensorCore has its own: every (batch, head group) a core runs starts here."""
+
+  @pl.when(pl.program_id(2) == 0)
+  def _():
+    scratch_ref[...] = math.expand_state(incoming_ref[...])
+
+
 def _forward_kernel(*refs, names, layout: ChunkLayout):
   refs = dict(zip(names, refs))
   math = chunk_math(refs, layout)
   time_block = pl.program_id(2)
-
-  @pl.when(time_block == 0)
-  def _():
-    refs["state_scratch"][...] = math.expand_state(refs["state_in"][...])
-
+  _carry_in(refs["state_scratch"], refs["state_in"], math)
   chunk_refs = {name: refs[name + "_chunks"] for name in (*INPUT_NAMES, "y")}
   for name in INPUT_NAMES:
     _stage_in(refs[name], chunk_refs[name], layout)
@@ -86,11 +92,7 @@ def _backward_kernel(*refs, names, layout: ChunkLayout):
   refs = dict(zip(names, refs))
   math = chunk_math(refs, layout)
   step = pl.program_id(2)
-
-  @pl.when(step == 0)
-  def _():
-    refs["dstate_scratch"][...] = math.expand_state(refs["dstate_end"][...])
-
+  _carry_in(refs["dstate_scratch"], refs["dstate_end"], math)
   staged = (*INPUT_NAMES, "dy")
   chunk_refs = {name: refs[name + "_chunks"] for name in (*staged, *("d" + n for n in INPUT_NAMES))}
   for name in staged:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
-import numpy as np
 
 from pallas_kernels import mosaic_tpu, triton_gpu
 from pallas_kernels.chunk_math import FP32_DOTS, ChunkLayout
@@ -81,8 +81,9 @@ def _next_power_of_two(n: int) -> int:
 
 def _tpu_heads_per_group(H: int, N: int) -> tuple[int, int]:
   """(P, padded H): P heads fill lanes to a multiple of 128; else one whole-width group when small;
-  else H is padded with empty heads to a multiple of the minimal P."""
-  minimal = 128 // np.gcd(N, 128)
+  else H is padded with empty heads to a multiple of the minimal P. Python ints (math.gcd, not
+  np.gcd): P sizes the grid, and Pallas takes a NumPy integer there for a dynamic grid bound."""
+  minimal = 128 // math.gcd(N, 128)
   if H % minimal == 0:
     return minimal, H
   if H * N <= _TPU_MAX_GROUP_LANES:

@@ -72,3 +72,37 @@ def test_platform_dependent_lowers_only_its_platforms_kernel(platform):
   text = _lowered_text(jax.grad(loss, argnums=tuple(range(7))), (*sequences, state, reset), platform)
   for other, call in KERNEL_CALL.items():
     assert text.count(call) == (2 if other == platform else 0)
+
+
+def _pallas_call_grids(jaxpr) -> list[tuple]:
+  """The grid of every pallas_call in `jaxpr`, nested jaxprs (custom VJP, jit, scan) included."""
+  grids = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      grids.append(eqn.params["grid_mapping"].grid)
+    for param in eqn.params.values():
+      for value in param if isinstance(param, (list, tuple)) else (param,):
+        inner = getattr(value, "jaxpr", value)
+        if hasattr(inner, "eqns"):
+          grids += _pallas_call_grids(inner)
+  return grids
+
+
+@pytest.mark.parametrize("backend", ["tpu", "triton"])
+@pytest.mark.parametrize("heads", [2, 3, 9], ids=["H2-groups-of-2", "H3-one-group", "H9-padded"])
+def test_every_grid_dimension_is_a_python_int(backend, heads):
+  """A grid dimension that is not a Python int (a NumPy integer, a traced value) is a dynamic
+  grid bound to Pallas: passed at run time, refused by TPU interpret mode, and on v4 / v5p it can
+  keep Mosaic from splitting a `parallel` dimension over the chip's two TensorCores. Every
+  kernel (lean and checkpointing forward, backward) of every head grouping."""
+  sequence = jax.ShapeDtypeStruct((B, T, heads, N), jnp.bfloat16)
+  state = jax.ShapeDtypeStruct((B, heads, N, N), jnp.float32)
+  reset = jax.ShapeDtypeStruct((B, T), jnp.bool_)
+  run = lambda *x: wkv7_pallas(*x[:7], reset=x[7], backend=backend, interpret=False)
+  loss = lambda *x: jnp.sum(run(*x)[0].astype(jnp.float32))
+  grids = []
+  for fn in (run, jax.grad(loss, argnums=tuple(range(7)))):
+    grids += _pallas_call_grids(jax.make_jaxpr(fn)(*[sequence] * 6, state, reset).jaxpr)
+  assert len(grids) == 3  # lean forward; checkpointing forward and backward
+  for grid in grids:
+    assert all(type(size) is int for size in grid), grid
