@@ -1,10 +1,12 @@
 """Config: presets, precedence, and clear errors for unknown/duplicate keys and bad values."""
 import re
+import typing
 
 import pytest
 
 from goosejax.config import (Config, ConfigError, DataConfig, MeshConfig, ModelConfig,
-                             OptimizerConfig, load_config, config_from_dict, suggested_lora_ranks)
+                             OptimizerConfig, config_keys, load_config, config_from_dict,
+                             suggested_lora_ranks)
 
 RELEASED = {  # preset: (L, C, H, lora ranks), docs/architecture.md#parameters-and-checkpoint-layout
     "rwkv7-0.1b": (12, 768, 12, (64, 64, 32, 128)),
@@ -207,6 +209,37 @@ def test_non_finite_values_are_refused_in_a_section_validated_alone():
     OptimizerConfig(lr_init=float("nan")).validate()
   with pytest.raises(ConfigError, match=r"data\.validation_fraction=inf"):
     DataConfig(validation_fraction=float("inf")).validate()
+
+
+INTEGER_KEYS = [key.name for key in config_keys()
+                if key.type is int or int in typing.get_args(key.type)]
+
+
+@pytest.mark.parametrize("value", [2**31, -2**31 - 1, 10**20])
+@pytest.mark.parametrize("key", INTEGER_KEYS)
+def test_every_integer_setting_is_bounded_to_int32(key, value):
+  with pytest.raises(ConfigError, match=re.escape(f"{key}={value}: expected an integer of "
+                                                  "magnitude at most 2147483647")):
+    load_config("tiny", [f"{key}={value}"])
+
+
+def test_an_integer_at_the_bound_is_accepted():
+  assert load_config("tiny", ["run.steps=2147483647"]).run.steps == 2**31 - 1
+  assert INTEGER_KEYS[:2] == ["model.vocab_size", "model.n_layer"] and "run.steps" in INTEGER_KEYS
+
+
+def test_an_integer_of_thousands_of_digits_is_refused_not_a_traceback(tmp_path):
+  huge = "9" * 5000
+  with pytest.raises(ConfigError, match=r"^override run\.steps=\.\.\. \(command line\): an "
+                                        r"integer has more than 4300 digits"):
+    load_config("tiny", [f"run.steps={huge}"])
+  path = tmp_path / "huge.yaml"
+  path.write_text(f"base: tiny\nrun:\n  steps: {huge}\n")
+  with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: an integer has more than"):
+    load_config(path)
+  path.write_text(f"base: tiny\nrun:\n  steps: {huge[:60]}\n")   # parsed, then refused, shortened
+  with pytest.raises(ConfigError, match=r"run\.steps=999999999999\.\.\. \(60 digits\): expected"):
+    load_config(path)
 
 
 def test_train_cli_reports_a_bad_config_on_one_line_with_status_2(tmp_path, capsys, monkeypatch):

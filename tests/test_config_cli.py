@@ -112,6 +112,7 @@ def test_fsdp_alone_takes_the_devices_data_leaves_by_default(capsys):
 @pytest.mark.parametrize("argv, fragment", [
     (["--config", "tiny", "model.n_layers=3"], "unknown config key 'model.n_layers'"),
     (["--config", "no-such-preset"], "neither a file nor a preset"),
+    (["--config", "tiny", f"run.steps={'9' * 5000}"], "an integer has more than 4300 digits"),
 ])
 def test_bad_keys_and_files_exit_2_with_one_line(capsys, argv, fragment):
   status, out, err = config_command(capsys, *argv)
@@ -124,6 +125,10 @@ def test_bad_keys_and_files_exit_2_with_one_line(capsys, argv, fragment):
     (["--keys", "--config", "tiny"], "--keys lists the keys of every config"),
     (["--config", "tiny", "--markdown"], "--markdown goes with --keys"),
     (["--config", "tiny", "--run-dir", "x"], "unrecognized arguments: --run-dir"),
+    (["--config", "tiny", "--config", "rwkv7-0.1b"],
+     "--config is given twice ('tiny' and 'rwkv7-0.1b'); give it once"),
+    (["--config", "tiny", "--steps", "3", "--checkpoint-every", "1", "--steps", "4"],
+     "--steps is given twice (3 and 4)"),
 ])
 def test_bad_arguments_are_usage_errors(capsys, argv, fragment):
   with pytest.raises(SystemExit) as e:

@@ -33,6 +33,32 @@ def test_bad_arguments_exit_2_with_a_message(tmp_path, capsys):
     goosejax_main(["train", "--run-dir", str(tmp_path)])            # --config is required
 
 
+def refuse_to_train(cfg, run_dir, **kwargs):
+  raise AssertionError("a refused command line reached training")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--steps", "99999999999999999999"], "run.steps=99999999999999999999: expected an integer "
+                                          "of magnitude at most 2147483647"),
+    (["optimizer.warmup_steps=4294967296"], "optimizer.warmup_steps=4294967296: expected"),
+    (["--run-dir", "elsewhere"], "--run-dir is given twice"),
+    (["--config", "rwkv7-0.1b"], "--config is given twice ('tiny' and 'rwkv7-0.1b')"),
+    (["--init-from", "a", "--init-from", "b"], "--init-from is given twice ('a' and 'b')"),
+    (["--distributed", "off", "--distributed", "on"], "--distributed is given twice"),
+])
+def test_refused_before_anything_is_written(argv, fragment, tmp_path, monkeypatch, capsys):
+  from goosejax.train import loop
+  monkeypatch.setattr(loop, "train", refuse_to_train)
+  monkeypatch.chdir(tmp_path)
+  try:
+    status = goosejax_main(["train", "--config", "tiny", "--run-dir", "run", *argv])
+  except SystemExit as e:   # argparse's usage errors
+    status = e.code
+  err = capsys.readouterr().err
+  assert status == 2 and fragment in err.splitlines()[-1] and "Traceback" not in err
+  assert list(tmp_path.iterdir()) == []
+
+
 def test_overrides_stand_anywhere_among_the_flags(tmp_path, monkeypatch):
   from goosejax.train import loop
   seen = {}

@@ -17,12 +17,28 @@ docs/configuration.md); `goosejax config` with the same --config, flags and over
 prints the resolved configuration, with --explain each value's source."""
 
 
+class StoreOnce(argparse.Action):
+  """Store a flag's value, refusing the flag given twice (plain `store` keeps the last
+  silently), as a config key given twice is refused."""
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    given = namespace.__dict__.setdefault("_flags_given", set())
+    if self.dest in given:
+      parser.error(f"{option_string} is given twice ({getattr(namespace, self.dest)!r} and "
+                   f"{values!r}); give it once")
+    given.add(self.dest)
+    setattr(namespace, self.dest, values)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, *, config_required: bool = True) -> None:
-  """--config, --steps, --checkpoint-every and the section.key=value overrides."""
+  """--config, --steps, --checkpoint-every (each at most once) and the section.key=value
+  overrides."""
   parser.add_argument("--config", required=config_required, metavar="YAML_OR_PRESET",
+                      action=StoreOnce,
                       help=f"YAML file or preset name ({', '.join(preset_names())})")
-  parser.add_argument("--steps", type=int, help="total training steps (run.steps)")
-  parser.add_argument("--checkpoint-every", type=int,
+  parser.add_argument("--steps", type=int, action=StoreOnce,
+                      help="total training steps (run.steps)")
+  parser.add_argument("--checkpoint-every", type=int, action=StoreOnce,
                       help="steps between checkpoints (run.checkpoint_every)")
   parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                       help="set a config key; see below")

@@ -9,6 +9,7 @@ unreadable files raise `ConfigError` with a one-line message naming the file and
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from pathlib import Path
@@ -16,7 +17,8 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
-from goosejax.config.schema import Config, ConfigError, ModelConfig, field_types, config_keys
+from goosejax.config.schema import (MAX_INTEGER_SETTING, Config, ConfigError, ModelConfig,
+                                    config_keys, field_types)
 
 
 def _presets_dir() -> Path:
@@ -143,6 +145,14 @@ def _one_line(error: Exception) -> str:
   return " ".join(str(error).split())
 
 
+def _unreadable_value(error: ValueError) -> str:
+  """A value PyYAML could not build, such as an integer of more digits than Python converts."""
+  if "integer string conversion" in str(error):
+    return (f"an integer has more than {sys.get_int_max_str_digits()} digits; integer settings "
+            f"are at most {MAX_INTEGER_SETTING}")
+  return f"a value cannot be read: {error}"
+
+
 def preset_names() -> list[str]:
   """The packaged presets `--config NAME` accepts."""
   return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
@@ -159,6 +169,8 @@ def _read_tree(path: Path) -> dict[str, Any]:
                       f"{e.reason})") from None
   except yaml.YAMLError as e:
     raise ConfigError(f"{path}: not valid YAML: {_one_line(e)}") from None
+  except ValueError as e:   # Python refuses to parse an integer of over 4300 digits
+    raise ConfigError(f"{path}: {_unreadable_value(e)}") from None
   if tree is None or tree == {}:   # a default model trained from an empty file is never intended
     raise ConfigError(f"{path}: the config file is empty; give at least `base: <preset>` "
                       f"(presets: {preset_names()})")
@@ -213,6 +225,8 @@ def parse_overrides(overrides: Sequence[str], source: str = "command line") -> d
       flat[key] = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError as e:
       raise ConfigError(f"override {item!r} ({source}): value is not valid YAML: {_one_line(e)}") from None
+    except ValueError as e:
+      raise ConfigError(f"override {key}=... ({source}): {_unreadable_value(e)}") from None
   return flat
 
 

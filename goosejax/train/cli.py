@@ -26,6 +26,7 @@ import textwrap
 from pathlib import Path
 
 from goosejax.config import args as config_args
+from goosejax.config.args import StoreOnce
 
 DEFAULT_COMPILATION_CACHE = "~/.cache/goosejax/jax"
 
@@ -41,20 +42,23 @@ def build_parser() -> argparse.ArgumentParser:
           "train, a checkpoint that could not be written (disk full) or none that restores; "
           "130 a second Ctrl-C.", 88))
   config_args.add_config_arguments(parser)
-  parser.add_argument("--run-dir", required=True, help="checkpoints, metrics and logs go here")
-  parser.add_argument("--init-from", help="start from these weights: a goosejax run directory or "
-                                          "anything goosejax.load_pretrained reads")
+  parser.add_argument("--run-dir", required=True, action=StoreOnce,
+                      help="checkpoints, metrics and logs go here")
+  parser.add_argument("--init-from", action=StoreOnce,
+                      help="start from these weights: a goosejax run directory or "
+                           "anything goosejax.load_pretrained reads")
   parser.add_argument("--no-progress-bar", action="store_true", help="log lines only")
-  parser.add_argument("--compilation-cache", default=None,
+  parser.add_argument("--compilation-cache", default=None, action=StoreOnce,
                       help=f"persistent XLA cache directory (default {DEFAULT_COMPILATION_CACHE}, "
                            "or $JAX_COMPILATION_CACHE_DIR; '' disables)")
   group = parser.add_argument_group("multi-process")
   group.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
+                     action=StoreOnce,
                      help="auto: initialise when flags, GOOSEJAX_* variables or a cluster say so")
-  group.add_argument("--coordinator-address", help="host:port of process 0")
-  group.add_argument("--num-processes", type=int)
-  group.add_argument("--process-id", type=int)
-  group.add_argument("--distributed-timeout", type=int, default=300,
+  group.add_argument("--coordinator-address", action=StoreOnce, help="host:port of process 0")
+  group.add_argument("--num-processes", type=int, action=StoreOnce)
+  group.add_argument("--process-id", type=int, action=StoreOnce)
+  group.add_argument("--distributed-timeout", type=int, default=300, action=StoreOnce,
                      help="seconds to wait for all processes at start-up (default 300)")
   return parser
 
