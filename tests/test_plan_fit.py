@@ -70,6 +70,19 @@ def test_search_stops_at_each_policys_first_fit_and_prunes_slower_ones():
                                      "run.loss_vocab_tile=4096")
 
 
+def test_counts_that_cannot_fit_are_not_compiled():
+  """A miss at g needing M of D GiB rules out every g' < g·M/D (what a micro-batch holds
+  shrinks at most as 1/g'); the leanest head's miss sets the bound. minimal is full's program."""
+  cfg = load_config("tiny")
+  compiler = FakeCompiler(scale_gib=120.0)   # none: 240 GiB / g unfused, 120 fused
+  _search(cfg, compiler, rows=16)
+  none = [c for c in compiler.compiled if c[0] == "none"]
+  # fused at g=1 is 7.5x the 16 GiB: g=2, 4 skipped; at g=8 the fused head (15 GiB) fits.
+  assert none == [("none", 1, 0), ("none", 1, 4096), ("none", 8, 0), ("none", 8, 4096)]
+  assert "minimal" not in fit.searched_policies() and "full" in fit.searched_policies()
+  assert not any(remat == "minimal" for remat, _, _ in compiler.compiled)
+
+
 def test_the_fastest_fitting_candidate_wins():
   """none fits at once: nothing else is compiled (every later policy recomputes more)."""
   cfg = load_config("tiny")
@@ -163,8 +176,10 @@ def test_plan_fit_exits_2_with_the_closest_miss_when_nothing_fits(capsys, monkey
   out, err = capsys.readouterr()
   assert status == 2
   assert len(out.strip().splitlines()) == 2 + len(compiler.compiled)   # a line per candidate
-  assert ("none", 2, 4096) in compiler.compiled and ("full", 2, 4096) in compiler.compiled
+  # Each policy's fused head at g=1 needs at least 6x the 16 GiB: g=2 cannot fit, not compiled.
+  assert compiler.compiled == [(policy, 1, tile) for policy in fit.searched_policies()
+                               for tile in (0, 4096)]
   assert err.strip().splitlines()[-1] == (
       "goosejax plan: error: nothing fits with data.batch_size=8 x data.ctx_len=128; closest: "
-      "run.remat=save_wkv optimizer.grad_accum=2 run.loss_vocab_tile=4096 needs 100.00 of "
+      "run.remat=save_wkv optimizer.grad_accum=1 run.loss_vocab_tile=4096 needs 200.00 of "
       "16.00 GiB; shard more (mesh.fsdp, mesh.tensor), use more devices, or lower data.batch_size")

@@ -10,6 +10,8 @@ search stops early:
     offload; a policy the schema gains later goes last), micro-batches from the fewest;
   - within a policy, the first candidate that fits ends that policy (more micro-batches or a
     tiled head only add work);
+  - a miss at g micro-batches needing M of the device's D GiB skips every count below g·M/D:
+    what a micro-batch holds shrinks at most as 1/g and the rest stays, so none of them fits;
   - once something fits at g micro-batches, a later policy is tried only at fewer than g: at g
     or more it recomputes more for no memory it needs, so it is assumed slower.
 
@@ -28,6 +30,8 @@ from goosejax.plan import cli
 
 # run.remat's policies by how much of the forward they rerun in the backward, least first.
 REMAT_BY_RECOMPUTE = ("none", "block", "save_wkv", "minimal", "full", "offload")
+# Policies that compile to another's program (goosejax.model.remat): not compiled again.
+SAME_PROGRAM_AS = {"minimal": "full"}
 FIT_LOSS_TILE = 4096   # vocabulary columns per tile when the search turns the fused head on
 # What a compile that cannot happen raises (a policy the target lacks, e.g. no host memory space).
 COMPILE_REFUSALS = (cli.GoosejaxError, ValueError, NotImplementedError, RuntimeError)
@@ -74,6 +78,11 @@ def remat_policies() -> list[str]:
   return sorted(typing.get_args(schema.Remat), key=rank)
 
 
+def searched_policies() -> list[str]:
+  """The policies `--fit` compiles: remat_policies() less those with another's program."""
+  return [policy for policy in remat_policies() if policy not in SAME_PROGRAM_AS]
+
+
 def micro_batch_counts(rows_per_device: int) -> list[int]:
   """Every grad_accum that splits each device's rows evenly, fewest first."""
   return [g for g in range(1, rows_per_device + 1) if rows_per_device % g == 0]
@@ -105,7 +114,7 @@ def search(cfg, rows_per_device: int, compile_plan: Callable[[object], cli.Plan]
   one candidate's config; `report` hears of each as it is tried."""
   tried: list[Tried] = []
   fewest_fitting = None   # micro-batches of the first fit: later policies must beat it
-  for policy in remat_policies():
+  for policy in searched_policies():
     counts = [g for g in micro_batch_counts(rows_per_device)
               if fewest_fitting is None or g < fewest_fitting]
     fitted = _search_policy(cfg, policy, counts, compile_plan, estimate, report, tried)
@@ -116,7 +125,11 @@ def search(cfg, rows_per_device: int, compile_plan: Callable[[object], cli.Plan]
 
 def _search_policy(cfg, policy, counts, compile_plan, estimate, report, tried) -> Tried | None:
   """Candidates of one policy until one fits (returned) or it cannot compile (None)."""
+  fewest_possible = 1.0   # micro-batches below this cannot fit (module docstring)
   for grad_accum in counts:
+    if grad_accum < fewest_possible:
+      continue
+    misses = []
     for tile in loss_tiles(cfg):
       outcome = _try(cfg, Candidate(policy, grad_accum, tile), compile_plan, estimate)
       tried.append(outcome)
@@ -125,7 +138,15 @@ def _search_policy(cfg, policy, counts, compile_plan, estimate, report, tried) -
         return None
       if outcome.fits:
         return outcome
+      misses.append(outcome)
+    # The leanest miss bounds every head at more micro-batches (the fused head needs less).
+    fewest_possible = grad_accum * min(_overshoot(miss.plan.memory) for miss in misses)
   return None
+
+
+def _overshoot(memory) -> float:
+  """How many times the device's memory a missed candidate needs (at least 1)."""
+  return max(1.0, memory.total / memory.capacity)
 
 
 def _try(cfg, candidate: Candidate, compile_plan, estimate) -> Tried:
