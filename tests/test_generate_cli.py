@@ -96,7 +96,9 @@ def test_errors_are_one_line_and_exit_2(setup, tmp_path):
   (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
   fails(["--prompt-file", str(tmp_path / "latin1.txt")], "latin1.txt", "UTF-8")
   (tmp_path / "junk.npz").write_bytes(b"not a state")
-  fails(["--prompt", "x", "--state-in", str(tmp_path / "junk.npz")], "junk.npz")
+  fails(["--prompt", "x", "--state-in", str(tmp_path / "junk.npz")], "junk.npz", ".npz archive")
+  rc, _, err = _run(base + ["--prompt", "x", "--state-in", str(tmp_path / "junk.npz")])
+  assert "allow_pickle" not in err     # numpy's advice, wrong for a state file
   save_state(tmp_path / "good.npz", model.init_state(1))
   whole = (tmp_path / "good.npz").read_bytes()
   for cut in (len(whole) // 2, len(whole) - 30):
@@ -112,6 +114,43 @@ def test_errors_are_one_line_and_exit_2(setup, tmp_path):
   assert rc == 2 and "missing.pth" in err and err.count("\n") == 1
   rc, _, err = _run(["--model", path, "--tokenizer", "world", "--prompt", "x"])
   assert rc == 2 and "'world' has 65530 ids but the model only 320" in err and err.count("\n") == 1
+
+
+def test_counts_beyond_int32_and_empty_stop_strings_are_refused(setup):
+  _, _, path = setup
+  base = ["--model", path, "--tokenizer", TOKENIZER, "--prompt", "x"]
+  for value in ("1e12", "3e9", "2147483648", "-1"):
+    rc, out, err = _run(base + ["--max-new-tokens", value])
+    assert rc == 2 and out == "" and err.count("\n") == 1, err
+    assert "max_new_tokens=" in err and "2147483647" in err, err
+  with pytest.raises(SystemExit) as exit_info:   # argparse's usage line and error, exit 2
+    _run(base + ["--max-new-tokens", "2.5"])
+  assert exit_info.value.code == 2
+  rc, out, err = _run(base + ["--stop", "\n", "--stop", ""])
+  assert rc == 2 and out == "" and err.count("\n") == 1 and "--stop ''" in err, err
+
+
+PEAK_RSS = ("import resource, sys; from goosejax.cli import main; rc = main(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, file=sys.stderr); "
+            "sys.exit(rc)")
+
+
+def test_the_largest_count_allocates_per_block(setup):
+  """2**31 - 1 new tokens, stopped after two: an up-front [1, max_new_tokens] int32 buffer
+  would be 8.6 GB; one per streamed block is 20 bytes."""
+  model, tokenizer, path = setup
+  prompt = tokenizer.encode("x")
+  first_three = generate(model, prompt, 3, temperature=0)
+  process = subprocess.run(
+      [sys.executable, "-c", PEAK_RSS, "generate", "--model", path, "--tokenizer", TOKENIZER,
+       "--prompt", "x", "--max-new-tokens", "2147483647", "--stop-id", str(first_three[2]),
+       "--no-stop-eot"] + GREEDY[:-4],
+      capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
+  assert process.returncode == 0, process.stderr[-2000:]
+  expected = generate(model, prompt, 2147483647, temperature=0, stop_ids=[first_three[2]])
+  assert process.stdout == tokenizer.decode(expected) + "\n" and len(expected) == 2
+  peak_mib = int(process.stderr.strip().splitlines()[-1])
+  assert peak_mib < 3000, f"peak RSS {peak_mib} MiB"
 
 
 # `goosejax` with Ctrl-C raising KeyboardInterrupt, as at a terminal: a shell's background job

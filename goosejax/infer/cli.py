@@ -24,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
   source.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
   p.add_argument("--tokenizer", default="world",
                  help="'world', a SentencePiece .model, a tokenizer.json or an rwkv_vocab .txt")
-  p.add_argument("--max-new-tokens", type=int, default=200)
+  p.add_argument("--max-new-tokens", type=_whole_number, default=200,
+                 help="at most this many tokens (also written 1e6)")
   p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
   p.add_argument("--top-p", type=float, default=0.85)
   p.add_argument("--top-k", type=int, default=0, help="0 = no limit")
@@ -46,6 +47,21 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--state-in", help="start from this saved state (.npz)")
   p.add_argument("--state-out", help="save the state after the prompt to this file (.npz)")
   return p
+
+
+def _whole_number(text: str) -> int:
+  """An integer, also in exponent notation (1e6); the range is checked with the settings."""
+  try:
+    return int(text)
+  except ValueError:
+    pass
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+  if not value.is_integer():
+    raise argparse.ArgumentTypeError(f"invalid integer {text!r}: not a whole number")
+  return int(value)
 
 
 class _TextStream:
@@ -102,7 +118,8 @@ def main(argv: list[str]) -> int:
 
 
 def _run(args) -> None:
-  from goosejax.infer.generate import GenerationError, generate, official_occurrence_weights
+  from goosejax.infer.generate import (GenerationError, check_max_new_tokens, generate,
+                                       official_occurrence_weights)
   from goosejax.infer.loading import load_model_and_tokenizer
   from goosejax.infer.sampling import SamplingConfig
   from goosejax.infer.state_io import load_state, save_state
@@ -110,6 +127,10 @@ def _run(args) -> None:
   # Checked before the (slow) model load; generate() checks them again.
   SamplingConfig(args.temperature, args.top_p, args.top_k, args.presence_penalty,
                  args.frequency_penalty, args.penalty_decay).validate()
+  check_max_new_tokens(args.max_new_tokens)
+  if "" in args.stop:   # it would match before the first character: nothing would print
+    raise GenerationError("--stop '': an empty stop string would end generation before any "
+                          "text; give non-empty TEXT")
   prompt = args.prompt if args.prompt_file is None else _read_prompt(args.prompt_file)
   model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.tokenizer)
   V = model.config.vocab_size

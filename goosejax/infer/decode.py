@@ -8,16 +8,22 @@ outside jit (`decode_weights`), and a step runs `goosejax.model.rwkv7.run_layers
 takes its fused single-token form, goosejax.wkv.single_token). No layer math lives here: embedding,
 blocks, norms and head are the model's functions, so a step computes `model(tokens_B1, state)`.
 
-Layout: each layer's six large matrices and the head are stored [out, in] (`TRANSPOSED`) and
-given to the model as `Transposed` weights, which its one `matmul` contracts on their second
+Layout (`transposed=True`, what a held `Generator` makes): each layer's six large matrices
+and the head are stored [out, in] (`TRANSPOSED`) and given to the model as `Transposed` weights, which its one `matmul` contracts on their second
 axis: XLA:CPU's one-row products read them faster than [in, out]. Not as transposed views
 (x @ w_out_in.T): XLA:CPU fuses those into a loop, slower for whole decode steps and far
 slower for the narrow LoRA matrices, which stay [in, out] ([out, in] was no faster for them).
 benchmarks/inference.py measures decoding against chains of these matrix-vector products;
-the figures are in the README's "Inference speed".
+the figures are in the README's "Inference speed". Transposing costs a pass over the weights
+that a one-call `goosejax.generate(model, ...)` would pay on every call, so it splits without
+transposing (`transposed=False`: the model's [in, out] layout, a plain copy per layer).
+
+The split is one module-level jitted function (`_split_layers`): building a `DecodeWeights`
+again for the same shapes compiles nothing.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -48,37 +54,53 @@ class DecodeWeights(NamedTuple):
     `Blocks`' parameters, no [L] axis); the TRANSPOSED names and the head hold [out, in].
   blocks: the graph of `Blocks` (static), which each layer's weights are merged into.
   dtype: the compute dtype (static).
+  transposed: whether the TRANSPOSED matrices and the head are stored [out, in] (static).
   """
   top: dict[str, jax.Array]
   layers: tuple[dict[str, jax.Array], ...]
   blocks: Any
   dtype: Any
+  transposed: bool = True
 
 
 jax.tree_util.register_pytree_node(
     DecodeWeights,
-    lambda w: ((w.top, w.layers), (w.blocks, jnp.dtype(w.dtype).name)),
-    lambda aux, children: DecodeWeights(children[0], children[1], aux[0], jnp.dtype(aux[1])))
+    lambda w: ((w.top, w.layers), (w.blocks, jnp.dtype(w.dtype).name, w.transposed)),
+    lambda aux, children: DecodeWeights(children[0], children[1], aux[0], jnp.dtype(aux[1]),
+                                        aux[2]))
 
 
-def decode_weights(model: nnx.Module) -> DecodeWeights:
-  """Split the model's stacked [L, ...] parameters into per-layer arrays (done once)."""
+@functools.partial(jax.jit, static_argnames="transposed")
+def _split_layers(stacked: dict[str, jax.Array], transposed: bool):
+  """Per-layer copies of the stacked [L, ...] arrays (fresh buffers, so no step slices)."""
+  layout = lambda name, x: x.T if transposed and name in TRANSPOSED else x
+  n_layer = next(iter(stacked.values())).shape[0]
+  return tuple({name: layout(name, value[i]) for name, value in stacked.items()}
+               for i in range(n_layer))
+
+
+_transpose = jax.jit(jnp.transpose)
+
+
+def decode_weights(model: nnx.Module, transposed: bool = True) -> DecodeWeights:
+  """Split the model's stacked [L, ...] parameters into per-layer arrays (done once per
+  `Generator`); `transposed`: store the large matrices [out, in] (see the module doc)."""
   params = param_dict(model)
   top = {name: value for name, value in params.items() if not name.startswith(_LAYER_PREFIX)}
   stacked = {name[len(_LAYER_PREFIX):]: value for name, value in params.items()
              if name.startswith(_LAYER_PREFIX)}
-  layout = lambda name, x: x.T if name in TRANSPOSED else x
-  # One jitted split (fresh output buffers, one compile) so no step slices in its loop.
-  split = jax.jit(lambda arrays, head: (
-      tuple({name: layout(name, value[i]) for name, value in arrays.items()}
-            for i in range(model.config.n_layer)), head.T))
-  layers, top["head"] = split(stacked, top["head"])
-  return DecodeWeights(top, layers, nnx.graphdef(model.blocks), jnp.dtype(model.config.dtype))
+  layers = _split_layers(stacked, transposed)
+  if transposed:
+    top["head"] = _transpose(top["head"])
+  return DecodeWeights(top, layers, nnx.graphdef(model.blocks), jnp.dtype(model.config.dtype),
+                       transposed)
 
 
 def layer_blocks(weights: DecodeWeights) -> list[Blocks]:
-  """One `Blocks` per layer holding that layer's weights (the TRANSPOSED ones as `Transposed`)."""
-  view = lambda name, x: Transposed(x) if name in TRANSPOSED else x
+  """One `Blocks` per layer holding that layer's weights (the TRANSPOSED ones as `Transposed`
+  when the weights are stored so)."""
+  is_transposed = lambda name: weights.transposed and name in TRANSPOSED
+  view = lambda name, x: Transposed(x) if is_transposed(name) else x
   return [nnx.merge(weights.blocks, nnx.from_flat_state(
               {tuple(name.split(".")): nnx.Param(view(name, value)) for name, value in layer.items()}))
           for layer in weights.layers]
@@ -92,7 +114,8 @@ def last_logits(weights: DecodeWeights, tokens_BT: jax.Array, layers: LayerState
   x_BTC = embed(tokens_BT, top["emb"], top["ln0.weight"], top["ln0.bias"], weights.dtype)
   x_BTC, layers = run_layers(layer_blocks(weights), x_BTC, layers, reset_BT)
   x_BC = layer_norm(x_BTC[:, -1], top["ln_out.weight"], top["ln_out.bias"])
-  return head_logits(x_BC, Transposed(top["head"])), layers
+  head = Transposed(top["head"]) if weights.transposed else top["head"]
+  return head_logits(x_BC, head), layers
 
 
 def decode_step_layers(weights: DecodeWeights, tokens_B: jax.Array, layers: LayerStates):

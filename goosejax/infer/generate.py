@@ -6,8 +6,14 @@ different lengths are left-padded and the state is reset at each row's first rea
 when an initial state is given, the ragged tail is fed through masked one-token steps), and a
 row that hits a stop token stops emitting while the others continue.
 
-Streaming runs the same compiled loop in blocks of a few tokens and hands each block's new
-tokens to a callback between blocks; without a callback it is one call for the whole budget.
+The loop runs in blocks: each call of the compiled loop samples at most a block's worth of
+tokens into a fresh [B, K] buffer (K = `block_size` when streaming, which hands each block's
+new tokens to a callback, else up to `MAX_BLOCK`), so memory does not grow with
+`max_new_tokens`, which may be anything up to `MAX_NEW_TOKENS` (the int32 step counter's range).
+
+Every compiled function here is module-level and takes the weights as an argument: the only
+cache is jax's own, keyed by shapes and the static sampling settings, so a fresh `Generator`
+(what each `generate(model, ...)` makes) compiles nothing new for shapes seen before.
 """
 from __future__ import annotations
 
@@ -25,13 +31,17 @@ from goosejax.infer.decode import DecodeWeights, decode_step_layers, decode_weig
 from goosejax.model.rwkv7 import RWKV7
 from goosejax.model.state import LayerStates, RWKV7State, join_state, split_state
 
-PAD_ID = -1   # fills the output buffer after a row stops
+PAD_ID = -1   # fills the output buffer where a row emitted nothing (stopped)
+MAX_BLOCK = 1024   # tokens per call of the compiled loop without streaming
+MAX_NEW_TOKENS = 2**31 - 1   # the step counter is int32
 
 
 class DecodeCarry(NamedTuple):
   """Everything the decode loop carries from one token to the next."""
-  step: jax.Array          # [] int32: tokens sampled so far (the next write column)
-  tokens_BT: jax.Array     # [B, max_new] int32, PAD_ID where nothing was emitted
+  step: jax.Array          # [] int32: tokens sampled so far
+  budget: jax.Array        # [] int32: max_new_tokens, the most steps there will be
+  tokens_BT: jax.Array     # [B, K] int32: this block's tokens (T: the block's steps), PAD_ID
+                           # where nothing was emitted; each call of the loop starts it afresh
   lengths_B: jax.Array     # [B] int32: tokens emitted per row
   done_B: jax.Array        # [B] bool: row hit a stop token
   logits_BV: jax.Array     # [B, V] fp32: logits for the next token
@@ -42,29 +52,36 @@ class DecodeCarry(NamedTuple):
 
 
 def init_carry(logits_BV: jax.Array, state: RWKV7State, max_new_tokens: int,
-               seed: int | jax.Array) -> DecodeCarry:
+               seed: int | jax.Array, block_len: int | None = None) -> DecodeCarry:
+  """The carry before the first token; the buffer holds `block_len` tokens per call of the
+  loop (default: all `max_new_tokens`)."""
   B, V = logits_BV.shape
   is_key = isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key)
   key = seed if is_key else jax.random.key(seed)
-  return DecodeCarry(jnp.zeros((), jnp.int32), jnp.full((B, max_new_tokens), PAD_ID, jnp.int32),
+  K = max_new_tokens if block_len is None else block_len
+  return DecodeCarry(jnp.zeros((), jnp.int32), jnp.asarray(max_new_tokens, jnp.int32),
+                     jnp.full((B, K), PAD_ID, jnp.int32),
                      jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool), logits_BV.astype(jnp.float32),
                      split_state(state), jnp.zeros((B, V), bool), jnp.zeros((B, V), jnp.float32), key)
 
 
 def decode_loop(weights: DecodeWeights, carry: DecodeCarry, stop_at: jax.Array, cfg: SamplingConfig,
                 stop_V: jax.Array, banned_V: jax.Array, occurrence_weight_V: jax.Array) -> DecodeCarry:
-  """Sample tokens until `carry.step == stop_at` or every row is done (pure, jittable).
+  """Sample tokens until `carry.step == stop_at`, the block buffer is full or every row is
+  done (pure, jittable); the returned carry's buffer holds this call's tokens.
 
   stop_V / banned_V: [V] bool masks of the stop and banned tokens; occurrence_weight_V: [V].
 
   Each iteration samples from the carried logits, records the token, and runs the one-token
-  step only if another token can follow (within the buffer, some row still live), so no
+  step only if another token can follow (within the budget, some row still live), so no
   step is wasted after the last token and a later call with a larger `stop_at` continues.
   """
-  max_new = carry.tokens_BT.shape[1]
+  first_step = carry.step
+  carry = carry._replace(tokens_BT=jnp.full_like(carry.tokens_BT, PAD_ID))
+  block_len = carry.tokens_BT.shape[1]
 
   def cond(c: DecodeCarry):
-    return (c.step < stop_at) & ~jnp.all(c.done_B)
+    return (c.step < stop_at) & (c.step - first_step < block_len) & ~jnp.all(c.done_B)
 
   def body(c: DecodeCarry) -> DecodeCarry:
     logits_BV = apply_penalties(c.logits_BV, c.seen_BV, c.counts_BV, banned_V, cfg)
@@ -73,15 +90,15 @@ def decode_loop(weights: DecodeWeights, carry: DecodeCarry, stop_at: jax.Array, 
     stopped_B = stop_V[token_B]
     emit_B = ~c.done_B & ~stopped_B
     tokens_BT = jax.lax.dynamic_update_slice(
-        c.tokens_BT, jnp.where(emit_B, token_B, PAD_ID)[:, None], (0, c.step))
+        c.tokens_BT, jnp.where(emit_B, token_B, PAD_ID)[:, None], (0, c.step - first_step))
     done_B = c.done_B | stopped_B
     seen_BV, counts_BV = update_counts(c.seen_BV, c.counts_BV, token_B, occurrence_weight_V,
                                        emit_B, cfg)
     step = c.step + 1
-    more = (step < max_new) & ~jnp.all(done_B)   # not stop_at: a later block continues
+    more = (step < c.budget) & ~jnp.all(done_B)   # not stop_at: a later block continues
     logits_BV, layers = jax.lax.cond(
         more, lambda: decode_step_layers(weights, token_B, c.layers), lambda: (c.logits_BV, c.layers))
-    return DecodeCarry(step, tokens_BT, c.lengths_B + emit_B, done_B, logits_BV, layers,
+    return DecodeCarry(step, c.budget, tokens_BT, c.lengths_B + emit_B, done_B, logits_BV, layers,
                        seen_BV, counts_BV, c.key)
 
   return jax.lax.while_loop(cond, body, carry)
@@ -107,12 +124,13 @@ def _masked_steps(weights: DecodeWeights, tokens_BT, lengths_B, logits_BV, state
 class Generator:
   """Holds a model and its decode-layout weights (split per layer once, a copy of the
   weights) and generates from prompts. Code that generates repeatedly from the same weights
-  keeps one; `generate(model, ...)` makes a fresh one per call. Make a new one after changing
-  the model's parameters: this one keeps the weights it was made with."""
+  keeps one; `generate(model, ...)` makes a fresh one per call (untransposed: no pass over
+  the weights beyond a copy, see goosejax.infer.decode). Make a new one after changing the
+  model's parameters: this one keeps the weights it was made with."""
 
-  def __init__(self, model: RWKV7):
+  def __init__(self, model: RWKV7, transposed: bool = True):
     self.model = model
-    self.weights = decode_weights(model)
+    self.weights = decode_weights(model, transposed)
 
   def _prefill(self, tokens_BT, state: RWKV7State, reset_BT=None):
     logits_BV, layers = prefill_split(self.weights, tokens_BT, split_state(state), reset_BT=reset_BT)
@@ -152,8 +170,7 @@ class Generator:
     """See `goosejax.infer.generate`."""
     prompts, single = _normalize_prompts(prompt_ids, self.model.config.vocab_size)
     V = self.model.config.vocab_size
-    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
-      raise GenerationError(f"max_new_tokens={max_new_tokens}: expected an integer >= 0")
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
     if block_size < 1:
       raise GenerationError(f"block_size={block_size}: expected >= 1")
     cfg = SamplingConfig(float(temperature), float(top_p), int(top_k), float(presence_penalty),
@@ -169,27 +186,34 @@ class Generator:
       result = [] if single else [[] for _ in prompts]
       return (result, prompt_state) if return_state else result
     # The carry (donated to the loop) holds per-layer slices, not prompt_state's buffers.
-    carry = init_carry(logits_BV, prompt_state, int(max_new_tokens), seed)
+    block_len = min(int(max_new_tokens), block_size if callback is not None else MAX_BLOCK)
+    carry = init_carry(logits_BV, prompt_state, int(max_new_tokens), seed, block_len)
     run = functools.partial(_decode_loop_jit, self.weights, cfg=cfg, stop_V=stop,
                             banned_V=banned, occurrence_weight_V=weight_V)
-    if callback is None:
-      carry = run(carry, stop_at=jnp.int32(max_new_tokens))
-    else:
-      emitted = np.zeros(len(prompts), np.int64)
-      while True:
-        step = int(carry.step)
-        if step >= max_new_tokens or bool(jnp.all(carry.done_B)):
-          break
-        carry = run(carry, stop_at=jnp.int32(min(step + block_size, max_new_tokens)))
-        tokens, lengths = np.asarray(carry.tokens_BT), np.asarray(carry.lengths_B)
-        new = [tokens[row, emitted[row]:lengths[row]].tolist() for row in range(len(prompts))]
-        emitted[:] = lengths
-        if any(new) and callback(new[0] if single else new) is True:
-          break      # the caller saw enough (e.g. a stop string in the decoded text)
-    tokens, lengths = np.asarray(carry.tokens_BT), np.asarray(carry.lengths_B)
-    out = [tokens[row, :lengths[row]].tolist() for row in range(len(prompts))]
+    out: list[list[int]] = [[] for _ in prompts]
+    while True:
+      step = int(carry.step)
+      if step >= max_new_tokens or bool(jnp.all(carry.done_B)):
+        break
+      carry = run(carry, stop_at=jnp.int32(min(step + block_len, max_new_tokens)))
+      new = [row[row != PAD_ID].tolist() for row in np.asarray(carry.tokens_BT)]
+      for row, ids in zip(out, new):
+        row += ids
+      if callback is not None and any(new) and callback(new[0] if single else new) is True:
+        break      # the caller saw enough (e.g. a stop string in the decoded text)
     result = out[0] if single else out
     return (result, prompt_state) if return_state else result
+
+
+def check_max_new_tokens(max_new_tokens) -> int:
+  """max_new_tokens as an int, refusing what the step counter cannot count (before anything
+  is allocated)."""
+  number = isinstance(max_new_tokens, (int, float, np.integer, np.floating))
+  whole = number and not isinstance(max_new_tokens, bool) and float(max_new_tokens).is_integer()
+  if not whole or not 0 <= max_new_tokens <= MAX_NEW_TOKENS:
+    raise GenerationError(f"max_new_tokens={max_new_tokens!r}: expected an integer from 0 to "
+                          f"{MAX_NEW_TOKENS}")
+  return int(max_new_tokens)
 
 
 def _normalize_prompts(prompt_ids, vocab_size: int) -> tuple[list[list[int]], bool]:
@@ -269,9 +293,12 @@ def generate(model: RWKV7, prompt_ids, max_new_tokens: int, temperature: float =
   callback: streaming; called with each block's new ids (same form as the result) every
     `block_size` tokens; returning True stops generation after that block.
   return_state: also return the state right after the prompts (prompt caching).
-  Each call splits the weights for decoding anew; hold a `Generator(model)` to reuse them.
+
+  Each call copies the weights into the per-layer decode layout (one copy, no compile after
+  the first call for these shapes); a held `Generator(model)` keeps its copy, transposed for
+  slightly faster decoding (README, "Inference speed").
   """
-  return Generator(model).generate(
+  return Generator(model, transposed=False).generate(
       prompt_ids, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
       presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
       penalty_decay=penalty_decay, stop_ids=stop_ids, banned_ids=banned_ids, seed=seed, state=state,

@@ -56,7 +56,14 @@ def load_state(path: str | os.PathLike, model) -> RWKV7State:
   return RWKV7State(jnp.asarray(att, dtype), jnp.asarray(wkv, jnp.float32), jnp.asarray(ffn, dtype))
 
 
+_NPZ_MAGIC = b"PK\x03\x04"   # an .npz is a zip archive
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+  with open(path, "rb") as f:
+    if f.read(len(_NPZ_MAGIC)) != _NPZ_MAGIC:   # else numpy would try to unpickle it and advise
+      raise StateFileError(f"{path}: not a goosejax state file (expected the .npz archive "
+                           "that --state-out writes)")   # allow_pickle=True, never right here
   try:
     loaded = np.load(path, allow_pickle=False)
     is_archive = isinstance(loaded, np.lib.npyio.NpzFile)
