@@ -164,3 +164,10 @@ def test_without_a_dump_the_plan_says_why(tmp_path):
   with pytest.raises(memory.DumpError, match="buffer-assignment"):
     memory.breakdown(str(tmp_path), 1)
   assert plan_cli._breakdown(str(tmp_path), 1, refused=False).startswith("no memory breakdown: no ")
+
+
+def test_a_tuple_buffer_is_named_by_its_element_count():
+  """A loop's whole state is one tuple buffer: its 70 shapes would fill the line."""
+  from goosejax.plan.memory import _short_shape
+  assert _short_shape("(s32[], bf16[4,4096,2560], /*index=5*/f32[32,2560])") == "a tuple of 3 arrays"
+  assert _short_shape("f32[4,4096,65536]") == "f32[4,4096,65536]"

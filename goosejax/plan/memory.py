@@ -243,6 +243,14 @@ def _split_value(value: str) -> tuple[str, tuple[int, ...]]:
   return name, tuple(int(i) for i in index.rstrip("}").split(",") if i)
 
 
+def _short_shape(shape: str) -> str:
+  """A tuple (e.g. a loop's whole state) as its element count, not a 70-element line."""
+  if not shape.startswith("("):
+    return shape
+  elements = len(re.findall(r"[a-z]+\d*\[", shape))
+  return f"a tuple of {elements} arrays"
+
+
 class _Classifier:
   def __init__(self, module: hlo.Module):
     self.module = module
@@ -250,7 +258,7 @@ class _Classifier:
   def buffer(self, value: _HeapValue, footprint: int) -> LiveBuffer:
     producer, loop = self.producer(value.name)
     group = self.group(producer, loop)
-    shape = re.sub(r"\{[^}]*\}", "", value.shape)
+    shape = _short_shape(re.sub(r"\{[^}]*\}", "", value.shape))
     return LiveBuffer(value.name, footprint, shape, group, self.origin(producer))
 
   def producer(self, value: str) -> tuple[hlo.Instruction | None, hlo.Instruction | None]:
