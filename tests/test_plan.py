@@ -47,7 +47,9 @@ def test_bare_chips_get_the_usual_slice_shape(kind, devices, name):
 
 @pytest.mark.parametrize("topology, devices, error", [
     ("v5p", 48, "powers of two"), ("h100", 12, "multiple of 8"), ("v5p", None, "--devices N"),
-    ("tpu9", 4, "unknown chip"),
+    ("tpu9", 4, "unknown chip"), ("h100", 0, "--devices 0: expected a positive number"),
+    ("h100", -4, "--devices -4: expected a positive number"),
+    ("v5p:2x2x1", 0, "--devices 0: expected a positive number"),
 ])
 def test_targets_that_cannot_be_laid_out_are_refused(topology, devices, error):
   with pytest.raises(plan_cli.GoosejaxError, match=error):
@@ -160,6 +162,17 @@ def test_a_mesh_that_does_not_divide_exits_2_naming_the_axis(capsys, topology, o
   status, out, err = _run(capsys, "--topology", topology, *overrides)
   assert status == 2 and out == ""
   assert message in err.strip().splitlines()[-1]
+
+
+def test_a_topology_the_compiler_refuses_is_not_blamed_on_a_missing_extra(capsys, monkeypatch):
+  require("tpu")
+  status, out, err = _run(capsys, "--topology", "v5p:3x3x3")
+  assert status == 2 and out == ""
+  last = err.strip().splitlines()[-1]
+  assert "'v5p:3x3x3': the TPU compiler plugin refuses it" in last and "extra" not in last
+  monkeypatch.setitem(targets._COMPILER_PLUGINS, "tpu", "goosejax_test_absent_plugin")
+  status, _, err = _run(capsys, "--topology", "v5p:3x3x3")
+  assert status == 2 and "the `tpu` extra is not installed" in err.strip().splitlines()[-1]
 
 
 def test_overrides_may_stand_among_the_flags(capsys):

@@ -509,6 +509,8 @@ def _parser() -> argparse.ArgumentParser:
 def resolve_target(topology: str, devices: int | None) -> str:
   """A full target name from --topology and --devices."""
   from goosejax.plan import targets
+  if devices is not None and devices < 1:
+    raise PlanError(f"--devices {devices}: expected a positive number of chips or GPUs")
   if ":" not in topology:
     if devices is None:
       raise PlanError(f"--topology {topology}: give the layout ({topology}:<topology>) or "

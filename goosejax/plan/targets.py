@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import math
 import re
 
@@ -181,6 +182,10 @@ def target_for(kind: str, devices: int) -> str:
   return f"{kind}:{'x'.join(map(str, shape))}"
 
 
+# The module each platform's compile-only devices come from (the `tpu` and `cuda` extras).
+_COMPILER_PLUGINS = {"tpu": "libtpu", "cuda": "jax_cuda12_plugin"}
+
+
 @functools.cache
 def target_devices(name: str) -> tuple[jax.Device, ...]:
   """The compile-only devices of target `name` (all hosts' devices, process order)."""
@@ -195,10 +200,14 @@ def target_devices(name: str) -> tuple[jax.Device, ...]:
           target_config=gpu_target_config(GPU_SPECS[target.kind]),
           topology=f"1x{target.hosts}x{target.devices_per_host}")
   except Exception as e:  # the plugins raise RuntimeError / JaxRuntimeError / ValueError
+    reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     extra = "tpu" if target.platform == "tpu" else "cuda"
-    raise TargetError(f"target {name!r}: no compile-only {target.platform.upper()} devices "
-                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); is the "
-                      f"`{extra}` extra installed (pip install 'goosejax[{extra}]')?") from None
+    if importlib.util.find_spec(_COMPILER_PLUGINS[target.platform]) is None:
+      raise TargetError(f"target {name!r}: no compile-only {target.platform.upper()} devices "
+                        f"({reason}); the `{extra}` extra is not installed (pip install "
+                        f"'goosejax[{extra}]')") from None
+    raise TargetError(f"target {name!r}: the {target.platform.upper()} compiler plugin refuses "
+                      f"it: {reason}") from None
   return tuple(description.devices)
 
 
