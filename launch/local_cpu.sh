@@ -18,14 +18,23 @@ if [[ $# -lt 3 || "$3" != "--" ]]; then
   exit 2
 fi
 num_processes=$1 devices=$2
+for count in "NUM_PROCESSES=$num_processes" "DEVICES_PER_PROCESS=$devices"; do
+  if [[ ! "${count#*=}" =~ ^[1-9][0-9]{0,3}$ ]]; then
+    echo "$0: ${count%%=*} '${count#*=}': expected a whole number from 1 to 9999" >&2
+    exit 2
+  fi
+done
 shift 3
 run_dir=""
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
-  [[ "${args[$i]}" == "--run-dir" ]] && run_dir="${args[$((i + 1))]}"
+  case "${args[$i]}" in
+    --run-dir) run_dir="${args[$((i + 1))]:-}" ;;
+    --run-dir=*) run_dir="${args[$i]#--run-dir=}" ;;
+  esac
 done
-if [[ -z "$run_dir" ]]; then
-  echo "$0: pass --run-dir among the goosejax train arguments" >&2
+if [[ -z "$run_dir" || "$run_dir" == -* ]]; then
+  echo "$0: pass --run-dir DIRECTORY among the goosejax train arguments" >&2
   exit 2
 fi
 port=${PORT:-12355}

@@ -44,7 +44,8 @@ def refuse_to_train(cfg, run_dir, **kwargs):
     (["--run-dir", "elsewhere"], "--run-dir is given twice"),
     (["--config", "rwkv7-0.1b"], "--config is given twice ('tiny' and 'rwkv7-0.1b')"),
     (["--init-from", "a", "--init-from", "b"], "--init-from is given twice ('a' and 'b')"),
-    (["--distributed", "off", "--distributed", "on"], "--distributed is given twice"),
+    (["--coordinator-address", "h:1", "--coordinator-address", "h:2"],
+     "--coordinator-address is given twice ('h:1' and 'h:2')"),
 ])
 def test_refused_before_anything_is_written(argv, fragment, tmp_path, monkeypatch, capsys):
   from goosejax.train import loop

@@ -52,13 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"persistent XLA cache directory (default {DEFAULT_COMPILATION_CACHE}, "
                            "or $JAX_COMPILATION_CACHE_DIR; '' disables)")
   group = parser.add_argument_group("multi-process")
+  # --distributed and --distributed-timeout may repeat: launch/ sets them, a later one wins.
   group.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
-                     action=StoreOnce,
                      help="auto: initialise when flags, GOOSEJAX_* variables or a cluster say so")
   group.add_argument("--coordinator-address", action=StoreOnce, help="host:port of process 0")
   group.add_argument("--num-processes", type=int, action=StoreOnce)
   group.add_argument("--process-id", type=int, action=StoreOnce)
-  group.add_argument("--distributed-timeout", type=int, default=300, action=StoreOnce,
+  group.add_argument("--distributed-timeout", type=int, default=300,
                      help="seconds to wait for all processes at start-up (default 300)")
   return parser
 
