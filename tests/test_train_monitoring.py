@@ -112,16 +112,16 @@ def test_wandb_offline_logs_scalars_and_config_and_resumes_the_same_run(tmp_path
   monkeypatch.setenv("WANDB_SILENT", "true")
   run_dir = tmp_path / "run"
   settings = ["run.wandb_project=goosejax-tests", "run.wandb_tags=[tiny, ci]"]
-  _, output = run(run_dir, settings, stop_at_step=5)
+  _, output = run(run_dir, settings, stop_at_step=2)
   run_id = (run_dir / "wandb_run_id").read_text().strip()
   assert f"W&B run {run_id} in project goosejax-tests: offline, under {run_dir / 'wandb'}" in output
-  result, output = run(run_dir, settings)
-  assert result.step == 12 and f"W&B run {run_id}" in output
+  result, output = run(run_dir, settings, stop_at_step=6)
+  assert result.step == 6 and f"W&B run {run_id}" in output
   assert (run_dir / "wandb_run_id").read_text().strip() == run_id
   runs = sorted((run_dir / "wandb").glob("offline-run-*"))
   assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)
   metrics = read_metrics(run_dir)
-  last_loss = repr(next(r["loss"] for r in metrics if r.get("step") == 12 and "loss" in r))
+  last_loss = repr(next(r["loss"] for r in metrics if r.get("step") == 6 and "loss" in r))
   val_loss = repr(next(r["val_loss"] for r in metrics if "val_loss" in r))
   needles = [b"train/loss", b"train/grad_norm", b"val/loss", b"perf/mfu", b"n_layer",
              last_loss.encode(), val_loss.encode()]
