@@ -25,7 +25,7 @@ from lm_eval.api.registry import register_model
 
 from goosejax.eval.ppl import DOCUMENT_START
 from goosejax.eval.scoring import EvalDataError, score_sequences
-from goosejax.infer.generate import generate
+from goosejax.infer.generate import Generator
 
 
 def check_task_names(task_manager, names: Sequence[str]) -> None:
@@ -64,6 +64,14 @@ class GoosejaxLM(LM):
     self.max_gen_toks = int(max_gen_toks)
     self.seed = int(seed)
     self.eot_id = int(getattr(self.tokenizer, "eot_id", 0))
+    self._generator: Generator | None = None   # the decode layout, made on the first generation
+
+  @property
+  def generator(self) -> Generator:
+    """This adapter's `Generator`: every generate_until call reuses its decode layout."""
+    if self._generator is None:
+      self._generator = Generator(self.model)
+    return self._generator
 
   @property
   def tokenizer_name(self) -> str:
@@ -119,7 +127,8 @@ class GoosejaxLM(LM):
       for start in range(0, len(indices), self.batch_size):
         batch = indices[start:start + self.batch_size]
         prompts = [[DOCUMENT_START] + self.tokenizer.encode(requests[i].args[0]) for i in batch]
-        outputs = generate(self.model, prompts, stop_ids=[self.eot_id], seed=self.seed, **settings)
+        outputs = self.generator.generate(prompts, stop_ids=[self.eot_id], seed=self.seed,
+                                          **settings)
         for i, ids in zip(batch, outputs):
           text = self.tokenizer.decode(ids)
           cut = min((text.find(s) for s in until if s and s in text), default=-1)
