@@ -14,14 +14,18 @@ accuracy over the first T positions of held-out words (a causal model's accuracy
 length T). The table reports, per group, model and length, the fewest layers above 95%.
 MQAR: accuracy on held-out sequences against the model's state size (RWKV-7: the WKV state,
 L·H·N·N = L·n_embd·head_size numbers; the Transformer's KV cache, 2·L·T·n_embd, is listed
-for reference). Writes OUT/state_tracking.md and OUT/state_tracking.png.
+for reference). Writes OUT/state_tracking.md and OUT/state_tracking.png. The whole grid is
+checked and OUT written to before anything trains: a bad --grid, grid file or --out is one
+line and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
+import tempfile
 import time
+import typing
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,8 +33,12 @@ import numpy as np
 import yaml
 from flax import nnx
 
-from goosejax.config import ModelConfig, OptimizerConfig
-from goosejax.data.synthetic import GroupWordProblem, MultiQueryAssociativeRecall, make_group
+from goosejax.cli import describe_os_error
+from goosejax.config import ConfigError, ModelConfig, OptimizerConfig, config_from_dict
+from goosejax.config.schema import MAX_INTEGER_SETTING
+from goosejax.data.synthetic import (GROUP_NAMES, GroupWordProblem, MultiQueryAssociativeRecall,
+                                     make_group)
+from goosejax.errors import GoosejaxError
 from goosejax.model import RWKV7
 from transformer_baseline import CausalTransformer
 from synthetic_training import Budget, accuracy_by_position, train
@@ -84,25 +92,131 @@ class Grid:
   mqar: MQARGrid
 
 
-def _tuples(value: Any) -> Any:
-  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+class GridError(GoosejaxError):
+  """A --grid or grid file the experiment cannot run; the message names the file and key."""
+
+
+GRID_NAMES = ("reduced", "full")
+
+
+def grid_path(name: str) -> Path:
+  """--grid: a committed grid's name or a YAML file."""
+  if name in GRID_NAMES:
+    return CONFIGS / f"state_tracking_{name}.yaml"
+  if name.endswith((".yaml", ".yml")):
+    return Path(name)
+  raise GridError(f"--grid {name!r}: expected {' or '.join(GRID_NAMES)} or a grid YAML file "
+                  "(.yaml, .yml)")
+
+
+def _read_grid_yaml(path: Path) -> dict[str, Any]:
+  """The grid file's top-level mapping; a binary, invalid or empty file is a GridError."""
+  try:
+    with path.open("rb") as stream:
+      tree = yaml.safe_load(stream)
+  except yaml.reader.ReaderError as e:
+    raise GridError(f"{path}: not a YAML text file ({e.reason} at position {e.position})") from None
+  except yaml.YAMLError as e:
+    raise GridError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+  except ValueError as e:   # an integer of more digits than Python converts
+    raise GridError(f"{path}: a value cannot be read ({str(e).split(':')[0]})") from None
+  sections = ["mqar", "optimizer", "seed", "word_problems"]
+  if tree is None:
+    raise GridError(f"{path}: the grid file is empty; expected the keys {sections}")
+  if not isinstance(tree, dict) or set(tree) != set(sections):
+    found = sorted(map(str, tree)) if isinstance(tree, dict) else type(tree).__name__
+    raise GridError(f"{path}: expected a mapping with exactly the keys {sections}, got {found}")
+  return tree
+
+
+def _value(value: Any, annotation: Any, where: str) -> Any:
+  """`value` checked against a grid field's type: positive ints (at most int32), strings,
+  non-empty lists of distinct items, [a, b] pairs; lists become tuples."""
+  args = typing.get_args(annotation)
+  if annotation is int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_INTEGER_SETTING:
+      return value
+    raise GridError(f"{where}={value!r}: expected a positive integer (at most {MAX_INTEGER_SETTING})")
+  if annotation is str:
+    if isinstance(value, str):
+      return value
+    raise GridError(f"{where}={value!r}: expected a string")
+  if not isinstance(value, list) or not value:
+    raise GridError(f"{where}={value!r}: expected a non-empty list")
+  if args[-1] is Ellipsis:
+    items = tuple(_value(item, args[0], f"{where}[{i}]") for i, item in enumerate(value))
+    if len(set(items)) < len(items):
+      raise GridError(f"{where}={value!r}: expected distinct items")
+    return items
+  if len(value) != len(args):
+    raise GridError(f"{where}={value!r}: expected a list of {len(args)}")
+  return tuple(_value(item, arg, f"{where}[{i}]") for i, (item, arg) in enumerate(zip(value, args)))
+
+
+def _section(path: Path, tree: dict[str, Any], key: str, cls: type) -> Any:
+  """Section `key` of the grid as `cls`: exactly its fields, each of its type."""
+  values, fields = tree[key], typing.get_type_hints(cls)
+  if not isinstance(values, dict) or set(values) != set(fields):
+    found = sorted(map(str, values)) if isinstance(values, dict) else repr(values)
+    raise GridError(f"{path}: {key}: expected exactly the keys {sorted(fields)}, got {found}")
+  return cls(**{name: _value(values[name], annotation, f"{path}: {key}.{name}")
+                for name, annotation in fields.items()})
+
+
+def _check_shape(path: Path, where: str, n_layer: int, n_embd: int, head_size: int) -> None:
+  try:
+    model_config(1, n_layer, n_embd, head_size).validate()
+  except ConfigError as e:
+    raise GridError(f"{path}: {where}: {e}") from None
+
+
+def _check_word_problems(path: Path, wp: WordProblemGrid) -> None:
+  unknown = [name for name in wp.groups if name not in GROUP_NAMES]
+  if unknown:
+    raise GridError(f"{path}: word_problems.groups: unknown {unknown}; known: {list(GROUP_NAMES)}")
+  if max(wp.eval_lengths) > wp.train_length:
+    raise GridError(f"{path}: word_problems.eval_lengths {list(wp.eval_lengths)} exceed "
+                    f"train_length {wp.train_length}")
+  for n_layer in wp.layers:
+    _check_shape(path, "word_problems", n_layer, wp.n_embd, wp.head_size)
+
+
+def _check_mqar(path: Path, mq: MQARGrid) -> None:
+  if mq.num_pairs > mq.num_keys:
+    raise GridError(f"{path}: mqar.num_pairs={mq.num_pairs} needs as many distinct keys, but "
+                    f"mqar.num_keys={mq.num_keys}")
+  for n_embd, head_size in mq.shapes:
+    _check_shape(path, f"mqar.shapes [{n_embd}, {head_size}]", mq.n_layer, n_embd, head_size)
 
 
 def load_grid(path: Path) -> Grid:
-  tree = yaml.safe_load(path.read_text())
-  sections = {"seed", "optimizer", "word_problems", "mqar"}
-  if set(tree) != sections:
-    raise ValueError(f"{path}: expected exactly the keys {sorted(sections)}, got {sorted(tree)}")
-  optimizer = OptimizerConfig(**{k: float(v) if isinstance(v, str) else v
-                                 for k, v in tree["optimizer"].items()})
-  optimizer.validate()
-  section = lambda cls, key: cls(**{k: _tuples(v) for k, v in tree[key].items()})
-  wp = section(WordProblemGrid, "word_problems")
-  if max(wp.eval_lengths) > wp.train_length:
-    raise ValueError(f"{path}: eval_lengths {wp.eval_lengths} exceed train_length {wp.train_length}")
+  """The grid in `path`, every setting of both experiments checked before anything trains."""
+  tree = _read_grid_yaml(path)
+  seed = tree["seed"]
+  if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_INTEGER_SETTING:
+    raise GridError(f"{path}: seed={seed!r}: expected an integer from 0 to {MAX_INTEGER_SETTING}")
+  try:
+    optimizer = config_from_dict({"optimizer": tree["optimizer"]}, str(path)).optimizer
+  except ConfigError as e:   # the goosejax loader's checks: unknown keys, types, ranges
+    raise GridError(f"{path}: {e}") from None
+  wp = _section(path, tree, "word_problems", WordProblemGrid)
+  mq = _section(path, tree, "mqar", MQARGrid)
+  for key, section in (("word_problems", wp), ("mqar", mq)):
+    if section.eval_examples < section.batch_size:
+      raise GridError(f"{path}: {key}.eval_examples={section.eval_examples}: expected at least "
+                      f"one batch ({key}.batch_size={section.batch_size})")
+  _check_word_problems(path, wp)
+  _check_mqar(path, mq)
   path = path.resolve()
   source = str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
-  return Grid(source, tree["seed"], optimizer, wp, section(MQARGrid, "mqar"))
+  return Grid(source, seed, optimizer, wp, mq)
+
+
+def check_writable(directory: Path) -> None:
+  """Make `directory` and write a file there now, not after an hour of training."""
+  directory.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryFile(dir=directory):
+    pass
 
 
 def model_config(vocab_size: int, n_layer: int, n_embd: int, head_size: int) -> ModelConfig:
@@ -325,13 +439,21 @@ def plot(grid: Grid, words: list[WordProblemResult], recall: list[MQARResult], p
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Exit status 0, or 2 with one line for a bad --grid, grid file or --out."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--grid", default="reduced",
                       help="reduced | full | a grid YAML file (default: reduced)")
   parser.add_argument("--out", type=Path, default=DOCS, help="directory for the .md and .png")
   args = parser.parse_args(argv)
-  grid_path = Path(args.grid) if args.grid.endswith((".yaml", ".yml")) else CONFIGS / f"state_tracking_{args.grid}.yaml"
-  grid = load_grid(grid_path)
+  try:
+    grid = load_grid(grid_path(args.grid))
+    check_writable(args.out)
+  except GoosejaxError as e:
+    print(f"state_tracking.py: error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:
+    print(f"state_tracking.py: error: {describe_os_error(e)}", file=sys.stderr)
+    return 2
   command = "python experiments/state_tracking.py" + ("" if args.grid == "reduced" else f" --grid {args.grid}")
   start = time.perf_counter()
   words = run_word_problems(grid)
