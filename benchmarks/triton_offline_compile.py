@@ -1,90 +1,168 @@
-"""Compile the Pallas Triton WKV-7 kernels for a GPU without having one: shared memory, registers, spills.
+"""Registers, spills and shared memory of the Pallas Triton WKV-7 kernels as XLA builds them for an
+H100 (sm_90a), without a GPU.
 
-  python benchmarks/triton_offline_compile.py --triton-python /path/to/python-with-triton [--chunk 16 32]
+  python benchmarks/triton_offline_compile.py                          # the default configuration
+  python benchmarks/triton_offline_compile.py --chunk 16 32 --value-block 64 16 --warps 4 8
 
-Lowers forward+backward for "cuda" from this process (CPU is fine), captures each kernel's Triton IR as
-text, and compiles it with the `triton` package of --triton-python (a separate environment: triton is no
-dependency of goosejax) for --arch (default sm_90a), reporting what `cuobjdump --dump-resource-usage`
-says. jaxlib bundles its own Triton revision, so the figures are estimates of what XLA will build; a
-kernel needing more shared memory than the GPU has per block (227 KB on H100/H200) cannot launch.
+XLA's own GPU compiler (the `cuda` extra's PJRT plugin, compile-only devices from
+goosejax.plan.targets) compiles forward+backward of `wkv7_pallas` at [B, T, H, N] with bf16 inputs,
+a state and resets, as the model calls it, and dumps what it built: the PTX of each Triton kernel
+(jaxlib's own Triton revision) and the thunk sequence, which names each kernel's threads and dynamic
+shared memory. `ptxas -v` (the one XLA itself runs, from PATH) assembles each kernel's PTX for
+sm_90a and reports its registers per thread and spill bytes. Occupancy follows from registers x
+threads against the SM's 64K registers and 228 KB of shared memory.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import pathlib
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
 
-_COMPILE = r"""
-import pathlib, re, subprocess, sys, triton
-from triton.backends.compiler import GPUTarget
-path, warps, arch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-kernel = triton.compile(path, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 1})
-cubin = pathlib.Path(path + ".cubin")
-cubin.write_bytes(kernel.asm["cubin"])
-tool = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-usage = subprocess.run([str(tool), "--dump-resource-usage", str(cubin)], capture_output=True, text=True).stdout
-found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-print(f"shared={kernel.metadata.shared} registers={found.group(1)} spill_stack={found.group(2)}")
-"""
+REGISTERS_PER_SM = 65536
+SHARED_BYTES_PER_SM = 228 * 1024
+MAX_WARPS_PER_SM = 64
 
 
-def dump_triton_ir(chunk_size: int, shape) -> list[tuple[str, str]]:
-  """(kernel name, Triton IR text) of the forward and backward kernels at this chunk size."""
+class OfflineCompileError(RuntimeError):
+  """No ptxas, or XLA built no Triton kernels."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelResources:
+  """What one compiled Triton kernel needs per program (a CUDA thread block)."""
+  name: str
+  threads: int
+  shared_bytes: int        # dynamic shared memory XLA launches it with
+  registers: int           # per thread
+  spill_store_bytes: int
+  spill_load_bytes: int
+  stack_bytes: int
+
+  @property
+  def programs_per_sm(self) -> int:
+    by_registers = REGISTERS_PER_SM // (self.registers * self.threads)
+    by_shared = SHARED_BYTES_PER_SM // max(self.shared_bytes, 1)
+    return min(by_registers, by_shared, MAX_WARPS_PER_SM * 32 // self.threads)
+
+  def row(self) -> str:
+    warps = self.programs_per_sm * self.threads // 32
+    return (f"{self.name:<22} threads {self.threads:>4}  registers {self.registers:>3}  "
+            f"spill stores {self.spill_store_bytes:>5} B  loads {self.spill_load_bytes:>5} B  "
+            f"stack {self.stack_bytes:>5} B  shared {self.shared_bytes / 1024:6.1f} KiB  "
+            f"{self.programs_per_sm} program(s) = {warps} warps per SM")
+
+
+def find_ptxas() -> str:
+  ptxas = shutil.which("ptxas")
+  if ptxas is None:
+    raise OfflineCompileError("ptxas is not on PATH: XLA's GPU compiler needs it too (a CUDA 12.8+ "
+                              "toolkit, or pip install nvidia-cuda-nvcc-cu12 and its bin/ on PATH)")
+  return ptxas
+
+
+def _dump_kernels(folder: pathlib.Path, shape, chunk_size: int, value_block: int | None,
+                  target: str) -> None:
+  """Compiles forward+backward for `target` with XLA's dump of what it built in `folder`."""
   import jax
   import jax.numpy as jnp
-  from jax._src.pallas.triton import pallas_call_registration as registration
+  from jax.sharding import SingleDeviceSharding
 
+  from goosejax.plan.targets import target_devices
   from pallas_kernels import wkv7_pallas
 
-  captured = []
-  lower = registration.lowering.lower_jaxpr_to_triton_module
-
-  def capture(*args, **kwargs):
-    result = lower(*args, **kwargs)
-    captured.append(result.module.operation.get_asm(enable_debug_info=False))
-    return result
-
+  device = SingleDeviceSharding(target_devices(target)[0])
   B, T, H, N = shape
+  sequence = jax.ShapeDtypeStruct((B, T, H, N), jnp.bfloat16, sharding=device)
+  state = jax.ShapeDtypeStruct((B, H, N, N), jnp.float32, sharding=device)
+  reset = jax.ShapeDtypeStruct((B, T), jnp.bool_, sharding=device)
 
   def loss(*x):
-    y, state = wkv7_pallas(*x[:7], reset=x[7], backend="triton", interpret=False, chunk_size=chunk_size)
-    return jnp.sum(y.astype(jnp.float32)) + jnp.sum(state)
+    y, final = wkv7_pallas(*x[:7], reset=x[7], backend="triton", interpret=False,
+                           chunk_size=chunk_size, value_block=value_block)
+    return jnp.sum(y.astype(jnp.float32)) + jnp.sum(final)
 
-  sequence = jax.ShapeDtypeStruct((B, T, H, N), jnp.bfloat16)
-  args = [sequence] * 6 + [jax.ShapeDtypeStruct((B, H, N, N), jnp.float32),
-                           jax.ShapeDtypeStruct((B, T), jnp.bool_)]
-  registration.lowering.lower_jaxpr_to_triton_module = capture
+  grads = jax.jit(jax.grad(loss, argnums=tuple(range(7))))
+  grads.trace(*[sequence] * 6, state, reset).lower().compile(
+      compiler_options={"xla_dump_to": str(folder)})
+
+
+def _ptxas_report(ptxas: str, ptx: pathlib.Path, arch: str) -> dict[str, int]:
+  run = subprocess.run([ptxas, "-v", f"-arch={arch}", str(ptx), "-o", str(ptx.with_suffix(".cubin"))],
+                       capture_output=True, text=True)
+  if run.returncode:
+    raise OfflineCompileError(f"ptxas failed on {ptx.name}: {run.stderr.strip()[-400:]}")
+  registers = re.search(r"Used (\d+) registers", run.stderr)
+  spills = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
+                     run.stderr)
+  return {"registers": int(registers.group(1)), "stack_bytes": int(spills.group(1)),
+          "spill_store_bytes": int(spills.group(2)), "spill_load_bytes": int(spills.group(3))}
+
+
+def kernel_resources(*, chunk_size: int, value_block: int | None = None, num_warps: int | None = None,
+                     shape=(8, 4096, 64, 64), target: str = "h100:1", arch: str = "sm_90a"
+                     ) -> list[KernelResources]:
+  """The forward and backward kernels' resources; None options are the kernels' defaults."""
+  from pallas_kernels import triton_gpu
+
+  ptxas = find_ptxas()
+  default_warps = triton_gpu.NUM_WARPS
+  triton_gpu.NUM_WARPS = num_warps or default_warps
   try:
-    jax.jit(jax.grad(loss, argnums=tuple(range(7)))).trace(*args).lower(lowering_platforms=("cuda",))
+    with tempfile.TemporaryDirectory() as name:
+      folder = pathlib.Path(name)
+      _dump_kernels(folder, shape, chunk_size, value_block, target)
+      launches = {}
+      for sequence in folder.glob("*thunk_sequence.txt"):
+        for kernel, threads, shared in re.findall(
+            r"(wkv7_\w+_triton) grid: \[[^\]]*\] threads: \[(\d+)[^\]]*\]\s+shared_memory: (\d+)",
+            sequence.read_text()):
+          launches[kernel] = (int(threads), int(shared))
+      found = []
+      for ptx in sorted(folder.glob("*.ptx")):
+        entry = re.search(r"\.entry (wkv7_\w+_triton)\(", ptx.read_text())
+        if entry and entry.group(1) in launches:
+          threads, shared = launches[entry.group(1)]
+          found.append(KernelResources(entry.group(1), threads, shared,
+                                       **_ptxas_report(ptxas, ptx, arch)))
   finally:
-    registration.lowering.lower_jaxpr_to_triton_module = lower
-  return list(zip(("forward", "backward"), captured))
+    triton_gpu.NUM_WARPS = default_warps
+  if not found:
+    raise OfflineCompileError(f"XLA built no wkv7 Triton kernels for {target} (dump had "
+                              f"{len(launches)} launches)")
+  return found
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--triton-python", default=sys.executable, help="a python that can import triton")
-  parser.add_argument("--chunk", type=int, nargs="+", default=[16, 32])
-  parser.add_argument("--warps", type=int, default=None, help="default: the kernels' own setting")
-  parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
-  parser.add_argument("--shape", type=int, nargs=4, default=[8, 4096, 64, 64], metavar=("B", "T", "H", "N"))
-  args = parser.parse_args(argv)
   from pallas_kernels import triton_gpu
-  warps = args.warps or triton_gpu.NUM_WARPS
-  failures = 0
-  with tempfile.TemporaryDirectory() as folder:
-    for chunk_size in args.chunk:
-      for name, text in dump_triton_ir(chunk_size, args.shape):
-        path = pathlib.Path(folder) / f"wkv7_{name}_C{chunk_size}.ttir"
-        path.write_text(text)
-        run = subprocess.run([args.triton_python, "-c", _COMPILE, str(path), str(warps), str(args.arch)],
-                             capture_output=True, text=True)
-        report = run.stdout.strip() if run.returncode == 0 else "FAILED: " + run.stderr.strip()[-600:]
-        failures += run.returncode != 0
-        print(f"chunk {chunk_size:>3} {name:<8} warps {warps}: {report}", flush=True)
-  return 1 if failures else 0
+  from pallas_kernels.wkv_policy import POLICY
+
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--chunk", type=int, nargs="+", default=[POLICY["cuda"].auto.chunk_size],
+                      help="default: what impl='auto' runs on CUDA")
+  parser.add_argument("--value-block", type=int, nargs="+", default=[None],
+                      help="value rows per program (default: the whole head)")
+  parser.add_argument("--warps", type=int, nargs="+", default=[triton_gpu.NUM_WARPS])
+  parser.add_argument("--shape", type=int, nargs=4, default=[8, 4096, 64, 64],
+                      metavar=("B", "T", "H", "N"))
+  parser.add_argument("--target", default="h100:1", help="a goosejax.plan target, e.g. h200:1")
+  args = parser.parse_args(argv)
+  try:
+    for chunk, value_block, warps in itertools.product(args.chunk, args.value_block, args.warps):
+      print(f"chunk {chunk}, value block {value_block or args.shape[3]}, {warps} warps, "
+            f"{args.target} (sm_90a), shape {tuple(args.shape)}:", flush=True)
+      for kernel in kernel_resources(chunk_size=chunk, value_block=value_block, num_warps=warps,
+                                     shape=tuple(args.shape), target=args.target):
+        print("  " + kernel.row(), flush=True)
+  except OfflineCompileError as error:
+    print(f"triton_offline_compile: {error}", file=sys.stderr)
+    return 2
+  return 0
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ _KEY_SIDE = ("r", "log_w", "k", "a", "b")
 NUM_WARPS = 8
 
 
-def _compiler_params(num_warps: int):
-  return pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
+def _compiler_params(num_warps: int | None):
+  return pltriton.CompilerParams(num_warps=num_warps or NUM_WARPS, num_stages=1)
 
 
 def _zeros_index(ndim, *_):
@@ -82,7 +82,7 @@ def _check(r, layout: ChunkLayout):
 
 
 def forward(r, log_w, k, v, a, b, state, reset, *, layout: ChunkLayout, interpret: bool,
-            checkpoints: bool = True, num_warps: int = NUM_WARPS):
+            checkpoints: bool = True, num_warps: int | None = None):
   """Returns (y like r, end state [B, H*N, N] fp32, and with `checkpoints` the start state of every
   chunk [B, chunks, H*N, N] fp32)."""
   B, H, value_tiles, num_chunks = _check(r, layout)
@@ -111,7 +111,7 @@ def forward(r, log_w, k, v, a, b, state, reset, *, layout: ChunkLayout, interpre
 
 
 def backward(r, log_w, k, v, a, b, reset, checkpoint, dy, dstate_end, *, layout: ChunkLayout,
-             interpret: bool, num_warps: int = NUM_WARPS):
+             interpret: bool, num_warps: int | None = None):
   """Returns (dr, dlog_w, dk, dv, da, db in their inputs' dtypes, dstate_start [B, H*N, N] fp32)."""
   B, H, value_tiles, num_chunks = _check(r, layout)
   key_seq, value_seq, reset_spec, state_spec, checkpoint_spec = _specs(layout, num_chunks, value_tiles)
