@@ -1,5 +1,7 @@
 """The kernels' first-use self-check: a correct kernel passes, a wrong or failing one is
-reported in one line and switched off (on CPU, with the kernel body in the interpreter)."""
+reported in one line and switched off (on CPU, with the kernel body in the interpreter). Its
+outcomes are a value keyed by (platform, chunk size), handed to `wkv7` or installed for a block:
+nothing is kept between calls."""
 import jax
 import jax.numpy as jnp
 import pytest
@@ -11,23 +13,21 @@ from pallas_kernels.wkv_policy import CHUNK_SIZES, LOG_DECAY_MIN, POLICY
 CHUNK = 16
 
 
-@pytest.fixture(autouse=True)
-def fresh_checks(monkeypatch):
-  monkeypatch.setattr(self_check, "KERNEL_CHECKS", {})
-
-
 def interpreted(r, log_w, k, v, a, b, state, reset):
   return pallas_kernels.wkv7_pallas(r, log_w, k, v, a, b, state, reset=reset, chunk_size=CHUNK,
                                     backend="tpu", interpret=True)
 
 
 def test_a_correct_kernel_passes_even_when_called_while_tracing():
-  warnings = []
+  warnings, checks = [], []
   # Called from inside a jit trace, as wkv7 does: the check must run, not be staged.
-  jax.jit(lambda x: x + self_check.check_platform("tpu", interpreted, CHUNK, warnings.append)
-          .passed)(jnp.zeros(()))
-  check = self_check.KERNEL_CHECKS["tpu", CHUNK]
-  assert check.passed and not warnings, check
+  def traced(x):
+    checks.append(self_check.run_check("tpu", CHUNK, interpreted, warnings.append))
+    return x
+
+  jax.jit(traced)(jnp.zeros(()))
+  (check,) = checks
+  assert check.passed and not warnings and check.chunk_size == CHUNK, check
   worst = float(check.detail.split()[3])
   assert worst < 1e-4, check.detail
 
@@ -60,14 +60,12 @@ def wrong_gradient(r, log_w, k, v, a, b, state, reset):
 @pytest.mark.parametrize("kernel", [wrong_output, wrong_gradient])
 def test_a_wrong_kernel_fails_with_one_warning_naming_the_error(kernel):
   warnings = []
-  check = self_check.check_platform("cuda", kernel, CHUNK, warnings.append)
+  check = self_check.run_check("cuda", CHUNK, kernel, warnings.append)
   assert not check.passed and f"> {self_check.TOLERANCE:g}" in check.detail
   if kernel is wrong_gradient:
     assert "(dr)" in check.detail
   assert len(warnings) == 1 and "cuda" in warnings[0] and "XLA chunked form" in warnings[0]
-  # Once per process: a second call returns the first outcome without warning again.
-  assert self_check.check_platform("cuda", interpreted, CHUNK, warnings.append) is check
-  assert len(warnings) == 1
+  assert f"chunk size {CHUNK}" in warnings[0]
 
 
 def test_a_kernel_that_raises_fails_with_the_error_named():
@@ -75,27 +73,44 @@ def test_a_kernel_that_raises_fails_with_the_error_named():
     raise RuntimeError("Mosaic failed to legalize\nmore detail")
 
   warnings = []
-  check = self_check.check_platform("tpu", broken, CHUNK, warnings.append)
+  check = self_check.run_check("tpu", CHUNK, broken, warnings.append)
   assert not check.passed and check.detail == "RuntimeError: Mosaic failed to legalize"
   assert "RuntimeError: Mosaic failed to legalize" in warnings[0]
 
 
-def test_on_cpu_nothing_is_checked_and_the_line_says_what_runs():
+def test_on_cpu_nothing_is_checked_and_the_line_says_what_runs(monkeypatch):
+  monkeypatch.setattr(self_check, "run_check", lambda *args: pytest.fail("a check ran on CPU"))
   assert self_check.local_platform() is None
-  assert self_check.kernels_usable("tpu", CHUNK) and not self_check.KERNEL_CHECKS
+  assert self_check.kernels_usable("tpu", CHUNK) and self_check.kernel_check("tpu", CHUNK) is None
+  assert self_check.checks_for([16, 64]) == self_check.KernelChecks()
   assert "XLA chunked form on cpu" in self_check.describe_wkv("auto", CHUNK)
   assert "interpreter" in self_check.describe_wkv("pallas", CHUNK)
   assert "impl=chunked" in self_check.describe_wkv("chunked", CHUNK)
 
 
-def test_on_a_local_accelerator_the_line_reports_the_check(monkeypatch):
+def failed(platform, size, detail="worst relative error 3.0e-01 (y)"):
+  return self_check.KernelCheck(platform, size, False, detail)
+
+
+def test_on_a_local_accelerator_the_outcome_is_keyed_by_platform_and_chunk(monkeypatch):
   monkeypatch.setattr(self_check, "local_platform", lambda: "tpu")
-  for size in (CHUNK, 64):
-    monkeypatch.setitem(self_check.KERNEL_CHECKS, ("tpu", size),
-                        self_check.KernelCheck("tpu", False, "worst relative error 3.0e-01 (y)"))
-  assert not self_check.kernels_usable("tpu", CHUNK)
-  line = self_check.describe_wkv("auto", 64)
-  assert "XLA chunked form on tpu" in line and "3.0e-01" in line
+  ran = []
+  monkeypatch.setattr(self_check, "run_check", lambda platform, size: ran.append(size) or
+                      self_check.KernelCheck(platform, size, True, "ran now"))
+  checks = self_check.KernelChecks((failed("tpu", 64),))
+  assert not self_check.kernels_usable("tpu", 64, checks)
+  line = self_check.describe_wkv("auto", 64, checks)
+  assert "XLA chunked form on tpu" in line and "3.0e-01" in line and not ran
+  # Another chunk size, or no outcome in hand: checked now, every time (nothing is kept).
+  assert self_check.kernels_usable("tpu", CHUNK, checks) and ran == [CHUNK]
+  assert self_check.kernels_usable("tpu", 64) and ran == [CHUNK, 64]
+  # A `use` block hands its outcomes to every call that names none.
+  with self_check.use(checks):
+    assert not self_check.kernels_usable("tpu", 64) and ran == [CHUNK, 64]
+  # checks_for fills in only what is missing.
+  more = self_check.checks_for([64, 32, 64], checks)
+  assert ran == [CHUNK, 64, 32] and more.get("tpu", 64) == checks.get("tpu", 64)
+  assert more.get("tpu", 32).passed and more.get("cuda", 32) is None
 
 
 @pytest.mark.parametrize("impl", ["auto", "pallas"])
@@ -111,13 +126,19 @@ def test_a_failed_check_keeps_the_kernel_out_of_the_compiled_program(monkeypatch
 
   require("tpu")
   monkeypatch.setattr(self_check, "local_platform", lambda: "tpu")
-  for size in CHUNK_SIZES:
-    monkeypatch.setitem(self_check.KERNEL_CHECKS, ("tpu", size),
-                        self_check.KernelCheck("tpu", False, "test"))
+  checks = self_check.KernelChecks(tuple(failed("tpu", size, "test") for size in CHUNK_SIZES))
   device = SingleDeviceSharding(targets.target_devices("v5e:2x2")[0])
   inputs = [jax.ShapeDtypeStruct((1, 100, 2, 64), jnp.bfloat16, sharding=device) for _ in range(6)]
-  compiled = jax.jit(lambda *xs: wkv7(*xs, impl=impl)).trace(*inputs).lower().compile()
-  assert _kernel_calls(compiled, "tpu") == 0
+
+  def compiled_kernel_calls(fn):
+    return _kernel_calls(jax.jit(fn).trace(*inputs).lower().compile(), "tpu")
+
+  assert compiled_kernel_calls(lambda *xs: wkv7(*xs, impl=impl, kernel_checks=checks)) == 0
+  with self_check.use(checks):  # as a model's wkv7 calls get them
+    assert compiled_kernel_calls(lambda *xs: wkv7(*xs, impl=impl)) == 0
+  passed = self_check.KernelChecks(tuple(self_check.KernelCheck("tpu", c.chunk_size, True, "ok")
+                                         for c in checks.outcomes))
+  assert compiled_kernel_calls(lambda *xs: wkv7(*xs, impl=impl, kernel_checks=passed)) == 1
 
 
 def test_startup_line_names_the_implementation_and_the_kernel_chunk(monkeypatch):
@@ -128,10 +149,8 @@ def test_startup_line_names_the_implementation_and_the_kernel_chunk(monkeypatch)
   assert "spans of a split sequence runs the kernel" in dispatch.startup_line("pallas", None, spans=2)
   checked = []
   monkeypatch.setattr(self_check, "local_platform", lambda: "cuda")
-  monkeypatch.setattr(self_check, "kernels_usable", lambda platform, size: checked.append(size) or True)
-  for size in (16, 32):
-    monkeypatch.setitem(self_check.KERNEL_CHECKS, ("cuda", size),
-                        self_check.KernelCheck("cuda", True, "ok"))
+  monkeypatch.setattr(self_check, "run_check", lambda platform, size: checked.append(size) or
+                      self_check.KernelCheck(platform, size, True, "ok"))
   line = dispatch.startup_line("auto", 64)
   assert "Pallas kernels on cuda" in line
   # a chunk size the kernel does not take is said, with the one that runs instead
@@ -140,7 +159,10 @@ def test_startup_line_names_the_implementation_and_the_kernel_chunk(monkeypatch)
   line = dispatch.startup_line("pallas", 64)
   assert "Pallas kernels on cuda" in line and line.endswith("impl=pallas runs it at 32")
   assert "takes" not in dispatch.startup_line("auto", 32) + dispatch.startup_line("pallas", 16)
-  # the chunk sizes checked (kernels_usable caches; the line asks it again for the spans' form)
-  assert list(dict.fromkeys(checked)) == [POLICY["cuda"].auto.chunk_size, 32]  # Triton <= 32
+  # the chunk sizes checked: once per line, the one each impl runs (Triton <= 32)
+  assert checked == [POLICY["cuda"].auto.chunk_size, 32, 32, 16]
+  given = self_check.KernelChecks((self_check.KernelCheck("cuda", 16, True, "given"),))
+  assert "given" in dispatch.startup_line("auto", None, kernel_checks=given)
+  assert len(checked) == 4
   assert "spans of a split sequence runs the kernel" in dispatch.startup_line("auto", 64, spans=8)
   assert "runs the XLA associative form" in dispatch.startup_line("chunked", 64, spans=8)

@@ -58,7 +58,8 @@ def auto_choice(platform: str | None = None) -> Form:
   return choose(platform or self_check.local_platform() or jax.default_backend(), "auto")
 
 
-def wkv7(r, log_w, k, v, a, b, state=None, *, reset=None, impl="auto", chunk_size=None):
+def wkv7(r, log_w, k, v, a, b, state=None, *, reset=None, impl="auto", chunk_size=None,
+         kernel_checks: self_check.KernelChecks | None = None):
   """WKV-7 over a sequence: returns (y [B,T,H,N] in r's dtype, final state [B,H,N,N] in fp32).
 
   r, k, v, a, b: [B,T,H,N] (a = -kappa_hat, b = kappa_hat * iclr, k the replacement key);
@@ -76,6 +77,9 @@ def wkv7(r, log_w, k, v, a, b, state=None, *, reset=None, impl="auto", chunk_siz
   kernels on each span, "auto" the kernels on TPU / CUDA and the XLA form elsewhere.
   Everything is computed in fp32 (float64 when an input is float64 under x64; float64 never
   goes to a kernel).
+  kernel_checks: the kernels' self-check outcomes (goosejax.wkv.self_check); None: those of
+  the enclosing `self_check.use` block. A compiled kernel whose check failed on this process's
+  devices is replaced by the platform's XLA form; one with no outcome is checked now.
   """
   _check_inputs(r, log_w, k, v, a, b, state, reset, impl, chunk_size)
   dtype = compute_dtype(r, log_w, k, v, a, b, state)
@@ -88,20 +92,22 @@ def wkv7(r, log_w, k, v, a, b, state=None, *, reset=None, impl="auto", chunk_siz
   split_mesh = span_mesh(T)
   if impl == "auto" and split_mesh is None and T <= (chunk_size or AUTO_TOKEN_SCAN_MAX):
     return wkv7_reference(r, log_w, k, v, a, b, state, reset=reset)
-  branches = _branches(impl, chunk_size, dtype, r.shape, reset is not None, split_mesh)
+  branches = _branches(impl, chunk_size, dtype, r.shape, reset is not None, split_mesh,
+                       kernel_checks)
   default = branches.pop("default")
   if not branches:  # the same form on every platform
     return default(r, log_w, k, v, a, b, state, reset)
   return jax.lax.platform_dependent(r, log_w, k, v, a, b, state, reset, default=default, **branches)
 
 
-def _branches(impl, chunk_size, dtype, shape, has_reset, split_mesh) -> dict[str, Callable]:
+def _branches(impl, chunk_size, dtype, shape, has_reset, split_mesh,
+              kernel_checks) -> dict[str, Callable]:
   """The kernel table: each platform of the policy ("default": every other) mapped to what it
   runs, (r, log_w, k, v, a, b, state, reset) -> (y, final state); one callable per distinct
   form, and the platforms that run the default's left out."""
   by_form, branches = {}, {}
   for platform in POLICY:
-    form = _form(platform, impl, chunk_size, dtype, split_mesh is not None)
+    form = _form(platform, impl, chunk_size, dtype, split_mesh is not None, kernel_checks)
     if form not in by_form:
       by_form[form] = _runner(form, dtype, shape, has_reset, split_mesh)
     branches[platform] = by_form[form]
@@ -110,13 +116,14 @@ def _branches(impl, chunk_size, dtype, shape, has_reset, split_mesh) -> dict[str
           if platform == "default" or run is not default}
 
 
-def _form(platform, impl, chunk_size, dtype, split: bool) -> Form:
+def _form(platform, impl, chunk_size, dtype, split: bool, kernel_checks=None) -> Form:
   """The policy's choice, with the platform's XLA form where its compiled kernel failed the
   self-check on this process's devices (goosejax.wkv.self_check)."""
   dtype = jnp.dtype(dtype).name
   form = choose(platform, impl, chunk_size, dtype=dtype, split=split)
   kernel = form.kernel
-  if kernel and not kernel.interpret and not self_check.kernels_usable(platform, form.chunk_size):
+  if (kernel and not kernel.interpret
+      and not self_check.kernels_usable(platform, form.chunk_size, kernel_checks)):
     return choose(platform, impl, chunk_size, dtype=dtype, split=split, kernels=False)
   return form
 
@@ -165,21 +172,34 @@ def _per_device(kernel, shape, has_reset):
                        out_specs=(x_spec, state_spec), check_vma=False)
 
 
-def startup_line(impl: str, chunk_size: int | None, spans: int = 1) -> str:
-  """Which WKV implementation `impl` runs on this process's devices, for start-up output (runs
-  the kernel self-check now on a TPU or CUDA device), with the chunk size a kernel runs when it
-  is not the one asked for; with `spans` > 1 (mesh.sequence), also what runs each span of a
-  split sequence."""
+def kernel_chunk_sizes(impl: str, chunk_size: int | None, platform: str | None = None) -> list[int]:
+  """The chunk sizes at which `impl` runs a compiled kernel on `platform` (default: this
+  process's), for a whole sequence and for spans of a split one: what the self-check covers."""
+  platform = platform or self_check.local_platform() or jax.default_backend()
+  if impl == "reference":
+    return []
+  forms = (choose(platform, impl, chunk_size), choose(platform, impl, chunk_size, split=True))
+  return list(dict.fromkeys(f.chunk_size for f in forms
+                            if f.kernel is not None and not f.kernel.interpret))
+
+
+def startup_line(impl: str, chunk_size: int | None, spans: int = 1,
+                 kernel_checks: self_check.KernelChecks | None = None) -> str:
+  """Which WKV implementation `impl` runs on this process's devices, for start-up output, with
+  the chunk size a kernel runs when it is not the one asked for; with `spans` > 1
+  (mesh.sequence), also what runs each span of a split sequence. On a TPU or CUDA device the
+  kernels' self-check outcomes come from `kernel_checks`, else from a check run now."""
+  kernel_checks = self_check.checks_for(kernel_chunk_sizes(impl, chunk_size), kernel_checks)
   platform = self_check.local_platform() or jax.default_backend()
   form = None if impl == "reference" else choose(platform, impl, chunk_size)
   kernel = None if form is None else form.kernel
-  line = self_check.describe_wkv(impl, form.chunk_size if form else None)
+  line = self_check.describe_wkv(impl, form.chunk_size if form else None, kernel_checks)
   if kernel is not None:
     note = substitution(platform, impl, chunk_size)
     line += f"; {note}" if note else ""
   if spans > 1:
     kernels = kernel is not None and (
-        kernel.interpret or self_check.kernels_usable(platform, form.chunk_size))
+        kernel.interpret or self_check.kernels_usable(platform, form.chunk_size, kernel_checks))
     form_text = ("the kernel (one call over doubled rows: goosejax.wkv.sequence_parallel)"
                  if kernels else "the XLA associative form")
     line += f"; each of the {spans} spans of a split sequence runs {form_text}"

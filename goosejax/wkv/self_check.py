@@ -5,20 +5,25 @@ Interpret mode on CPU runs the kernel bodies but not what the hardware compilers
 work to a compiled kernel on a device this process really has, a short forward+backward on a
 small input (T not a multiple of the chunk, a document reset, a non-zero incoming state, the
 strongest decay the model produces) is compared with the token-scan reference. A mismatch or
-an error switches that platform to the XLA form for the rest of the process, with one
-warning line that names what was found. Compiling for a target the process does not have
+an error switches that platform and chunk size to the XLA form wherever the outcome is used,
+with one warning line that names what was found. Compiling for a target the process does not have
 (goosejax.plan.targets) checks nothing: there is nothing to run on.
 
-The outcome is a per-process fact about the hardware and the chunk size, kept in
-`KERNEL_CHECKS` by (platform, chunk size) (public, so a caller can read or reset it) and
-summarised by `describe_wkv` for start-up lines.
+The outcome of one check (`run_check`) is a `KernelCheck` for one (platform, chunk size); the
+outcomes are a value, `KernelChecks`, that the caller keeps and hands on: to `wkv7(...,
+kernel_checks=)`, or for a block of code where the model calls `wkv7` (`with use(checks):`, the
+way `jax.set_mesh` scopes a mesh). Nothing is remembered between calls: a kernel that would run
+on this process's devices with no outcome in hand is checked on the spot, every time, so an
+entry point runs `checks_for` once, reports it (`describe_wkv`) and installs it.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import contextvars
 import dataclasses
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +41,44 @@ TOLERANCE = 5e-3
 @dataclasses.dataclass(frozen=True)
 class KernelCheck:
   platform: str                 # "tpu" or "cuda"
+  chunk_size: int
   passed: bool
   detail: str                   # the worst relative error, or the error raised
 
 
-KERNEL_CHECKS: dict[tuple[str, int], KernelCheck] = {}  # by (platform, chunk size)
+@dataclasses.dataclass(frozen=True)
+class KernelChecks:
+  """Self-check outcomes by (platform, chunk size); empty: nothing checked yet."""
+  outcomes: tuple[KernelCheck, ...] = ()
+
+  def get(self, platform: str, chunk_size: int) -> KernelCheck | None:
+    return next((c for c in self.outcomes if (c.platform, c.chunk_size) == (platform, chunk_size)),
+                None)
+
+  def with_check(self, check: KernelCheck) -> "KernelChecks":
+    others = tuple(c for c in self.outcomes
+                   if (c.platform, c.chunk_size) != (check.platform, check.chunk_size))
+    return KernelChecks(others + (check,))
+
+
+_IN_EFFECT: contextvars.ContextVar[KernelChecks] = contextvars.ContextVar(
+    "goosejax_kernel_checks", default=KernelChecks())
+
+
+@contextlib.contextmanager
+def use(checks: KernelChecks) -> Iterator[KernelChecks]:
+  """`wkv7` calls traced inside the block (a model's, a train step's) that are given no
+  `kernel_checks` read these outcomes."""
+  token = _IN_EFFECT.set(checks)
+  try:
+    yield checks
+  finally:
+    _IN_EFFECT.reset(token)
+
+
+def in_effect() -> KernelChecks:
+  """The outcomes installed by the innermost `use` block (empty outside any)."""
+  return _IN_EFFECT.get()
 
 
 def local_platform() -> str | None:
@@ -103,12 +141,12 @@ def compare_with_reference(kernel: Callable, chunk_size: int) -> tuple[str, floa
   return f"worst relative error {errors[worst]:.2e} ({worst})", errors[worst]
 
 
-def check_platform(platform: str, kernel: Callable, chunk_size: int,
-                   warn: Callable[[str], None] | None = None) -> KernelCheck:
-  """Runs the check for `platform` at `chunk_size` once per process (later calls return the
-  first outcome)."""
-  if (platform, chunk_size) in KERNEL_CHECKS:
-    return KERNEL_CHECKS[platform, chunk_size]
+def run_check(platform: str, chunk_size: int, kernel: Callable | None = None,
+              warn: Callable[[str], None] | None = None) -> KernelCheck:
+  """Checks `kernel` (default: the compiled `platform` kernel at `chunk_size`) against the
+  reference now, on this process's devices; a failure is also warned about in one line."""
+  if kernel is None:
+    kernel = pallas_kernels.platform_callables(chunk_size=chunk_size)[platform]
   try:
     # In a thread of its own: JAX's trace state is per thread, so the check runs now on the
     # device even when wkv7 calls it while a jit is being traced.
@@ -119,26 +157,46 @@ def check_platform(platform: str, kernel: Callable, chunk_size: int,
       detail += f" > {TOLERANCE:g}"
   except Exception as error:  # any failure to compile or run means the kernels are not usable
     passed, detail = False, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-  result = KERNEL_CHECKS[platform, chunk_size] = KernelCheck(platform, passed, detail)
   if not passed:
     (warn or _stderr)(f"goosejax: WARNING: the Pallas WKV kernel failed its self-check on "
                       f"{platform} at chunk size {chunk_size} ({detail}); using the XLA chunked "
                       "form instead")
-  return result
+  return KernelCheck(platform, chunk_size, passed, detail)
 
 
-def kernels_usable(platform: str, chunk_size: int) -> bool:
-  """May `wkv7` put the compiled `platform` kernel in a program? Yes when compiling for
-  hardware this process does not have; otherwise only if the self-check passes."""
+def kernel_check(platform: str, chunk_size: int,
+                 checks: KernelChecks | None = None) -> KernelCheck | None:
+  """The outcome that decides whether the compiled `platform` kernel at `chunk_size` may run:
+  None when compiling for hardware this process does not have (nothing to run on); else the
+  one in `checks` (default: `in_effect()`), or a check run now when that holds none."""
   if local_platform() != platform:
-    return True
-  kernel = pallas_kernels.platform_callables(chunk_size=chunk_size)[platform]
-  return check_platform(platform, kernel, chunk_size).passed
+    return None
+  found = (in_effect() if checks is None else checks).get(platform, chunk_size)
+  return found if found is not None else run_check(platform, chunk_size)
 
 
-def describe_wkv(impl: str, kernel_chunk_size: int | None) -> str:
+def kernels_usable(platform: str, chunk_size: int, checks: KernelChecks | None = None) -> bool:
+  """May `wkv7` put the compiled `platform` kernel in a program? Yes when compiling for
+  hardware this process does not have; otherwise only if its self-check passed."""
+  check = kernel_check(platform, chunk_size, checks)
+  return check is None or check.passed
+
+
+def checks_for(chunk_sizes, checks: KernelChecks | None = None) -> KernelChecks:
+  """`checks` (default: none) with an outcome for each of `chunk_sizes` of this process's
+  kernel platform, running the checks it lacks; unchanged on CPU and other platforms."""
+  checks = KernelChecks() if checks is None else checks
+  platform = local_platform()
+  for size in dict.fromkeys(chunk_sizes):
+    if platform is not None and checks.get(platform, size) is None:
+      checks = checks.with_check(run_check(platform, size))
+  return checks
+
+
+def describe_wkv(impl: str, kernel_chunk_size: int | None,
+                 checks: KernelChecks | None = None) -> str:
   """One start-up line: which WKV implementation runs on this process's devices (running the
-  self-check now, with the chunk size the kernel would use, if it has not run yet)."""
+  self-check now, with the chunk size the kernel would use, if `checks` has no outcome)."""
   backend = jax.default_backend()
   if impl not in ("auto", "pallas"):
     return f"wkv: impl={impl}, the XLA form, on {backend}"
@@ -146,13 +204,12 @@ def describe_wkv(impl: str, kernel_chunk_size: int | None) -> str:
   if platform is None:
     form = "the XLA chunked form" if impl == "auto" else "the Pallas kernel in the interpreter"
     return f"wkv: impl={impl} runs {form} on {backend} (no TPU or CUDA devices)"
-  if kernels_usable(platform, kernel_chunk_size):
+  check = kernel_check(platform, kernel_chunk_size, checks)
+  if check.passed:
     return (f"wkv: impl={impl} runs the Pallas kernels on {platform} "
-            f"at chunk size {kernel_chunk_size} (self-check passed: "
-            f"{KERNEL_CHECKS[platform, kernel_chunk_size].detail})")
+            f"at chunk size {kernel_chunk_size} (self-check passed: {check.detail})")
   return (f"wkv: impl={impl} runs the XLA chunked form on {platform}: the Pallas kernel failed "
-          f"its self-check at chunk size {kernel_chunk_size} "
-          f"({KERNEL_CHECKS[platform, kernel_chunk_size].detail})")
+          f"its self-check at chunk size {kernel_chunk_size} ({check.detail})")
 
 
 def _stderr(line: str) -> None:
