@@ -112,6 +112,15 @@ def test_finished_run_reruns_as_a_no_op(straight):
   assert result.step == 12 and result.losses == {} and "already finished" in output
 
 
+def test_a_finished_run_resumed_with_fewer_steps_leaves_its_config_files_alone(straight):
+  run_dir = straight[0]
+  before = {name: (run_dir / name).read_bytes() for name in ("config.json", "config.yaml")}
+  result, output = run(run_dir, ["run.steps=1"])
+  assert result.losses == {} and "already finished 12 of run.steps=1 steps" in output
+  assert {name: (run_dir / name).read_bytes() for name in before} == before
+  assert json.loads(before["config.json"])["run"]["steps"] == 12
+
+
 def test_load_pretrained_reads_the_run_directory(straight):
   run_dir, _, _ = straight
   model = goosejax.load_pretrained(run_dir)

@@ -312,7 +312,8 @@ def _open_run(cfg: Config, run_dir: Path, options: RunOptions,
   try:
     state, shardings, latest = _restore_or_init(cfg, run_dir, options.init_from, tx, options.mesh,
                                                 checkpointer, batches, say)
-    if jax.process_index() == 0:  # only now: everything above has accepted this config
+    finished = latest is not None and latest >= cfg.run.steps   # nothing trains: files stay
+    if jax.process_index() == 0 and not finished:  # only now: everything above accepted cfg
       run_dir_module.write_config_files(run_dir, cfg, options.config_sources, say)
     _say_model(cfg, options.mesh, shapes, say)
     eval_step = options.compiled_steps.get_or_build(
