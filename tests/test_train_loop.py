@@ -226,8 +226,20 @@ def test_init_from_trained_weights(straight, tmp_path):
   assert f"weights from {straight[0]}" in output
   trained = losses_of(straight[0])
   assert result.losses[1] < trained[1] - 1.0              # starts where the first run ended
-  with pytest.raises(CheckpointError, match="do not fit the configured model"):
-    run(tmp_path / "other", ["model.vocab_size=512"], init_from=straight[0])
+
+
+
+def test_init_from_a_model_of_another_shape_is_summarised(straight, tmp_path, monkeypatch):
+  from goosejax.train import loop
+  with pytest.raises(CheckpointError) as refused:
+    run(tmp_path / "other", ["model.vocab_size=512", "model.n_layer=3"], init_from=straight[0])
+  message = str(refused.value)
+  assert message == (f"--init-from {straight[0]}: the weights are of another model than the "
+                     "configured one (vocab_size 256 vs 512, n_layer 2 vs 3: the weights' vs model.*)")
+  monkeypatch.setattr(loop, "_shape_differences", lambda found, configured: [])
+  with pytest.raises(CheckpointError, match=r"\(blocks\.att\.a0 \(2, 128\) vs \(3, 128\), "
+                                            r"blocks\.att\.a1 .*, and 32 more: the weights' vs"):
+    run(tmp_path / "other", ["model.vocab_size=512", "model.n_layer=3"], init_from=straight[0])
 
 
 def test_gradient_accumulation_matches_one_batch(straight, tmp_path):

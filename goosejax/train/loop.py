@@ -38,7 +38,7 @@ import jax
 import numpy as np
 
 from goosejax import sharding
-from goosejax.config import Config, ConfigError
+from goosejax.config import Config, ConfigError, ModelConfig
 from goosejax.sharding import SEQUENCE_AXIS
 from goosejax.train import recipe, run_dir as run_dir_module, wandb_log
 from goosejax.train.batches import ResumableBatches, open_batches
@@ -106,16 +106,29 @@ def load_init_params(path: str | Path, cfg: Config) -> dict[str, np.ndarray]:
   from goosejax.checkpoint.pretrained import read_params
   if not Path(path).exists():
     raise CheckpointError(f"--init-from {path}: no such file or directory")
-  _, params, _ = read_params(path)
+  found_model, params, _ = read_params(path)
   params = {name: np.asarray(value, np.float32) for name, value in params.items()}
   _, expected = recipe.abstract_model(cfg)
-  wrong = {name: (tuple(params[name].shape) if name in params else None, tuple(s.shape))
-           for name, s in expected.items() if name not in params or params[name].shape != s.shape}
-  extra = sorted(set(params) - set(expected))
-  if wrong or extra:
-    raise CheckpointError(f"--init-from {path}: the weights do not fit the configured model "
-                          f"(model.* settings): (found, expected) shapes {wrong}, unexpected {extra}")
+  wrong = [f"{name} {tuple(params[name].shape) if name in params else 'missing'} vs "
+           f"{tuple(s.shape)}" for name, s in expected.items()
+           if name not in params or params[name].shape != s.shape]
+  wrong += [f"{name} unexpected" for name in sorted(set(params) - set(expected))]
+  if wrong:   # a summary: one line, not every parameter of a model of another shape
+    differences = _shape_differences(found_model, cfg.model) or [
+        *wrong[:3], *([f"and {len(wrong) - 3} more"] if len(wrong) > 3 else [])]
+    raise CheckpointError(f"--init-from {path}: the weights are of another model than the "
+                          f"configured one ({', '.join(differences)}: the weights' vs model.*)")
   return params
+
+
+def _shape_differences(found: ModelConfig, configured: ModelConfig) -> list[str]:
+  """['n_layer 2 vs 1', ...]: the settings that decide parameter shapes and differ."""
+  settings = lambda m: {"vocab_size": m.vocab_size, "n_layer": m.n_layer, "n_embd": m.n_embd,
+                        "head_size": m.head_size, "dim_ffn": m.ffn_dim,
+                        **dict(zip(("decay_lora", "iclr_lora", "value_lora", "gate_lora"),
+                                   m.lora_ranks))}
+  found, configured = settings(found), settings(configured)
+  return [f"{key} {found[key]} vs {configured[key]}" for key in found if found[key] != configured[key]]
 
 
 def _restore_or_init(cfg: Config, run_dir: Path, init_from: str | Path | None, tx: Any,
