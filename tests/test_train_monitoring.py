@@ -135,3 +135,13 @@ def test_wandb_requested_but_not_installed_is_one_line(tmp_path, monkeypatch):
                                         r"installed; pip install 'goosejax\[wandb\]'"):
     run(tmp_path, ["run.wandb_project=p"])
   assert not (tmp_path / "config.json").exists()
+
+
+def test_wandb_that_cannot_start_is_one_line(tmp_path, monkeypatch):
+  monkeypatch.delenv("WANDB_API_KEY", raising=False)
+  monkeypatch.delenv("WANDB_MODE", raising=False)
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))               # no ~/.netrc login
+  monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / "wandb"))
+  with pytest.raises(ConfigError, match=r"^run.wandb_project='p': W&B did not start: .*API key"
+                                        r".* \(`wandb login`, or run.wandb_mode=offline\)$"):
+    run(tmp_path / "run", ["run.wandb_project=p", "run.wandb_mode=online"])

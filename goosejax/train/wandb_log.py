@@ -38,10 +38,15 @@ def open_wandb_run(cfg: Config, run_dir: Path, say: Callable[[str], None]) -> An
   import wandb
   id_file = Path(run_dir) / RUN_ID_FILE
   run_id = id_file.read_text().strip() if id_file.is_file() else None   # None: W&B picks one
-  run = wandb.init(project=settings.wandb_project, entity=settings.wandb_entity,
-                   name=settings.wandb_name or Path(run_dir).resolve().name,
-                   tags=list(settings.wandb_tags), mode=settings.wandb_mode, dir=str(run_dir),
-                   id=run_id, resume="allow", config=cfg.to_dict())
+  try:
+    run = wandb.init(project=settings.wandb_project, entity=settings.wandb_entity,
+                     name=settings.wandb_name or Path(run_dir).resolve().name,
+                     tags=list(settings.wandb_tags), mode=settings.wandb_mode, dir=str(run_dir),
+                     id=run_id, resume="allow", config=cfg.to_dict())
+  except wandb.errors.Error as e:   # no login, no network, a project the entity cannot write
+    raise ConfigError(f"run.wandb_project={settings.wandb_project!r}: W&B did not start: "
+                      f"{' '.join(str(e).split())} (`wandb login`, or run.wandb_mode=offline)"
+                      ) from None
   id_file.write_text(run.id + "\n")
   where = run.url or f"offline, under {Path(run_dir) / 'wandb'} (upload: wandb sync)"
   say(f"W&B run {run.id} in project {settings.wandb_project}: {where}")
