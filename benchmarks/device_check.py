@@ -1,28 +1,29 @@
-"""Hardware check of the Pallas WKV-7 kernels: one command, under 5 minutes on an H100/H200 GPU or a TPU.
+"""The hardware checklist in one call (under 10 minutes on one H100/H200 or a TPU), one table.
 
-  python benchmarks/device_check.py [--budget-s 240] [--repeats 5] [--skip-model] [--smoke]
+  python benchmarks/device_check.py [--budget-s 480] [--repeats 5] [--smoke]
 
-1. correctness (fp32 reference maths at HIGHEST matmul precision): the Pallas kernels in fp32-operand mode
-   and in bf16-MXU mode against the chunked XLA form (goosejax.wkv's, when it exists) and the token
-   reference: outputs, final state and all gradients, with resets, an initial state and T not a multiple
-   of the chunk size; also the `lax.platform_dependent` wiring.
-2. timing at B=8, T=4096, H=64, N=64 in bf16: forward and forward+backward of Pallas (chunk 16, and 32
-   on GPU / 64 on TPU)
-   vs the chunked XLA form vs the reference.
-3. forward+backward of a 0.1B-shaped model (L12 D768, ctx 512, batch 16) per WKV implementation, when
-   goosejax.model exists.
+1. self-check: `goosejax.wkv.self_check.run_check` for this device's Pallas kernel at every chunk
+   size it takes (outputs, final state and all seven gradients against the token scan; T not a
+   multiple of the chunk, a reset, a carried state, the strongest decay). The outcomes are kept
+   and handed to every later step (`wkv7(kernel_checks=)`, `self_check.use`), so a kernel that
+   failed is not timed or trained with.
+2. the WKV-7 operator at B=8, T=4096, H=64, N=64 in bf16: forward and forward+backward of
+   impl="auto", the kernel at each chunk size it takes (and Triton with 16-row value tiles), the
+   XLA chunked forms ("chunked", "associative") and the token scan ("reference"); median ms.
+3. a train step: the real one (goosejax.train.recipe: AdamW, L2Wrap, clipping) of the tiny
+   preset in bf16 compute on synthetic tokens; compile s, step ms, tokens/s, loss finite.
+4. decode: `goosejax.infer.Generator` on that model, greedy, a 16-token prompt then 64 tokens.
 
-Each step is guarded: a failure becomes a row in the final table and the rest still runs. Steps that
-would start after the time budget are listed as skipped; extra correctness variants (chunk 64, IEEE fp32
-dots, platform_dependent) run last. Timings: median of --repeats runs after one compile+warm-up run,
-wall clock around block_until_ready. --smoke shrinks every shape so the script itself can be checked on
-a CPU (interpret mode; the timings then mean nothing).
+Each step is guarded: a failure becomes a FAILED row and the rest still runs; a step that would
+start after --budget-s is listed as skipped. Exit status 1 when a row failed. --smoke shrinks
+every shape so the whole script runs on a CPU (kernels interpreted; timings mean nothing).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import functools
+import math
 import statistics
 import sys
 import time
@@ -33,221 +34,69 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.wkv_policy import LOG_DECAY_MIN
-
-ROWS: list[dict] = []
-TARGET_FWD_BWD_MS = 8.0  # wind_rwkv's chunked CUDA kernel on H100 at (8, 4096, 64, 64)
-
 
 @dataclasses.dataclass(frozen=True)
-class Shapes:
-  check: tuple = (2, 300, 4, 64)      # correctness B, T, H, N
-  timing: tuple = (8, 4096, 64, 64)   # operator timing B, T, H, N
-  model_layers: int = 12
-  model_embd: int = 768
-  model_vocab: int = 65536
-  model_batch: int = 16
-  model_ctx: int = 512
+class Sizes:
+  operator: tuple = (8, 4096, 64, 64)    # WKV timing B, T, H, N
+  train_overrides: tuple = ("model.dtype=bfloat16", "data.ctx_len=512", "data.batch_size=8")
+  prompt_tokens: int = 16
+  new_tokens: int = 64
+  every_chunk_size: bool = True          # False: the kernel's default chunk size only
 
 
-SMOKE = Shapes(check=(1, 37, 2, 16), timing=(1, 40, 2, 16), model_layers=2, model_embd=64,
-               model_vocab=256, model_batch=2, model_ctx=32)
+SMOKE = Sizes(operator=(1, 40, 2, 16), every_chunk_size=False,
+              train_overrides=("model.dtype=bfloat16", "model.n_layer=1", "model.n_embd=64",
+                               "model.head_size=16",
+                               "model.vocab_size=256", "model.decay_lora=8", "model.iclr_lora=8",
+                               "model.value_lora=8", "model.gate_lora=8", "data.ctx_len=24",
+                               "data.batch_size=2"),
+              prompt_tokens=5, new_tokens=4)
 
 
-def row(section: str, name: str, **fields):
-  ROWS.append(dict(section=section, name=name, **fields))
-  detail = ", ".join(f"{k}={v}" for k, v in fields.items())
-  print(f"[{section}] {name}: {detail}", flush=True)
+class Table:
+  """Rows of (section, name, fields), printed as they come and once more together at the end."""
 
+  def __init__(self, budget_s: float):
+    self.rows: list[tuple[str, str, dict]] = []
+    self.deadline = time.perf_counter() + budget_s
 
-class Budget:
-  def __init__(self, seconds: float):
-    self.deadline = time.perf_counter() + seconds
+  def add(self, section: str, name: str, **fields):
+    self.rows.append((section, name, fields))
+    print(f"[{section}] {name}: " + ", ".join(f"{k}={v}" for k, v in fields.items()), flush=True)
 
-  def allows(self, section: str, name: str, needs_s: float = 10.0) -> bool:
+  def run(self, section: str, name: str, step: Callable[[], dict], needs_s: float = 10.0):
+    """Adds step()'s fields as a row, or a FAILED / skipped row; returns the fields or None."""
     if time.perf_counter() + needs_s > self.deadline:
-      row(section, name, status="skipped (time budget)")
-      return False
-    return True
-
-
-def guarded(section: str, name: str, fn: Callable[[], dict]) -> dict | None:
-  try:
-    fields = fn()
-    row(section, name, **fields)
+      self.add(section, name, status="skipped (time budget)")
+      return None
+    try:
+      fields = step()
+    except Exception as error:  # one failing step must not hide the others
+      traceback.print_exc(limit=4, file=sys.stdout)
+      first_line = str(error).splitlines()[0][:160] if str(error) else ""
+      self.add(section, name, status=f"FAILED: {type(error).__name__}: {first_line}")
+      return None
+    self.add(section, name, **fields)
     return fields
-  except Exception as error:  # one failing step must not hide the others
-    traceback.print_exc(limit=4, file=sys.stdout)
-    row(section, name, status=f"FAILED: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
-    return None
 
+  @property
+  def failed(self) -> bool:
+    return any("FAIL" in str(fields.get("status", "")) for _, _, fields in self.rows)
 
-# ------------------------------------------------------------------------------------------------
-# Implementations under test.
+  def print(self):
+    device = jax.devices()[0]
+    rule = "=" * 110
+    print(f"\n{rule}\ndevice_check  jax {jax.__version__}  {jax.default_backend()}  "
+          f"{device.device_kind}  {time.strftime('%Y-%m-%d %H:%M')}\n{rule}")
+    for section, name, fields in self.rows:
+      detail = "  ".join(f"{k}={v}" for k, v in fields.items())
+      print(f"{section:<16} {name:<34} {detail}")
+    print(rule)
+    print("some steps FAILED" if self.failed else "no failed steps")
 
-def pallas_impl(**options):
-  from pallas_kernels import wkv7_pallas
-  return lambda r, w, k, v, a, b, s, reset: wkv7_pallas(r, w, k, v, a, b, s, reset=reset, **options)
-
-
-def reference_impl():
-  from goosejax.wkv import wkv7_reference
-  return lambda r, w, k, v, a, b, s, reset: wkv7_reference(r, w, k, v, a, b, s, reset=reset)
-
-
-def chunked_impls() -> dict[str, Callable]:
-  """The chunked XLA form(s) from goosejax.wkv, through the dispatcher when it knows them, else from
-  goosejax.wkv.chunked directly; empty when neither exists yet."""
-  from goosejax import wkv as wkv_module
-  impls = {}
-  for impl in ("chunked", "associative"):
-    if impl in getattr(wkv_module, "IMPLEMENTATIONS", ()):
-      impls[f"xla-{impl}"] = functools.partial(_dispatch, wkv_module.wkv7, impl)
-  if impls:
-    return impls
-  try:
-    from goosejax.wkv.chunked import wkv7_chunked
-  except ImportError:
-    return {}
-  return {f"xla-chunked-{mode}": functools.partial(_chunked_direct, wkv7_chunked, mode)
-          for mode in ("sequential", "associative")}
-
-
-def _dispatch(wkv7, impl, r, w, k, v, a, b, s, reset):
-  return wkv7(r, w, k, v, a, b, s, reset=reset, impl=impl, chunk_size=64)
-
-
-def _chunked_direct(wkv7_chunked, mode, r, w, k, v, a, b, s, reset):
-  if s is None:
-    s = jnp.zeros((r.shape[0], r.shape[2], r.shape[3], r.shape[3]), jnp.float32)
-  return wkv7_chunked(r, w, k, v, a, b, s, reset=reset, chunk_size=64, mode=mode)
-
-
-# ------------------------------------------------------------------------------------------------
-# Inputs.
-
-def make_inputs(seed: int, B: int, T: int, H: int, N: int, dtype, *, with_extras: bool):
-  keys = jax.random.split(jax.random.PRNGKey(seed), 8)
-  shape = (B, T, H, N)
-  normal = lambda key, scale=1.0: jax.random.normal(key, shape, jnp.float32) * scale
-  kk = normal(keys[0])
-  kk = kk / jnp.linalg.norm(kk, axis=-1, keepdims=True)
-  iclr = jax.nn.sigmoid(normal(keys[1]))
-  log_w = LOG_DECAY_MIN * jax.nn.sigmoid(2.0 * normal(keys[2]))
-  r, k, v = normal(keys[3]), normal(keys[4], 0.5), normal(keys[5])
-  seq = [x.astype(dtype) for x in (r, log_w, k, v, -kk, kk * iclr)]
-  state = reset = None
-  if with_extras:
-    state = jax.random.normal(keys[6], (B, H, N, N), jnp.float32) * 0.3
-    reset = jax.random.uniform(keys[7], (B, T)) < 0.01
-  return seq, state, reset
-
-
-def grads_fn(impl):
-  def loss(r, w, k, v, a, b, s, reset, weight_y, weight_s):
-    y, s_end = impl(r, w, k, v, a, b, s, reset)
-    return jnp.sum(y.astype(jnp.float32) * weight_y) + jnp.sum(s_end * weight_s)
-  return jax.jit(jax.grad(loss, argnums=tuple(range(7))))
-
-
-def relative_error(got, want) -> float:
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
-
-
-# ------------------------------------------------------------------------------------------------
-# 1. Correctness.
-
-class Correctness:
-  """Oracles computed once (fp32, HIGHEST matmul precision), then any number of candidates."""
-  section = "correctness"
-
-  def __init__(self, shapes: Shapes, budget: Budget):
-    self.budget = budget
-    B, T, H, N = shapes.check
-    self.seq, self.state, self.reset = make_inputs(0, B, T, H, N, jnp.float32, with_extras=True)
-    weights = (jax.random.normal(jax.random.PRNGKey(1), (B, T, H, N)),
-               jax.random.normal(jax.random.PRNGKey(2), (B, H, N, N)))
-    self.args = (*self.seq, self.state, self.reset, *weights)
-    self.truth = {}
-    with jax.default_matmul_precision("highest"):
-      for name, impl in {"reference": reference_impl(), **chunked_impls()}.items():
-        if budget.allows(self.section, f"oracle {name}", 20):
-          guarded(self.section, f"oracle {name}",
-                  functools.partial(self._oracle, name, impl, f"{B}x{T}x{H}x{N} fp32"))
-
-  def _oracle(self, name, impl, shape):
-    y, s_end = jax.jit(impl)(*self.seq, self.state, self.reset)
-    self.truth[name] = (y, s_end, grads_fn(impl)(*self.args))
-    return {"status": "ok", "shape": shape}
-
-  def core(self):
-    self._candidates({
-        "pallas fp32 (default fp32 dots)": (pallas_impl(mxu_dtype=jnp.float32), 1e-4, 2e-3),
-        "pallas bf16-mxu": (pallas_impl(mxu_dtype=jnp.bfloat16), 1.5e-2, 1.5e-2),
-    })
-
-  def extras(self):
-    big_chunk = 32 if jax.default_backend() == "gpu" else 64
-    candidates = {f"pallas fp32 chunk {big_chunk}": (
-        pallas_impl(mxu_dtype=jnp.float32, chunk_size=big_chunk), 1e-4, 2e-3)}
-    if jax.default_backend() == "gpu":
-      candidates["pallas fp32 (IEEE fp32 dots)"] = (
-          pallas_impl(mxu_dtype=jnp.float32, fp32_dot="highest"), 1e-4, 2e-3)
-    self._candidates(candidates)
-    self._platform_dependent()
-
-  def _candidates(self, candidates):
-    if "reference" not in self.truth:
-      return
-    seq, state, reset, args, truth, section, budget = (self.seq, self.state, self.reset, self.args,
-                                                       self.truth, self.section, self.budget)
-    for name, (impl, tol_out, tol_grad) in candidates.items():
-      if not budget.allows(section, name, 30):
-        continue
-
-      def run(impl=impl, tol_out=tol_out, tol_grad=tol_grad):
-        y, s_end = jax.jit(impl)(*seq, state, reset)
-        grads = grads_fn(impl)(*args)
-        fields = {}
-        worst = 0.0
-        for oracle, (y_o, s_o, g_o) in truth.items():
-          e_out = max(relative_error(y, y_o), relative_error(s_end, s_o))
-          e_grad = max(relative_error(g, w) for g, w in zip(grads, g_o))
-          fields[f"vs {oracle}"] = f"out {e_out:.1e} grad {e_grad:.1e}"
-          if oracle == "reference":
-            worst = max(e_out / tol_out, e_grad / tol_grad)
-        fields["status"] = "PASS" if worst < 1 else f"FAIL (tolerances {tol_out:g}/{tol_grad:g})"
-        return fields
-      with jax.default_matmul_precision("highest"):
-        guarded(section, name, run)
-
-  def _platform_dependent(self):
-    name = "platform_dependent wiring"
-    if "reference" not in self.truth or not self.budget.allows(self.section, name, 30):
-      return
-    if jax.default_backend() == "cpu":
-      row(self.section, name, status="skipped (compiled kernels only; no accelerator)")
-      return
-
-    def run():
-      from pallas_kernels import platform_callables
-      reference = reference_impl()
-      op = lambda *x: jax.lax.platform_dependent(*x, default=reference,
-                                                 **platform_callables(mxu_dtype=jnp.float32))
-      y, s_end = jax.jit(op)(*self.seq, self.state, self.reset)
-      y_o, s_o, _ = self.truth["reference"]
-      err = max(relative_error(y, y_o), relative_error(s_end, s_o))
-      return {"vs reference": f"out {err:.1e}", "status": "PASS" if err < 1e-4 else "FAIL"}
-    with jax.default_matmul_precision("highest"):
-      guarded(self.section, name, run)
-
-
-# ------------------------------------------------------------------------------------------------
-# 2. Timing of the operator.
 
 def median_ms(fn, args, repeats: int) -> tuple[float, float]:
-  """(compile + first run seconds, median ms over repeats)."""
+  """(compile + first run s, median ms of `repeats` runs), wall clock around block_until_ready."""
   start = time.perf_counter()
   jax.block_until_ready(fn(*args))
   first_s = time.perf_counter() - start
@@ -259,146 +108,205 @@ def median_ms(fn, args, repeats: int) -> tuple[float, float]:
   return first_s, statistics.median(times)
 
 
-def time_operator(shapes: Shapes, budget: Budget, repeats: int):
-  B, T, H, N = shapes.timing
-  section = f"wkv {B}x{T}x{H}x{N} bf16"
-  seq, _, _ = make_inputs(3, B, T, H, N, jnp.bfloat16, with_extras=False)
-  big_chunk = 32 if jax.default_backend() == "gpu" else 64  # Triton's backward is limited to 32
-  impls = {"pallas C=16": pallas_impl(chunk_size=16),
-           f"pallas C={big_chunk}": pallas_impl(chunk_size=big_chunk),
-           **chunked_impls(), "reference (lax.scan)": reference_impl()}
-  results = {}
-  for name, impl in impls.items():
-    if not budget.allows(section, name, 40):
-      continue
-
-    def run(impl=impl, name=name):
-      fwd = jax.jit(lambda *x: impl(*x, None, None))
-      compile_fwd, fwd_ms = median_ms(fwd, seq, repeats)
-      grad = jax.jit(jax.grad(lambda *x: jnp.sum(fwd(*x)[0].astype(jnp.float32)),
-                              argnums=tuple(range(6))))
-      compile_bwd, fwd_bwd_ms = median_ms(grad, seq, repeats)
-      results[name] = fwd_bwd_ms
-      fields = {"fwd_ms": f"{fwd_ms:.2f}", "fwd_bwd_ms": f"{fwd_bwd_ms:.2f}",
-                "first_call_s": f"{compile_fwd:.1f}+{compile_bwd:.1f}"}
-      if name.startswith("pallas") and shapes.timing == Shapes().timing:
-        fields["target<=8ms"] = "met" if fwd_bwd_ms <= TARGET_FWD_BWD_MS else "missed"
-      return fields
-    guarded(section, name, run)
-  pallas = {k: v for k, v in results.items() if k.startswith("pallas")}
-  xla = {k: v for k, v in results.items() if k.startswith("xla")}
-  if pallas and xla:
-    best_pallas, best_xla = min(pallas.items(), key=lambda kv: kv[1]), min(xla.items(), key=lambda kv: kv[1])
-    row(section, "pallas vs chunked XLA (fwd+bwd)", best_pallas=f"{best_pallas[0]} {best_pallas[1]:.2f}",
-        best_xla=f"{best_xla[0]} {best_xla[1]:.2f}", speedup=f"{best_xla[1] / best_pallas[1]:.2f}x")
+# ------------------------------------------------------------------------------ 1. self-check
 
 
-# ------------------------------------------------------------------------------------------------
-# 3. A 0.1B-shaped model.
+def kernel_platform() -> str:
+  """The policy row whose kernel this process runs: its TPU / CUDA devices', else "cpu"."""
+  from goosejax.wkv import self_check
+  return self_check.local_platform() or "cpu"
 
-def _use_pallas_in_model():
-  """Routes impl="pallas" of the model's WKV call to the kernels when the dispatcher does not know it yet."""
-  import goosejax.wkv as wkv_module
-  if "pallas" in getattr(wkv_module, "IMPLEMENTATIONS", ()):
-    return "dispatcher"
-  import goosejax.model.time_mix as time_mix
+
+def kernel_chunk_sizes(sizes: Sizes) -> tuple[int, ...]:
+  from pallas_kernels.wkv_policy import POLICY
+  kernel = POLICY[kernel_platform()].kernel
+  return kernel.chunk_sizes if sizes.every_chunk_size else (kernel.chunk_size,)
+
+
+def self_checks(table: Table, sizes: Sizes):
+  """Each chunk size of this platform's kernel checked; the outcomes as one value."""
+  from goosejax.wkv import self_check
   from pallas_kernels import wkv7_pallas
-  dispatch = time_mix.wkv7
+  from pallas_kernels.wkv_policy import POLICY
 
-  def wkv7(r, log_w, k, v, a, b, state=None, *, reset=None, impl="auto", chunk_size=None):
-    if impl == "pallas":
-      return wkv7_pallas(r, log_w, k, v, a, b, state, reset=reset, chunk_size=chunk_size or 16)
-    return dispatch(r, log_w, k, v, a, b, state, reset=reset, impl=impl, chunk_size=chunk_size)
+  platform = kernel_platform()
+  kernel = POLICY[platform].kernel
+  checks = self_check.KernelChecks()
+  for size in kernel_chunk_sizes(sizes):
+    run = functools.partial(wkv7_pallas, chunk_size=size, backend=kernel.backend,
+                            interpret=kernel.interpret)
+    wrapped = lambda r, w, k, v, a, b, s, reset, run=run: run(r, w, k, v, a, b, s, reset=reset)
 
-  time_mix.wkv7 = wkv7
-  return "benchmark shim"
+    def check(size=size, wrapped=wrapped):
+      nonlocal checks
+      outcome = self_check.run_check(platform, size, wrapped, warn=print)
+      checks = checks.with_check(outcome)
+      return {"status": "PASS" if outcome.passed else "FAIL", "detail": outcome.detail}
+
+    table.run("self-check", f"{platform} {kernel.backend} chunk {size}", check, needs_s=30)
+  return checks
 
 
-def time_model(shapes: Shapes, budget: Budget, repeats: int):
-  section = (f"model L{shapes.model_layers} D{shapes.model_embd} ctx{shapes.model_ctx} "
-             f"B{shapes.model_batch} bf16")
-  try:
-    from flax import nnx
-    from goosejax.config import ModelConfig
-    from goosejax.model.rwkv7 import RWKV7
-    import goosejax.wkv as wkv_module
-  except ImportError as error:
-    row(section, "model", status=f"skipped: goosejax.model not importable ({error})")
+# ------------------------------------------------------------------------------ 2. operator
+
+
+def operator_inputs(B, T, H, N):
+  from pallas_kernels.wkv_policy import LOG_DECAY_MIN
+  keys = jax.random.split(jax.random.key(3), 6)
+  normal = lambda key: jax.random.normal(key, (B, T, H, N), jnp.float32)
+  kk = normal(keys[0])
+  kk = kk / jnp.linalg.norm(kk, axis=-1, keepdims=True)
+  iclr = jax.nn.sigmoid(normal(keys[1]))
+  log_w = LOG_DECAY_MIN * jax.nn.sigmoid(2 * normal(keys[2]))
+  sequences = (normal(keys[3]), log_w, 0.5 * normal(keys[4]), normal(keys[5]), -kk, kk * iclr)
+  # As the model sends them: r, k, v, a, b in bf16, the log decay in fp32.
+  return [x if x is log_w else x.astype(jnp.bfloat16) for x in sequences]
+
+
+def operator_variants(sizes: Sizes, checks) -> dict[str, Callable | None]:
+  from goosejax.wkv import wkv7
+  from pallas_kernels import wkv7_pallas
+  from pallas_kernels.wkv_policy import POLICY
+
+  kernel = POLICY[kernel_platform()].kernel
+  variants = {"auto": functools.partial(wkv7, impl="auto", kernel_checks=checks)}
+  for size in kernel_chunk_sizes(sizes):
+    outcome = checks.get(kernel_platform(), size)
+    variants[f"pallas chunk {size}"] = None if outcome is None or not outcome.passed else (
+        functools.partial(wkv7_pallas, chunk_size=size, backend=kernel.backend,
+                          interpret=kernel.interpret))
+  if kernel.backend == "triton":
+    variants["pallas chunk 16, value tiles 16"] = variants.get("pallas chunk 16") and functools.partial(
+        wkv7_pallas, chunk_size=16, backend="triton", value_block=16)
+  for impl in ("chunked", "associative", "reference"):
+    variants[f"xla {impl}" if impl != "reference" else "token scan"] = functools.partial(
+        wkv7, impl=impl)
+  return variants
+
+
+def time_operator(table: Table, sizes: Sizes, checks, repeats: int):
+  B, T, H, N = sizes.operator
+  section = f"wkv {B}x{T}x{H}x{N}"
+  inputs = operator_inputs(B, T, H, N)
+  results = {}
+  for name, wkv in operator_variants(sizes, checks).items():
+    if wkv is None:
+      table.add(section, name, status="skipped (failed or missing self-check)")
+      continue
+
+    def run(wkv=wkv, name=name):
+      forward = jax.jit(lambda *x: wkv(*x)[0])
+      compile_forward, forward_ms = median_ms(forward, inputs, repeats)
+      loss = lambda *x: jnp.sum(forward(*x).astype(jnp.float32))
+      grads = jax.jit(jax.grad(loss, argnums=tuple(range(6))))
+      compile_grads, grads_ms = median_ms(grads, inputs, repeats)
+      results[name] = grads_ms
+      return {"fwd_ms": f"{forward_ms:.2f}", "fwd_bwd_ms": f"{grads_ms:.2f}",
+              "first_call_s": f"{compile_forward:.1f}+{compile_grads:.1f}"}
+    table.run(section, name, run, needs_s=40)
+  if "auto" in results:
+    for other in ("xla chunked", "xla associative", "token scan"):
+      if other in results:
+        table.add(section, f"auto vs {other}", fwd_bwd_speedup=f"{results[other] / results['auto']:.2f}x")
+
+
+# ------------------------------------------------------------------------------ 3. train step
+
+
+def train_config(sizes: Sizes):
+  from goosejax.config import load_config
+  return load_config("tiny", [*sizes.train_overrides, "run.steps=100", "model.wkv_impl=auto"])
+
+
+def train_step(table: Table, sizes: Sizes, checks, repeats: int):
+  """The real train step; returns its trained parameters' model for the decode step."""
+  from goosejax import sharding
+  from goosejax.config import MeshConfig
+  from goosejax.train import recipe
+  from goosejax.train.batches import SyntheticBatches
+  from goosejax.wkv import self_check
+
+  cfg = train_config(sizes)
+  section = f"train L{cfg.model.n_layer} D{cfg.model.n_embd}"
+  name = f"{cfg.data.batch_size}x{cfg.data.ctx_len} {cfg.model.dtype}"
+  trained = {}
+
+  def run():
+    mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    graphdef, shapes = recipe.abstract_model(cfg)
+    tx = recipe.make_optimizer(cfg.optimizer, cfg.run.steps, list(shapes))
+    state, shardings = recipe.init_train_state(cfg, tx, mesh)
+    step = recipe.jit_train_step(recipe.make_train_step(graphdef, tx, cfg, mesh), shardings, mesh)
+    batches = SyntheticBatches(cfg.model.vocab_size, cfg.data.ctx_len, cfg.data.batch_size)
+    batch = sharding.host_to_global(next(batches), mesh)
+    start = time.perf_counter()
+    with self_check.use(checks):  # the model's wkv7 calls run what the self-check allowed
+      compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    losses, times = [], []
+    for _ in range(repeats + 1):
+      start = time.perf_counter()
+      state, metrics = compiled(state, batch)
+      losses.append(float(metrics["loss"]))
+      times.append((time.perf_counter() - start) * 1e3)
+    step_ms = statistics.median(times[1:])
+    trained["model"] = recipe.merge_params(graphdef, state.params)
+    finite = all(math.isfinite(loss) for loss in losses)
+    return {"status": "PASS" if finite else "FAIL (loss not finite)", "compile_s": f"{compile_s:.1f}",
+            "step_ms": f"{step_ms:.1f}",
+            "tokens_per_s": f"{cfg.data.batch_size * cfg.data.ctx_len / step_ms * 1e3:,.0f}",
+            "loss": f"{losses[0]:.3f} -> {losses[-1]:.3f}"}
+
+  table.run(section, name, run, needs_s=60)
+  return trained.get("model")
+
+
+# ------------------------------------------------------------------------------ 4. decode
+
+
+def decode(table: Table, sizes: Sizes, model, checks):
+  from goosejax.infer.generate import Generator
+  from goosejax.wkv import self_check
+
+  def run():
+    prompt = list(np.random.default_rng(0).integers(0, model.config.vocab_size, sizes.prompt_tokens))
+    with self_check.use(checks):
+      generator = Generator(model)
+      start = time.perf_counter()
+      generator.generate(prompt, sizes.new_tokens, temperature=0.0)  # compiles prefill and decode
+      first_s = time.perf_counter() - start
+      start = time.perf_counter()
+      ids = generator.generate(prompt, sizes.new_tokens, temperature=0.0)
+      seconds = time.perf_counter() - start
+    valid = len(ids) == sizes.new_tokens and all(0 <= i < model.config.vocab_size for i in ids)
+    return {"status": "PASS" if valid else f"FAIL ({len(ids)} ids)", "first_call_s": f"{first_s:.1f}",
+            "tokens_per_s": f"{sizes.new_tokens / seconds:,.1f}"}
+
+  if model is None:
+    table.add("decode", "greedy", status="skipped (no trained model: the train step failed)")
     return
-  route = guarded(section, "pallas routing", lambda: {"via": _use_pallas_in_model()})
-  impls = ["pallas"] + [i for i in ("chunked", "associative") if i in getattr(wkv_module, "IMPLEMENTATIONS", ())]
-  impls.append("reference")
-  B, T = shapes.model_batch, shapes.model_ctx
-  tokens = jax.random.randint(jax.random.PRNGKey(0), (B, T + 1), 0, shapes.model_vocab)
-  for impl in impls:
-    if impl == "pallas" and route is None:
-      continue
-    if not budget.allows(section, impl, 60):
-      continue
-
-    def run(impl=impl):
-      cfg = ModelConfig(vocab_size=shapes.model_vocab, n_layer=shapes.model_layers,
-                        n_embd=shapes.model_embd, head_size=64 if shapes.model_embd >= 64 else 16,
-                        dtype="bfloat16", wkv_impl=impl)
-      model = RWKV7(cfg, rngs=nnx.Rngs(0))
-      graphdef, params = nnx.split(model)
-
-      def loss(params, tokens):
-        logits, _ = nnx.merge(graphdef, params)(tokens[:, :-1])
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
-
-      step = jax.jit(jax.value_and_grad(loss))
-      first_s, ms = median_ms(step, (params, tokens), repeats)
-      return {"fwd_bwd_ms": f"{ms:.1f}", "tokens_per_s": f"{B * T / ms * 1e3:,.0f}",
-              "first_call_s": f"{first_s:.1f}"}
-    guarded(section, impl, run)
-
-
-# ------------------------------------------------------------------------------------------------
-
-def print_table():
-  print("\n" + "=" * 100)
-  print(f"device_check  jax {jax.__version__}  backend {jax.default_backend()}  "
-        f"device {jax.devices()[0].device_kind}  {time.strftime('%Y-%m-%d %H:%M')}")
-  print("=" * 100)
-  for entry in ROWS:
-    fields = {k: v for k, v in entry.items() if k not in ("section", "name")}
-    detail = "  ".join(f"{k}={v}" for k, v in fields.items())
-    print(f"{entry['section']:<38} {entry['name']:<34} {detail}")
-  failures = [e for e in ROWS if "FAIL" in str(e.get("status", ""))]
-  print("=" * 100)
-  print(f"{len(failures)} failed step(s)" if failures else "no failed steps")
+  table.run("decode", f"{sizes.prompt_tokens}-token prompt + {sizes.new_tokens} greedy", run,
+            needs_s=30)
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--budget-s", type=float, default=240.0,
+  parser.add_argument("--budget-s", type=float, default=480.0,
                       help="no new step starts after this many seconds (the running one finishes)")
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--skip-model", action="store_true")
-  parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script on a CPU")
+  parser.add_argument("--smoke", action="store_true", help="tiny shapes, to run the script on a CPU")
   args = parser.parse_args(argv)
-  shapes = SMOKE if args.smoke else Shapes()
-  budget = Budget(args.budget_s)
+  sizes = SMOKE if args.smoke else Sizes()
+  table = Table(args.budget_s)
   print(f"jax {jax.__version__}, devices: {jax.devices()}", flush=True)
   if jax.default_backend() == "cpu":
-    print("warning: no accelerator; the kernels run in the (slow) interpreter, timings are meaningless")
-  correctness: list[Correctness] = []
-  steps = [lambda: correctness.append(Correctness(shapes, budget)),
-           lambda: correctness and correctness[0].core(),
-           lambda: time_operator(shapes, budget, args.repeats),
-           None if args.skip_model else lambda: time_model(shapes, budget, args.repeats),
-           lambda: correctness and correctness[0].extras()]
-  for step in steps:
-    if step is None:
-      continue
-    try:
-      step()
-    except Exception:  # a section's own setup failing still leaves the table
-      traceback.print_exc(file=sys.stdout)
-  print_table()
-  return 1 if any("FAIL" in str(e.get("status", "")) for e in ROWS) else 0
+    print("no accelerator: the kernels run in the Pallas interpreter, timings mean nothing")
+  checks = self_checks(table, sizes)
+  time_operator(table, sizes, checks, args.repeats)
+  model = train_step(table, sizes, checks, args.repeats)
+  decode(table, sizes, model, checks)
+  table.print()
+  return 1 if table.failed else 0
 
 
 if __name__ == "__main__":
