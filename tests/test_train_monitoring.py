@@ -10,10 +10,13 @@ import jax
 import pytest
 
 import goosejax
-from goosejax.config import ConfigError
+from goosejax import sharding
+from goosejax.config import ConfigError, MeshConfig
 from goosejax.data.tokenizer import load_tokenizer
 from goosejax.errors import GoosejaxError
 from goosejax.eval import evaluate_lambada, load_documents, perplexity
+from goosejax.train import recipe
+from goosejax.train.eval_tasks import load_eval_tasks, run_eval_tasks
 from goosejax.train.metrics import read_metrics
 from test_train_loop import run, tiny
 from test_eval import TOKENIZER_PATH
@@ -83,6 +86,26 @@ def test_eval_tasks_score_the_parameters_of_that_step(tmp_path, eval_files):
   assert logged["eval/lambada/lambada_mini/perplexity"] == pytest.approx(lambada.perplexity, rel=1e-4)
   events = next((tmp_path / "tensorboard").glob("events.out.tfevents.*")).read_bytes()
   assert b"eval/ppl/docs/perplexity" in events and b"eval/lambada/lambada_mini/accuracy" in events
+
+
+def test_eval_tasks_on_parameters_split_over_a_mesh_match_one_device(eval_files):
+  """Evaluation reads the training parameters as they are sharded (fsdp x tensor here)."""
+  root, _ = eval_files
+  cfg = tiny()
+  tasks = load_eval_tasks([f"ppl:{root / 'docs.jsonl'}", f"lambada:{root / 'lambada_mini.jsonl'}"],
+                          str(TOKENIZER_PATH), 256, max_documents=4)
+  graphdef, shapes = recipe.abstract_model(cfg)
+  tx = recipe.make_optimizer(cfg.optimizer, cfg.run.steps, list(shapes))
+  results = []
+  for mesh_config, n_devices in ((MeshConfig(data=1), 1), (MeshConfig(data=1, fsdp=4, tensor=2), 8)):
+    mesh = sharding.make_mesh(mesh_config, jax.devices()[:n_devices])
+    state, _ = recipe.init_train_state(cfg, tx, mesh)
+    split = [name for name, value in state.params.items() if not value.sharding.is_fully_replicated]
+    assert bool(split) == (n_devices > 1)
+    results.append(run_eval_tasks(tasks, recipe.merge_params(graphdef, state.params)))
+  assert results[0].keys() == results[1].keys() and len(results[0]) == 5
+  for key, value in results[0].items():
+    assert results[1][key] == pytest.approx(value, rel=1e-5), key
 
 
 def test_eval_tasks_are_checked_before_training(tmp_path):
