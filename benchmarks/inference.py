@@ -15,7 +15,14 @@ Measures, for one random 0.1B-shaped model in fp32:
                weight bandwidth is matrix bytes / seconds, the fastest form's counts
   prefill      a 512-token prompt from a zero state to the first token's logits, tokens/s
                (goosejax: the sequence-mode prefill generate() runs; official: forward(tokens, None))
-  decode b64   batch-64 greedy decoding, tokens/s (goosejax only; the official runtime has none)
+  repeated calls  the documented one-call API repeated, goosejax.generate(model, prompt, 4,
+               temperature=0) on the 512-token prompt, against the same call through a held,
+               warmed Generator(model): ms per call and their ratio
+  batch sweep  greedy decoding at batch 1, 2, 4, ..., 256 (--batches), tokens/s, against the
+               machine's roofline for that batch measured in the same run: batch / max(weight
+               bytes / the gemv chain's bandwidth, matmul FLOPs per token x batch / the FLOP
+               rate of the same chain of matrices at batch 256 (a gemm chain)); the official
+               runtime decodes one sequence at a time, so it appears at batch 1 only
 Batch-1 decoding reads every weight once per token, so its weight bandwidth is
 (bytes of the weights a token reads: every parameter but the embedding, plus one embedding
 row) x tokens/s; the table compares that with the gemv chain's.
@@ -45,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--vocab", type=int, default=65536)
   p.add_argument("--decode-tokens", type=int, default=32, help="tokens per decode round")
   p.add_argument("--prefill-tokens", type=int, default=512)
-  p.add_argument("--batch", type=int, default=64, help="batch of the batched decode (0: skip)")
+  p.add_argument("--batches", default="1,2,4,8,16,32,64,128,256",
+                 help="batch sizes of the decode sweep, comma-separated ('' to skip)")
+  p.add_argument("--sweep-tokens", type=int, default=8, help="tokens per sweep round")
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--no-official", action="store_true", help="skip the official runtime")
   return p
@@ -104,6 +113,24 @@ class Goosejax:
     self.jax.block_until_ready(carry.tokens_BT)
     return time.perf_counter() - start
 
+  def generate_calls(self, prompt: list[int], new_tokens: int, repeats: int) -> dict[str, float]:
+    """Seconds per call of the documented one-call API and of a held Generator's, alternating."""
+    import goosejax
+
+    calls = {"goosejax.generate(model, ...)":
+                 lambda: goosejax.generate(self.model, prompt, new_tokens, temperature=0),
+             "held Generator(model).generate":
+                 lambda: self.generator.generate(prompt, new_tokens, temperature=0)}
+    for call in calls.values():   # compile both paths first
+      call()
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+      for name, call in calls.items():
+        start = time.perf_counter()
+        call()
+        times[name].append(time.perf_counter() - start)
+    return times
+
   def prefill(self, tokens: list[int]) -> float:
     """Seconds from a prompt to its last logits (what generate() runs first)."""
     start = time.perf_counter()
@@ -115,10 +142,11 @@ class GemvChain:
   """A jitted chain of fp32 matrix-vector products, each one's input made from the previous
   one's output (so they run one after another, as a decode step's do), over matrices of the
   given [in, out] shapes. form: "in_out" (stored [in, out]), "out_in" (stored [out, in],
-  contracted on axis 1), "out_in_view" (stored [out, in], multiplied as x @ w.T)."""
+  contracted on axis 1), "out_in_view" (stored [out, in], multiplied as x @ w.T). With
+  rows > 1 the products are matrix-matrix (a gemm chain: the machine's FLOP rate)."""
   FORMS = ("in_out", "out_in", "out_in_view")
 
-  def __init__(self, shapes, form: str):
+  def __init__(self, shapes, form: str, rows: int = 1):
     import jax
     import jax.numpy as jnp
 
@@ -140,12 +168,13 @@ class GemvChain:
     def chain(mats, x):
       for w in mats:
         n_in = w.shape[0 if form == "in_out" else 1]
-        x_in = jnp.resize(x, (1, n_in))      # the previous output, cut or repeated to fit
+        x_in = jnp.resize(x, (x.shape[0], n_in))   # the previous output, cut or repeated
         x = jnp.tanh(product(x_in, w))
       return x
 
     self.chain = chain
-    self.x = jnp.ones((1, shapes[0][0]), jnp.float32)
+    self.x = jnp.ones((rows, shapes[0][0]), jnp.float32)
+    self.flops = 2 * rows * sum(i * o for i, o in shapes)
     self.run()
 
   def run(self, repeats: int = 1) -> float:
@@ -195,8 +224,6 @@ def main(argv=None) -> int:
   # Warm-up: compile every shape once and let the official TorchScript functions specialise.
   ours.decode(1, args.decode_tokens)
   ours.prefill(prompt)
-  if args.batch:
-    ours.decode(args.batch, 4)
   if theirs is not None:
     theirs.decode(4)
     theirs.prefill(prompt)
@@ -212,10 +239,6 @@ def main(argv=None) -> int:
     record("goosejax prefill", ours.prefill(prompt) / args.prefill_tokens)
     if theirs is not None:
       record("official prefill", theirs.prefill(prompt) / args.prefill_tokens)
-  if args.batch:
-    for _ in range(max(2, args.rounds // 2)):
-      record(f"goosejax decode b{args.batch}",
-             ours.decode(args.batch, args.decode_tokens) / (args.decode_tokens * args.batch))
 
   best = {name: min(values) for name, values in times.items()}
   median = {name: statistics.median(values) for name, values in times.items()}
@@ -254,8 +277,51 @@ def main(argv=None) -> int:
   for name, ratio, bound in targets:
     verdict = {kind: "met" if value >= bound else "missed" for kind, value in ratio.items()}
     print(f"target {name}: {verdict['best']} (best rounds), {verdict['median']} (medians)")
+  report_repeated_calls(ours.generate_calls(prompt, 4, args.rounds), len(prompt))
+  batches = [int(b) for b in args.batches.split(",") if b.strip()]
+  if batches:
+    batch_sweep(ours, chains, batches, args.sweep_tokens, max(2, args.rounds // 2))
   print(f"load average {os.getloadavg()[0]:.2f} at the end")
   return 0
+
+
+def report_repeated_calls(times: dict[str, list[float]], prompt_tokens: int) -> None:
+  print(f"\nrepeated calls, {prompt_tokens}-token prompt, 4 new tokens, greedy: ms per call "
+        "(best / median)")
+  for name, values in times.items():
+    print(f"{name:32s} {1e3 * min(values):8.0f} {1e3 * statistics.median(values):8.0f}")
+  (one, held) = times.values()
+  print(f"ratio one-call / held: {min(one) / min(held):.2f}x (best), "
+        f"{statistics.median(one) / statistics.median(held):.2f}x (median)")
+
+
+def batch_sweep(ours: Goosejax, gemv_chains: dict, batches: list[int], tokens: int,
+                rounds: int) -> None:
+  """Decode tokens/s per batch size against the roofline measured alongside (module doc)."""
+  gemm = GemvChain(ours.matrix_shapes, "in_out", rows=max(batches))
+  matmul_flops_per_token = gemm.flops // max(batches)
+  bandwidth, flop_rate, decode = 0.0, 0.0, {}
+  for batch in batches:
+    ours.decode(batch, 2)                                 # compile this batch size
+    for _ in range(rounds):
+      seconds = ours.decode(batch, tokens) / tokens       # per step of `batch` tokens
+      decode[batch] = max(decode.get(batch, 0.0), batch / seconds)
+      # The roofline's two rates, measured between the decode rounds (same machine load).
+      bandwidth = max([bandwidth] + [c.bytes / c.run(tokens) for c in gemv_chains.values()])
+      flop_rate = max(flop_rate, gemm.flops / gemm.run(1))
+  print(f"\nbatch sweep (best of {rounds} rounds of {tokens} steps); roofline from the gemv "
+        f"chain's {bandwidth / 1e9:.1f} GB/s and the gemm chain's {flop_rate / 1e9:.1f} GFLOP/s")
+  print(f"{'batch':>5s} {'tok/s':>9s} {'roofline':>9s} {'of roofline':>11s}  bound")
+  for batch, tokens_per_s in decode.items():
+    weight_time = ours.bytes_per_token / bandwidth
+    flop_time = matmul_flops_per_token * batch / flop_rate
+    roofline = batch / max(weight_time, flop_time)
+    bound = "weights" if weight_time >= flop_time else "matmuls"
+    print(f"{batch:5d} {tokens_per_s:9.1f} {roofline:9.1f} {tokens_per_s / roofline:11.0%}  {bound}")
+  met = all(decode[b] * max(ours.bytes_per_token / bandwidth,
+                            matmul_flops_per_token * b / flop_rate) / b >= 0.8
+            for b in decode if b <= 64)
+  print(f"target >= 80% of the roofline up to batch 64: {'met' if met else 'missed'}")
 
 
 if __name__ == "__main__":
