@@ -43,6 +43,16 @@ def test_profile_steps_trace_those_steps_and_name_the_file(tmp_path):
   assert steps == [3, 4]
 
 
+def test_profile_cut_short_by_a_stop_and_resumed_inside_the_range(tmp_path):
+  _, output = run(tmp_path, ["run.profile_steps=[2, 4]"], stop_at_step=2)
+  first = list((tmp_path / "profile").glob("plugins/profile/*/*.xplane.pb"))
+  assert len(first) == 1 and f"profile of steps 2-2: {first[0]}" in output
+  time.sleep(1.1)                 # the profiler names its folder by the second
+  _, output = run(tmp_path, ["run.profile_steps=[2, 4]"], stop_at_step=5)
+  second = [p for p in (tmp_path / "profile").glob("plugins/profile/*/*.xplane.pb") if p != first[0]]
+  assert len(second) == 1 and f"profile of steps 3-4: {second[0]}" in output
+
+
 def test_profile_steps_are_checked(tmp_path):
   for value, problem in (("[3]", r"expected \[start, stop\]"), ("[4, 2]", "1 <= start <= stop"),
                          ("[20, 30]", r"starts after the last step \(run.steps=12\)")):
