@@ -176,8 +176,8 @@ def operator_variants(sizes: Sizes, checks) -> dict[str, Callable | None]:
         functools.partial(wkv7_pallas, chunk_size=size, backend=kernel.backend,
                           interpret=kernel.interpret))
   if kernel.backend == "triton":
-    variants["pallas chunk 16, value tiles 16"] = variants.get("pallas chunk 16") and functools.partial(
-        wkv7_pallas, chunk_size=16, backend="triton", value_block=16)
+    tiles = functools.partial(wkv7_pallas, chunk_size=16, backend="triton", value_block=16)
+    variants["pallas chunk 16, value tiles 16"] = tiles if variants.get("pallas chunk 16") else None
   for impl in ("chunked", "associative", "reference"):
     variants[f"xla {impl}" if impl != "reference" else "token scan"] = functools.partial(
         wkv7, impl=impl)
@@ -207,7 +207,8 @@ def time_operator(table: Table, sizes: Sizes, checks, repeats: int):
   if "auto" in results:
     for other in ("xla chunked", "xla associative", "token scan"):
       if other in results:
-        table.add(section, f"auto vs {other}", fwd_bwd_speedup=f"{results[other] / results['auto']:.2f}x")
+        speedup = results[other] / results["auto"]
+        table.add(section, f"auto vs {other}", fwd_bwd_speedup=f"{speedup:.2f}x")
 
 
 # ------------------------------------------------------------------------------ 3. train step

@@ -40,6 +40,7 @@ TOLERANCE = 5e-3
 
 @dataclasses.dataclass(frozen=True)
 class KernelCheck:
+  """The outcome of one self-check: one kernel platform at one chunk size."""
   platform: str                 # "tpu" or "cuda"
   chunk_size: int
   passed: bool
