@@ -11,6 +11,7 @@ OS error on a named path, printed as one line), 130 interrupted by Ctrl-C; `trai
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Callable
 
@@ -24,6 +25,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("goosejax.eval.cli", "perplexity / bits per byte, LAMBADA, lm-eval tasks"),
     "plan": ("goosejax.plan.cli", "memory, FLOPs and step time of a config on a TPU slice or GPU cluster (compiled here)"),
 }
+
+# Commands that run JAX: it starts quietly (goosejax.native_logs) before they do, after the
+# environment each needs. plan compiles for other hardware: it never starts this machine's
+# accelerators, and its compile-only TPU devices need not hold libtpu's one-process lock.
+JAX_COMMANDS: dict[str, dict[str, str]] = {
+    "train": {}, "generate": {}, "eval": {}, "convert": {},
+    "plan": {"JAX_PLATFORMS": "cpu", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}}
 
 
 def _usage() -> str:
@@ -43,7 +51,19 @@ def main(argv: list[str] | None = None) -> int:
   if name not in COMMANDS:
     print(f"goosejax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
     return 2
+  if name in JAX_COMMANDS and not {"-h", "--help"} & set(rest):
+    _start_jax(JAX_COMMANDS[name])
   return exit_status(name, lambda: importlib.import_module(COMMANDS[name][0]).main(rest))
+
+
+def _start_jax(environment: dict[str, str]) -> None:
+  """JAX imported, its plugins registered, Orbax's metadata warning filtered: without the
+  native libraries' start-up noise (goosejax.native_logs)."""
+  from goosejax import native_logs
+  for key, value in environment.items():
+    os.environ.setdefault(key, value)   # JAX reads its environment when imported
+  native_logs.start_jax_quietly()
+  native_logs.quiet_orbax_metadata_warning()
 
 
 def exit_status(command: str, body: Callable[[], int | None],

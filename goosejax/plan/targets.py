@@ -28,6 +28,7 @@ import re
 import jax
 
 from goosejax.errors import GoosejaxError
+from goosejax.native_logs import native_stderr_filtered
 
 MIB = 2**20
 GIB = 2**30
@@ -192,13 +193,8 @@ def target_devices(name: str) -> tuple[jax.Device, ...]:
   from jax.experimental import topologies
   target = parse_target(name)
   try:
-    if target.platform == "tpu":
-      description = topologies.get_topology_desc(topology_name=name, platform="tpu")
-    else:
-      description = topologies.get_topology_desc(
-          topology_name=target.kind, platform="cuda",
-          target_config=gpu_target_config(GPU_SPECS[target.kind]),
-          topology=f"1x{target.hosts}x{target.devices_per_host}")
+    with native_stderr_filtered():   # libtpu's complaints that this is no TPU VM
+      description = _topology(topologies, target)
   except Exception as e:  # the plugins raise RuntimeError / JaxRuntimeError / ValueError
     reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     extra = "tpu" if target.platform == "tpu" else "cuda"
@@ -209,6 +205,16 @@ def target_devices(name: str) -> tuple[jax.Device, ...]:
     raise TargetError(f"target {name!r}: the {target.platform.upper()} compiler plugin refuses "
                       f"it: {reason}") from None
   return tuple(description.devices)
+
+
+def _topology(topologies, target: Target):
+  """The plugin's compile-only topology of `target`."""
+  if target.platform == "tpu":
+    return topologies.get_topology_desc(topology_name=target.name, platform="tpu")
+  return topologies.get_topology_desc(
+      topology_name=target.kind, platform="cuda",
+      target_config=gpu_target_config(GPU_SPECS[target.kind]),
+      topology=f"1x{target.hosts}x{target.devices_per_host}")
 
 
 @dataclasses.dataclass(frozen=True)
