@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax._src.pallas.mosaic.interpret import interpret_pallas_call
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from goosejax.wkv import wkv7_reference
@@ -171,3 +172,21 @@ def test_a_broken_kernel_fails_the_check(monkeypatch, mutate):
   args, weights = _problem()
   errors = _worst_errors(_kernel(16), args, weights, gradients=False)
   assert max(errors.values()) > TOLERANCE, errors
+
+
+def test_two_cores_writing_one_block_is_a_race(monkeypatch, no_races):
+  """The race detector is live: with every batch row's end state mapped to one output block,
+  the two simulated cores (one batch row each) write it unordered."""
+  specs = mosaic_tpu._specs
+
+  def colliding(layout, *args):
+    seq, reset, _, checkpoint = specs(layout, *args)
+    N, P = layout.head_size, layout.heads_packed
+    return seq, reset, pl.BlockSpec((None, None, N, P * N), lambda b, h, t: (0, h, 0, 0)), checkpoint
+
+  monkeypatch.setattr(mosaic_tpu, "_specs", colliding)
+  args, _ = _problem()
+  with pltpu.force_tpu_interpret_mode(STRICT):
+    jax.block_until_ready(jax.jit(lambda *x: _kernel(16)(*x))(*args))
+  assert any(detector.races_found for detector in no_races)
+  no_races.clear()  # found, as it should be: not a failure of this test
