@@ -129,11 +129,16 @@ def test_bad_keys_and_files_exit_2_with_one_line(capsys, argv, fragment):
      "--config is given twice ('tiny' and 'rwkv7-0.1b'); give it once"),
     (["--config", "tiny", "--steps", "3", "--checkpoint-every", "1", "--steps", "4"],
      "--steps is given twice (3 and 4)"),
+    (["--config", "tiny", "--steps", "9" * 5000],
+     "argument --steps: expected an integer, got '999999999999... (5000 characters)'"),
+    (["--config", "tiny", "--checkpoint-every", "1e3"],
+     "argument --checkpoint-every: expected an integer, got '1e3'"),
 ])
 def test_bad_arguments_are_usage_errors(capsys, argv, fragment):
   with pytest.raises(SystemExit) as e:
     goosejax_main(["config", *argv])
-  assert e.value.code == 2 and fragment in capsys.readouterr().err
+  last = capsys.readouterr().err.splitlines()[-1]
+  assert e.value.code == 2 and fragment in last and len(last) < 200
 
 
 def test_keys_lists_every_key_with_type_default_and_description(capsys):

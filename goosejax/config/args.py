@@ -17,6 +17,16 @@ docs/configuration.md); `goosejax config` with the same --config, flags and over
 prints the resolved configuration, with --explain each value's source."""
 
 
+def whole_number(text: str) -> int:
+  """argparse `type` of integer flags: junk, or an integer of thousands of digits (which
+  Python refuses to convert), is one short line naming the flag."""
+  try:
+    return int(text)
+  except ValueError:
+    shown = text if len(text) <= 24 else f"{text[:12]}... ({len(text)} characters)"
+    raise argparse.ArgumentTypeError(f"expected an integer, got {shown!r}") from None
+
+
 class StoreOnce(argparse.Action):
   """Store a flag's value, refusing the flag given twice (plain `store` keeps the last
   silently), as a config key given twice is refused."""
@@ -36,9 +46,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, config_required: bo
   parser.add_argument("--config", required=config_required, metavar="YAML_OR_PRESET",
                       action=StoreOnce,
                       help=f"YAML file or preset name ({', '.join(preset_names())})")
-  parser.add_argument("--steps", type=int, action=StoreOnce,
+  parser.add_argument("--steps", type=whole_number, action=StoreOnce,
                       help="total training steps (run.steps)")
-  parser.add_argument("--checkpoint-every", type=int, action=StoreOnce,
+  parser.add_argument("--checkpoint-every", type=whole_number, action=StoreOnce,
                       help="steps between checkpoints (run.checkpoint_every)")
   parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                       help="set a config key; see below")

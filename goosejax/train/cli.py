@@ -26,7 +26,7 @@ import textwrap
 from pathlib import Path
 
 from goosejax.config import args as config_args
-from goosejax.config.args import StoreOnce
+from goosejax.config.args import StoreOnce, whole_number
 
 DEFAULT_COMPILATION_CACHE = "~/.cache/goosejax/jax"
 
@@ -56,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
   group.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
                      help="auto: initialise when flags, GOOSEJAX_* variables or a cluster say so")
   group.add_argument("--coordinator-address", action=StoreOnce, help="host:port of process 0")
-  group.add_argument("--num-processes", type=int, action=StoreOnce)
-  group.add_argument("--process-id", type=int, action=StoreOnce)
-  group.add_argument("--distributed-timeout", type=int, default=300,
+  group.add_argument("--num-processes", type=whole_number, action=StoreOnce)
+  group.add_argument("--process-id", type=whole_number, action=StoreOnce)
+  group.add_argument("--distributed-timeout", type=whole_number, default=300,
                      help="seconds to wait for all processes at start-up (default 300)")
   return parser
 
