@@ -164,6 +164,18 @@ def test_a_mesh_that_does_not_divide_exits_2_naming_the_axis(capsys, topology, o
   assert message in err.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--topology", "v5e:2x2", "--target", "v5p:2x2x1"],
+     "--target is given twice ('v5e:2x2' and 'v5p:2x2x1')"),
+    (["--topology", "v5e", "--devices", "4", "--devices", "8"], "--devices is given twice (4 and 8)"),
+    (["--topology", "v5e", "--devices", "four"], "argument --devices: expected an integer, got 'four'"),
+])
+def test_plan_flags_are_given_once_and_counts_are_integers(argv, message, capsys):
+  with pytest.raises(SystemExit) as refused:
+    plan_cli.main(["--config", "tiny", *argv])
+  assert refused.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]
+
+
 def test_a_topology_the_compiler_refuses_is_not_blamed_on_a_missing_extra(capsys, monkeypatch):
   require("tpu")
   status, out, err = _run(capsys, "--topology", "v5p:3x3x3")

@@ -480,9 +480,10 @@ def _parser() -> argparse.ArgumentParser:
                               epilog=config_args.KEYS_HELP)
   config_args.add_config_arguments(p)   # --config, --steps, ..., overrides anywhere
   p.add_argument("--topology", "--target", dest="topology", required=True,
+                 action=config_args.StoreOnce,
                  help="a TPU slice (v5p:4x4x4, v6e:4x4), GPUs (h100:8, h200:4x8 = hosts x per "
                       "host), or a bare chip (v5p, h100) with --devices")
-  p.add_argument("--devices", type=int,
+  p.add_argument("--devices", type=config_args.whole_number, action=config_args.StoreOnce,
                  help="chips or GPUs: picks the usual slice shape for a bare chip, checks a named one")
   utilisation = p.add_mutually_exclusive_group()
   utilisation.add_argument(
