@@ -259,6 +259,11 @@ def test_config_is_checked_against_the_run_before_config_json_is_written(stopped
                                             r"metadata vs now: model.n_layer 2 -> 3\)"):
     run(run_dir, ["model.n_layer=3"])
   assert not (run_dir / "config.json").exists()
+  # An unreadable newest saved config (binary, an integer of 5000 digits): the one before says.
+  for junk in (b"\xff\xfe\x00", b'{"config": {"run": {"steps": ' + b"9" * 5000 + b"}}}"):
+    (run_dir / "checkpoints" / "8" / "meta" / "metadata").write_bytes(junk)
+    with pytest.raises(CheckpointError, match=r"checkpoints/4/meta/metadata vs now: model.n_layer"):
+      run(run_dir, ["model.n_layer=3"])
 
 
 def test_a_refused_data_position_names_the_changed_settings(tmp_path):
@@ -289,6 +294,16 @@ def test_metrics_jsonl_deleted_mid_run_is_recreated(tmp_path):
   logger.log_eval(2, 0.5)
   logger.close()
   assert read_metrics(tmp_path) == [{"step": 2, **metrics}, {"step": 2, "val_loss": 0.5}]
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00binary",
+                                     b'{"run": {"steps": ' + b"9" * 5000 + b"}}",
+                                     b'{"run": {"steps": 99999999999999999999}}'])
+def test_a_foreign_config_json_in_the_run_dir_is_one_line(content, tmp_path, capsys):
+  (tmp_path / "config.json").write_bytes(content)
+  assert goosejax_main(["train", "--config", "tiny", "--run-dir", str(tmp_path)]) == 2
+  assert f"{tmp_path / 'config.json'}: not a goosejax run config (" in one_line_error(capsys)
+  assert (tmp_path / "config.json").read_bytes() == content
 
 
 def test_bad_run_dir_or_init_from_is_one_line_and_exit_2(tmp_path, capsys):

@@ -48,7 +48,7 @@ from etils import epath
 
 from goosejax.checkpoint.format import (FORMAT_VERSION, RUN_CHECKPOINTS, CheckpointError, checkpoint_steps,
                                  step_directory)
-from goosejax.config import Config, ConfigError, config_from_dict
+from goosejax.config import Config, config_from_dict
 
 CONFIG_FILE = "config.json"
 CORRUPT_SUFFIX = ".corrupt-"
@@ -361,7 +361,7 @@ def read_checkpoint_config(run_dir: str | Path) -> tuple[Config, Path] | None:
     path = step_directory(run_dir, step) / "meta" / "metadata"
     try:
       return config_from_dict(json.loads(path.read_text())["config"], str(path)), path
-    except (OSError, KeyError, TypeError, json.JSONDecodeError, ConfigError):
+    except (OSError, KeyError, TypeError, ValueError):   # ValueError: bad JSON, bytes or config
       continue  # unreadable: an older checkpoint may still say
   return None
 
@@ -372,6 +372,6 @@ def read_run_config(run_dir: str | Path) -> Config | None:
     return None
   try:
     return config_from_dict(json.loads(path.read_text()), str(path))
-  except (json.JSONDecodeError, ConfigError) as e:
+  except ValueError as e:   # not JSON, not UTF-8, an integer of 4300+ digits, a bad config
     raise CheckpointError(f"{path}: not a goosejax run config ({e}); is this a run "
                           "directory of another program or goosejax version?") from None
