@@ -1,6 +1,8 @@
 """What every part of the model shares: its one matrix product and the head split of channels."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -32,12 +34,52 @@ class Transposed:
 
 def matmul(x: jax.Array, w, out_dtype=None) -> jax.Array:
   """x @ w for w [in, out] (an array, or a `Transposed` one stored [out, in]), with w cast to
-  x's dtype and fp32 accumulation at full precision; the result in `out_dtype` (default x's
-  dtype). The one matrix product of the model: every linear layer, LoRA and the head."""
+  x's dtype, fp32 accumulation at full precision and the result in `out_dtype` (default x's
+  dtype). The one matrix product of the model: every linear layer, LoRA and the head.
+
+  The backward's products run in x's dtype too, as in torch's bf16 training: the product is
+  made in x's dtype (MXU, cuBLAS and XLA:CPU accumulate a bf16 product in fp32), so its
+  cotangent is bf16. Made in fp32 and then rounded, the cotangent would be fp32 and both
+  backward products fp32 at HIGHEST precision: several MXU passes on TPU, no tensor cores on
+  GPU, and [B, T, C] fp32 cotangents in memory.
+  """
   w, axis = (w.w_out_in, 1) if isinstance(w, Transposed) else (w, 0)
-  y = jax.lax.dot_general(x, w.astype(x.dtype), (((x.ndim - 1,), (axis,)), ((), ())),
-                          precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-  return y.astype(out_dtype or x.dtype)
+  w = w.astype(x.dtype)
+  out_dtype = jnp.dtype(out_dtype or x.dtype)
+  if out_dtype == x.dtype:
+    return _product(x, w, axis, out_dtype)
+  return _wide_product(x, w, axis, out_dtype)
+
+
+def _product(x, w, axis: int, out_dtype) -> jax.Array:
+  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (axis,)), ((), ())),
+                             precision=jax.lax.Precision.HIGHEST, preferred_element_type=out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _wide_product(x, w, axis: int, out_dtype) -> jax.Array:
+  """x @ w in a wider dtype than x's (the head's fp32 logits from bf16 activations), with a
+  backward in x's dtype: the cotangent is rounded to it first, as torch's autocast does."""
+  return _product(x, w, axis, jnp.float32).astype(out_dtype)
+
+
+def _wide_product_forward(x, w, axis, out_dtype):
+  return _wide_product(x, w, axis, out_dtype), (x, w)
+
+
+def _wide_product_backward(axis, out_dtype, residuals, dy):
+  x, w = residuals
+  dy = dy.astype(x.dtype)
+  dx = jax.lax.dot_general(dy, w, (((dy.ndim - 1,), (1 - axis,)), ((), ())),
+                           precision=jax.lax.Precision.HIGHEST, preferred_element_type=x.dtype)
+  leading = tuple(range(x.ndim - 1))
+  dw_in_out = jax.lax.dot_general(x, dy, ((leading, leading), ((), ())),
+                                  precision=jax.lax.Precision.HIGHEST,
+                                  preferred_element_type=jnp.float32).astype(w.dtype)
+  return dx, (dw_in_out if axis == 0 else dw_in_out.T)
+
+
+_wide_product.defvjp(_wide_product_forward, _wide_product_backward)
 
 
 def split_heads(x_BTC: jax.Array, head_size: int) -> jax.Array:
