@@ -48,7 +48,8 @@ from goosejax.train.metrics import (MetricsLogger, flops_per_token, memory_summa
                                     peak_flops_per_device)
 from goosejax.train.profile import StepProfiler
 from goosejax.train.run_checkpoints import CheckpointError, TrainCheckpointer
-from goosejax.wkv.dispatch import startup_line
+from goosejax.wkv import self_check
+from goosejax.wkv.dispatch import kernel_chunk_sizes, startup_line
 
 
 class NonFiniteLossError(RuntimeError):
@@ -204,13 +205,16 @@ def _say_on_process_0(out: TextIO) -> Callable[[str], None]:
 
 def _train_holding_lock(cfg: Config, run_dir: Path, options: RunOptions,
                         say: Callable[[str], None]) -> RunResult:
-  """Open the run, run its steps, finish it; the run is closed on every way out."""
-  run = _open_run(cfg, run_dir, options, say)
-  try:
-    step, data_state = _run_steps(run)
-    return _finish(run, step, data_state)
-  finally:
-    run.close()
+  """Open the run, run its steps, finish it; the run is closed on every way out. The WKV
+  kernels' self-check runs once, here, for every step compiled below (not at each trace)."""
+  kernel_chunks = kernel_chunk_sizes(cfg.model.wkv_impl, cfg.model.wkv_chunk_size)
+  with self_check.use(self_check.checks_for(kernel_chunks)):
+    run = _open_run(cfg, run_dir, options, say)
+    try:
+      step, data_state = _run_steps(run)
+      return _finish(run, step, data_state)
+    finally:
+      run.close()
 
 
 @dataclasses.dataclass

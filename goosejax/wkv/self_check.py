@@ -184,9 +184,9 @@ def kernels_usable(platform: str, chunk_size: int, checks: KernelChecks | None =
 
 
 def checks_for(chunk_sizes, checks: KernelChecks | None = None) -> KernelChecks:
-  """`checks` (default: none) with an outcome for each of `chunk_sizes` of this process's
-  kernel platform, running the checks it lacks; unchanged on CPU and other platforms."""
-  checks = KernelChecks() if checks is None else checks
+  """`checks` (default: those `in_effect()`) with an outcome for each of `chunk_sizes` of this
+  process's kernel platform, running the checks it lacks; unchanged on CPU and other platforms."""
+  checks = in_effect() if checks is None else checks
   platform = local_platform()
   for size in dict.fromkeys(chunk_sizes):
     if platform is not None and checks.get(platform, size) is None:
