@@ -24,6 +24,8 @@ from goosejax.model.norms import LayerNorm, layer_norm
 from goosejax.model.state import LayerStates, RWKV7State, zeros_state
 from goosejax.model.time_mix import TimeMix
 from goosejax.sharding import previous_tokens
+from goosejax.wkv import self_check
+from goosejax.wkv.dispatch import kernel_chunk_sizes
 
 
 def shift_tokens(x_BTC: jax.Array, last_B1C: jax.Array, reset_BT: jax.Array | None) -> jax.Array:
@@ -100,11 +102,16 @@ def run_layers(layers: Sequence[Blocks], x_BTC: jax.Array, states: LayerStates,
   dtype = x_BTC.dtype
   v_first_BTC = jnp.zeros_like(x_BTC)
   new_states = []
-  for i, (block, (att_shift_BC, wkv_BHNN, ffn_shift_BC)) in enumerate(zip(layers, states, strict=True)):
-    x_BTC, v_first_BTC, (att, wkv, ffn) = block(
-        x_BTC, v_first_BTC, att_shift_BC.astype(dtype), wkv_BHNN.astype(jnp.float32),
-        ffn_shift_BC.astype(dtype), i == 0, reset_BT)
-    new_states.append((att.astype(att_shift_BC.dtype), wkv, ffn.astype(ffn_shift_BC.dtype)))
+  # One kernel self-check for all the unrolled layers (where the caller installed none), not
+  # one per layer's WKV call (goosejax.wkv.self_check).
+  time_mix = layers[0].att
+  checks = self_check.checks_for(kernel_chunk_sizes(time_mix.wkv_impl, time_mix.wkv_chunk_size))
+  with self_check.use(checks):
+    for i, (block, (att_shift_BC, wkv_BHNN, ffn_shift_BC)) in enumerate(zip(layers, states, strict=True)):
+      x_BTC, v_first_BTC, (att, wkv, ffn) = block(
+          x_BTC, v_first_BTC, att_shift_BC.astype(dtype), wkv_BHNN.astype(jnp.float32),
+          ffn_shift_BC.astype(dtype), i == 0, reset_BT)
+      new_states.append((att.astype(att_shift_BC.dtype), wkv, ffn.astype(ffn_shift_BC.dtype)))
   return x_BTC, tuple(new_states)
 
 
