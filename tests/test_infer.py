@@ -122,24 +122,14 @@ def test_prefill_split_equals_prefill_last_with_a_state_and_resets(model):
     assert_close(ours, ref, 1e-5, f"prefill_split state {name}")
 
 
-def test_prefill_and_decoding_run_the_kernel_self_check_once_per_trace(monkeypatch):
+def test_prefill_and_decoding_run_the_kernel_self_check_once_per_trace(counted_kernel_checks):
   """The unrolled layers of prefill and decoding share one self-check outcome per trace (a
   CPU process posing as a TPU host, with a check that counts its runs), not one per layer."""
-  from goosejax.infer.decode import decode_weights
+  from goosejax.config import load_config
   from goosejax.infer.prefill import prefill_split
   from goosejax.model.state import split_state
-  from goosejax.wkv import self_check
-  runs = []
-
-  def counted_check(platform, chunk_size, *args, **kwargs):
-    runs.append((platform, chunk_size))
-    return self_check.KernelCheck(platform, chunk_size, True, "counted")
-
-  monkeypatch.setattr(self_check, "local_platform", lambda: "tpu")
-  monkeypatch.setattr(self_check, "run_check", counted_check)
-  from goosejax.config import load_config
   model = RWKV7(load_config("tiny", ["model.n_layer=3", "model.wkv_impl=pallas"]).model,
                 rngs=nnx.Rngs(0))
   tokens_BT = jnp.arange(2 * 40, dtype=jnp.int32).reshape(2, 40) % 256
   prefill_split(decode_weights(model), tokens_BT, split_state(model.init_state(2)))
-  assert len(runs) == 1, runs
+  assert len(counted_kernel_checks) == 1, counted_kernel_checks

@@ -282,21 +282,12 @@ def test_compiled_steps_are_reused_by_key_and_bounded():
   assert steps.get_or_build("b", build("b2")) == "b2"        # "b" was evicted
 
 
-def test_the_kernel_self_check_runs_once_per_run_not_per_trace(tmp_path, monkeypatch):
+def test_the_kernel_self_check_runs_once_per_run_not_per_trace(tmp_path, counted_kernel_checks):
   """On a device with kernels the self-check runs once when the run opens and every step
   compiled in it reads that outcome (here: a CPU process posing as a TPU host, with a check
   that counts its runs; the program compiled is still the CPU one)."""
-  from goosejax.wkv import self_check
   from goosejax.wkv.dispatch import kernel_chunk_sizes
-  runs = []
-
-  def counted_check(platform, chunk_size, *args, **kwargs):
-    runs.append((platform, chunk_size))
-    return self_check.KernelCheck(platform, chunk_size, True, "counted")
-
-  monkeypatch.setattr(self_check, "local_platform", lambda: "tpu")
-  monkeypatch.setattr(self_check, "run_check", counted_check)
   chunks = kernel_chunk_sizes("pallas", None)
   assert chunks, "a TPU process has kernel chunk sizes to check"
   _, output = run(tmp_path / "run", ["run.steps=3", "model.wkv_impl=pallas"])
-  assert sorted(runs) == sorted(("tpu", size) for size in chunks), output
+  assert sorted(counted_kernel_checks) == sorted(("tpu", size) for size in chunks), output
