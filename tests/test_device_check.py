@@ -1,17 +1,11 @@
 """benchmarks/device_check.py, the hardware checklist, runs end to end on a CPU with --smoke
 (tiny shapes, kernels interpreted), so it is known to work when an accelerator is at hand: every
 section gives its rows, none fails, and the table is printed."""
-import importlib.util
-import pathlib
-import sys
+import benchmark_scripts
 
 
 def _device_check():
-  path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "device_check.py"
-  spec = importlib.util.spec_from_file_location("device_check", path)
-  module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # (dataclasses look it up)
-  spec.loader.exec_module(module)
-  return module
+  return benchmark_scripts.load("device_check")
 
 
 def test_smoke_run_passes_every_section(capsys):

@@ -4,14 +4,11 @@ state and resets): registers, spills and shared memory per program, from `ptxas 
 own PTX (benchmarks/triton_offline_compile.py). The figures are the README's ("Pallas WKV-7
 kernels"); the target is no spills at all, which the backward does not reach yet, so a kernel
 that spills more than it does today fails here."""
-import importlib.util
-import pathlib
-import sys
-
 import pytest
 
 from pallas_kernels import triton_gpu
 from pallas_kernels.wkv_policy import POLICY
+import benchmark_scripts
 from targets import require
 
 # Spill stores, bytes per thread at the README's shape (8, 4096, 64, 64), measured 2026-12-08
@@ -21,11 +18,7 @@ SHARED_BYTES_PER_BLOCK = 227 * 1024  # the most an H100 block can opt in to
 
 
 def _offline_compile():
-  path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "triton_offline_compile.py"
-  spec = importlib.util.spec_from_file_location("triton_offline_compile", path)
-  module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # (dataclasses look it up)
-  spec.loader.exec_module(module)
-  return module
+  return benchmark_scripts.load("triton_offline_compile")
 
 
 @pytest.fixture(scope="module")
